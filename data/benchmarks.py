@@ -1,0 +1,144 @@
+"""Annotation readers for the image benchmarks CoVR models are evaluated on (REFERENCE.md §5).
+
+Each reader returns plain dataclasses plus the gallery as `{image_id: path}`. Image files are
+not opened here; `check_images` turns absent files into one error listing them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+
+
+class BenchmarkFormatError(ValueError):
+    """An annotation file that does not have the benchmark's published structure."""
+
+
+@dataclass
+class CompositionQuery:
+    """One query: reference image + modification text -> target(s)."""
+
+    query_id: str
+    reference: str
+    caption: str
+    target: str | None = None  # None on test splits
+    targets: list[str] = field(default_factory=list)  # all correct targets (CIRCO)
+    subset: list[str] = field(default_factory=list)  # CIRR img_set members
+    extra: dict = field(default_factory=dict)
+
+
+def _load_json(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise BenchmarkFormatError(f"{path}: not valid JSON ({err})") from None
+
+
+def _require(entry: dict, keys: tuple[str, ...], path: Path, index: int) -> None:
+    absent = [k for k in keys if k not in entry]
+    if absent:
+        raise BenchmarkFormatError(f"{path}: entry {index} lacks {absent}")
+
+
+def check_images(gallery: dict[str, Path]) -> None:
+    missing = sorted(str(p) for p in gallery.values() if not Path(p).is_file())
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise FileNotFoundError(f"{len(missing)} of {len(gallery)} image(s) missing: {shown}")
+
+
+def read_cirr(
+    root: str | Path, split: str = "val", image_root: str | Path | None = None
+) -> tuple[list[CompositionQuery], dict[str, Path]]:
+    """CIRR: `captions/cap.rc2.{split}.json` and `image_splits/split.rc2.{split}.json`.
+    Image paths in the split file are relative to `image_root` (default `<root>/img_raw`)."""
+    root = Path(root)
+    image_root = Path(image_root) if image_root is not None else root / "img_raw"
+    cap_path = root / "captions" / f"cap.rc2.{split}.json"
+    split_path = root / "image_splits" / f"split.rc2.{split}.json"
+    entries, names = _load_json(cap_path), _load_json(split_path)
+    if not isinstance(entries, list) or not isinstance(names, dict):
+        raise BenchmarkFormatError(f"{cap_path} must be a list and {split_path} a mapping")
+    gallery = {img: image_root / rel for img, rel in names.items()}
+    queries = []
+    for i, e in enumerate(entries):
+        _require(e, ("pairid", "reference", "caption", "img_set"), cap_path, i)
+        target = e.get("target_hard")
+        queries.append(
+            CompositionQuery(
+                query_id=str(e["pairid"]),
+                reference=e["reference"],
+                caption=e["caption"],
+                target=target,
+                targets=[target] if target else [],
+                subset=list(e["img_set"]["members"]),
+                extra={"target_soft": e.get("target_soft", {}), "set_id": e["img_set"]["id"]},
+            )
+        )
+    return queries, gallery
+
+
+def read_fashioniq(
+    root: str | Path, category: str, split: str = "val"
+) -> tuple[list[CompositionQuery], dict[str, Path]]:
+    """FashionIQ: `captions/cap.{cat}.{split}.json` ({candidate, target, captions: [c1, c2]}),
+    `image_splits/split.{cat}.{split}.json` (image ids), images at `images/<id>.png`."""
+    if category not in FASHIONIQ_CATEGORIES:
+        raise ValueError(f"unknown FashionIQ category {category!r}; one of {FASHIONIQ_CATEGORIES}")
+    root = Path(root)
+    cap_path = root / "captions" / f"cap.{category}.{split}.json"
+    entries = _load_json(cap_path)
+    names = _load_json(root / "image_splits" / f"split.{category}.{split}.json")
+    gallery = {name: root / "images" / f"{name}.png" for name in names}
+    queries = []
+    for i, e in enumerate(entries):
+        _require(e, ("candidate", "captions"), cap_path, i)
+        caps = [c.strip().rstrip(".") for c in e["captions"]]
+        queries.append(
+            CompositionQuery(
+                query_id=f"{category}-{i}",
+                reference=e["candidate"],
+                caption=" and ".join(caps),
+                target=e.get("target"),
+                targets=[e["target"]] if e.get("target") else [],
+            )
+        )
+    return queries, gallery
+
+
+def read_circo(
+    root: str | Path, split: str = "val", image_dir: str | Path | None = None
+) -> tuple[list[CompositionQuery], dict[str, Path]]:
+    """CIRCO: `annotations/{split}.json` entries {id, reference_img_id, target_img_id,
+    gt_img_ids, relative_caption, shared_concept}; the gallery is every image in `image_dir`
+    (default `<root>/COCO2017_unlabeled/unlabeled2017`), id = int(file stem)."""
+    root = Path(root)
+    ann_path = root / "annotations" / f"{split}.json"
+    entries = _load_json(ann_path)
+    image_dir = (
+        Path(image_dir) if image_dir is not None else root / "COCO2017_unlabeled/unlabeled2017"
+    )
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"CIRCO image directory not found: {image_dir}")
+    gallery = {str(int(p.stem)): p for p in sorted(image_dir.glob("*.jpg"))}
+    queries = []
+    for i, e in enumerate(entries):
+        _require(e, ("id", "reference_img_id", "relative_caption"), ann_path, i)
+        gt = [str(x) for x in e.get("gt_img_ids", [])]
+        target = e.get("target_img_id")
+        queries.append(
+            CompositionQuery(
+                query_id=str(e["id"]),
+                reference=str(e["reference_img_id"]),
+                caption=e["relative_caption"],
+                target=None if target is None else str(target),
+                targets=gt,
+                extra={"shared_concept": e.get("shared_concept", "")},
+            )
+        )
+    return queries, gallery

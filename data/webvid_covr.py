@@ -1,0 +1,150 @@
+"""WebVid-CoVR annotations in their published CSV format.
+
+Columns: pth1, pth2, txt1, txt2, edit, scores, sim_txt. `pth*` are "<page_dir>/<videoid>"
+without extension; `scores` is a Python list literal of per-target-frame floats.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("pth1", "pth2", "txt1", "txt2", "edit", "scores", "sim_txt")
+
+
+class AnnotationError(ValueError):
+    """A malformed annotation file or row; the message names the file and line."""
+
+
+class MissingVideosError(FileNotFoundError):
+    """Videos a split cannot do without (the test split) are absent."""
+
+    def __init__(self, split: str, missing: list[str]):
+        self.missing = missing
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        super().__init__(f"{split}: {len(missing)} video(s) missing: {shown}")
+
+
+@dataclass
+class Triplet:
+    pth1: str
+    pth2: str
+    txt1: str
+    txt2: str
+    edit: str
+    scores: list[float] = field(default_factory=list)
+    sim_txt: float | None = None
+
+
+@dataclass
+class ReadReport:
+    rows: int = 0
+    malformed: list[str] = field(default_factory=list)  # "file:line: reason"
+
+
+def _parse_scores(text: str) -> list[float]:
+    text = text.strip()
+    if not text:
+        return []
+    value = ast.literal_eval(text)
+    if isinstance(value, int | float):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"scores is not a list: {text[:40]!r}")
+    return [float(v) for v in value]
+
+
+def _parse_row(row: dict[str, str | None]) -> Triplet:
+    if None in row.values():
+        raise ValueError("too few fields")
+    for col in ("pth1", "pth2", "edit"):
+        if not row[col].strip():
+            raise ValueError(f"empty column {col!r}")
+    sim = (row.get("sim_txt") or "").strip()
+    return Triplet(
+        pth1=row["pth1"].strip(),
+        pth2=row["pth2"].strip(),
+        txt1=row.get("txt1") or "",
+        txt2=row.get("txt2") or "",
+        edit=row["edit"],
+        scores=_parse_scores(row.get("scores") or ""),
+        sim_txt=float(sim) if sim else None,
+    )
+
+
+def read_annotations(
+    csv_path: str | Path, lenient: bool = False, report: ReadReport | None = None
+) -> list[Triplet]:
+    """Rows of a WebVid-CoVR CSV. A malformed row raises `AnnotationError` naming file and line;
+    with `lenient=True` it is skipped and listed in `report.malformed` (and logged)."""
+    csv_path = Path(csv_path)
+    report = report if report is not None else ReadReport()
+    if not csv_path.is_file():
+        raise AnnotationError(f"annotation file not found: {csv_path}")
+    rows: list[Triplet] = []
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        absent = [c for c in COLUMNS[:6] if c not in header]
+        if absent:
+            raise AnnotationError(f"{csv_path}:1: missing column(s) {absent}; header is {header}")
+        for row in reader:
+            line = reader.line_num
+            try:
+                if None in row:  # more fields than the header
+                    raise ValueError("too many fields")
+                rows.append(_parse_row(row))
+            except (ValueError, SyntaxError) as err:
+                where = f"{csv_path}:{line}: {err}"
+                if not lenient:
+                    raise AnnotationError(f"malformed row at {where}") from None
+                report.malformed.append(where)
+    report.rows = len(rows)
+    if report.malformed:
+        log.warning("%s: skipped %d malformed row(s)", csv_path, len(report.malformed))
+    return rows
+
+
+def write_annotations(csv_path: str | Path, triplets: list[Triplet]) -> None:
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with csv_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for t in triplets:
+            sim = "" if t.sim_txt is None else repr(float(t.sim_txt))
+            scores = "[" + ", ".join(repr(float(s)) for s in t.scores) + "]"
+            writer.writerow([t.pth1, t.pth2, t.txt1, t.txt2, t.edit, scores, sim])
+
+
+def video_path(video_root: str | Path, pth: str) -> Path:
+    return Path(video_root) / f"{pth}.mp4"
+
+
+def drop_missing_videos(
+    triplets: list[Triplet], video_root: str | Path, split: str
+) -> tuple[list[Triplet], int]:
+    """Keep rows whose two videos exist. For `split == "test"` a missing video is an error
+    listing every missing path; otherwise rows are dropped and the count returned (and logged)."""
+    exists: dict[str, bool] = {}
+
+    def present(pth: str) -> bool:
+        if pth not in exists:
+            exists[pth] = video_path(video_root, pth).is_file()
+        return exists[pth]
+
+    kept = [t for t in triplets if present(t.pth1) and present(t.pth2)]
+    dropped = len(triplets) - len(kept)
+    if dropped and split == "test":
+        missing = sorted(str(video_path(video_root, p)) for p, ok in exists.items() if not ok)
+        raise MissingVideosError(split, missing)
+    if dropped:
+        log.warning(
+            "%s: dropped %d of %d triplet(s) with a missing video", split, dropped, len(triplets)
+        )
+    return kept, dropped

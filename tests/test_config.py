@@ -1,0 +1,37 @@
+import pytest
+
+from configs import Config, ConfigError, load_config, to_dict
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    assert isinstance(load_config(), Config)
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  synth:\n    videos: 42\n")
+    cfg = load_config(path, ["data.synth.seed=9", "data.mining.val_fraction=0.3"])
+    assert (cfg.data.synth.videos, cfg.data.synth.seed, cfg.data.mining.val_fraction) == (
+        42,
+        9,
+        0.3,
+    )
+    assert to_dict(cfg)["data"]["synth"]["videos"] == 42
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  synth:\n    vidoes: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: key 'data.synth.vidoes'"):
+        load_config(path)
+
+
+def test_unknown_override_and_wrong_type_name_the_key():
+    with pytest.raises(ConfigError, match=r"key 'data.nope'"):
+        load_config(None, ["data.nope=1"])
+    with pytest.raises(ConfigError, match=r"key 'data.synth.videos'.*'many'"):
+        load_config(None, ["data.synth.videos=many"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["data.synth.videos"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
