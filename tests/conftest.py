@@ -7,8 +7,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SHARED = ROOT.parent / "shared"
-CIRR_ROOT = SHARED / "datasets" / "cirr"
+# The real CIRR annotations (MIT licence, copied from ../shared/datasets/cirr) so CI has them.
+CIRR_ROOT = ROOT / "tests" / "data" / "cirr"
 
 
 @pytest.fixture(scope="session")

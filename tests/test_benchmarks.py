@@ -11,10 +11,7 @@ from data.benchmarks import (
 )
 from tests.conftest import CIRR_ROOT
 
-needs_cirr = pytest.mark.skipif(not CIRR_ROOT.is_dir(), reason="shared CIRR annotations absent")
 
-
-@needs_cirr
 def test_real_cirr_val_and_test():
     queries, gallery = read_cirr(CIRR_ROOT, "val")
     assert len(queries) == 4181 and len(gallery) == 2297
@@ -27,7 +24,6 @@ def test_real_cirr_val_and_test():
     assert gallery["dev-244-0-img0"].name == "dev-244-0-img0.png"
 
 
-@needs_cirr
 def test_missing_images_are_one_error_with_count():
     _, gallery = read_cirr(CIRR_ROOT, "val", image_root="/nonexistent")
     with pytest.raises(FileNotFoundError, match=r"2297 of 2297 image\(s\) missing"):
