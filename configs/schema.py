@@ -55,8 +55,79 @@ class DataConfig:
 
 
 @dataclass
+class VisionSize:
+    """Vision tower size (ViT). Ignored when weights come from `model.pretrained`."""
+
+    hidden_size: int = 1408
+    layers: int = 39
+    heads: int = 16
+    intermediate_size: int = 6144
+    image_size: int = 364
+    patch_size: int = 14
+
+
+@dataclass
+class TextSize:
+    """Q-Former (BLIP-2) or text encoder (BLIP) size."""
+
+    hidden_size: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_frequency: int = 2
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "blip2"  # blip2 | blip
+    pretrained: str | None = None  # local directory in the transformers format
+    lavis_checkpoint: str | None = None  # LAVIS .pth / CoVR .ckpt, mapped by parameter name
+    tokenizer: str | None = None  # local tokenizer directory (default: `pretrained`)
+    vision: VisionSize = field(default_factory=VisionSize)
+    text: TextSize = field(default_factory=TextSize)
+    num_query_tokens: int = 32
+    embed_dim: int = 256
+    max_text_len: int = 32
+    ln_vision_eps: float = 1e-5  # LAVIS's ln_vision; transformers builds 1e-6
+    freeze_vision: bool = True
+    train_target_encoder: bool = False  # True: targets re-encoded each step, EMA feeds the queue
+    combiner: str = "fusion"  # fusion | avg | mlp
+    reduce: str = "mean"  # mean | max (over target tokens)
+    query_frames: int = 1
+    target_frames: int = 15
+    frame_score_temperature: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.07
+    alpha: float = 1.0
+    beta: float = 0.5  # 0 = InfoNCE
+    video_weight: float = 1.0
+    caption_weight: float = 0.0  # CoVR-2 pretraining: 0.5 / 0.5
+
+
+@dataclass
+class QueueConfig:
+    size: int = 0  # 0 = no queue (the reference); e.g. 65536
+    momentum: float = 0.995  # EMA of the target encoder when it is trainable
+
+
+@dataclass
+class SamplerConfig:
+    kind: str = "random"  # random | hns | fs | mix
+    beta: float = 0.6  # mix: probability of an FS batch
+    buffer: int = 1024  # samples held to compose batches from
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
 
 def _describe(err: OmegaConfBaseException) -> str:

@@ -1,0 +1,28 @@
+"""Tiny random configurations of the real model classes, shared by the tests."""
+
+from configs.schema import ModelConfig, TextSize, VisionSize
+from train.models import build_model
+from train.tokenizer import build_vocab_tokenizer
+
+WORDS = "a red blue green circle square moving left right make it replace with change to"
+
+
+def tiny_model_config(arch: str = "blip2", **overrides) -> ModelConfig:
+    cfg = ModelConfig(
+        arch=arch,
+        vision=VisionSize(hidden_size=32, layers=2, heads=2, intermediate_size=64, image_size=32, patch_size=8),
+        text=TextSize(hidden_size=32, layers=2, heads=2, intermediate_size=64, cross_attention_frequency=1,
+                      max_position_embeddings=64),
+        num_query_tokens=4,
+        embed_dim=16,
+        max_text_len=12,
+        target_frames=3,
+    )  # fmt: skip
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def tiny_model(tmp_path, arch="blip2", **overrides):
+    tok = build_vocab_tokenizer([WORDS], tmp_path / "tok")
+    return build_model(tiny_model_config(arch, **overrides), tok), tok

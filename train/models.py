@@ -1,0 +1,279 @@
+"""CoVR models on the transformers BLIP-2 and BLIP retrieval classes.
+
+Both expose the same interface (DESIGN.md "Model"):
+  encode_query(frames (B, Fq, 3, H, W), input_ids, attention_mask) -> (B, Q, D)
+  encode_target_frames(pixels (N, 3, H, W)) -> (N, Q, D), per-token normalised
+  encode_target(frames (B, Ft, 3, H, W) or embeddings (B, Ft, Q, D), scores, mask) -> (B, Q, D)
+  encode_text(input_ids, attention_mask) -> (B, D);  encode_image(frames) -> (B, D)
+BLIP is the case Q = 1. Query and target tokens are compared by `similarity` (mean or max).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    Blip2Config,
+    Blip2ForImageTextRetrieval,
+    BlipConfig,
+    BlipForImageTextRetrieval,
+)
+
+from configs.schema import ModelConfig
+from train.combiners import build_combiner
+
+ARCHS = ("blip2", "blip")
+
+
+def pool_frames(
+    frame_embeddings: torch.Tensor,
+    scores: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """(B, F, Q, D) -> (B, Q, D) with w = softmax(scores / temperature) over the valid frames
+    (`mask`); rows whose scores are missing (None or NaN) get uniform weights."""
+    b, f = frame_embeddings.shape[:2]
+    if mask is None:
+        mask = torch.ones(b, f, dtype=torch.bool, device=frame_embeddings.device)
+    if scores is None:
+        scores = torch.full((b, f), float("nan"), device=frame_embeddings.device)
+    missing = torch.isnan(scores).any(1, keepdim=True)
+    logits = torch.where(missing, torch.zeros_like(scores), scores / temperature)
+    weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
+    return torch.einsum("bf,bfqd->bqd", weights.to(frame_embeddings.dtype), frame_embeddings)
+
+
+def similarity(query: torch.Tensor, target: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """(Bq, Q, D) x (Bt, T, D) -> (Bq, Bt). The query tokens are averaged; `mean` averages the
+    target tokens too (the training and WebVid-CoVR rule), `max` takes the best target token
+    (the reference's CIRR rule)."""
+    q = query.mean(1)
+    if reduce == "mean":
+        return q @ target.mean(1).t()
+    if reduce == "max":
+        return torch.einsum("bd,ntd->bnt", q, target).amax(-1)
+    raise ValueError(f"unknown reduce {reduce!r} (mean or max)")
+
+
+class CoVRModel(nn.Module):
+    """Shared parts: the combiner, frame pooling, freezing and the forward dispatcher."""
+
+    TASKS = ("encode_query", "encode_target", "encode_target_frames", "encode_text", "encode_image")
+
+    def __init__(self, cfg: ModelConfig, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.combiner = build_combiner(cfg.combiner, embed_dim)
+
+    def forward(self, task: str, *args, **kwargs):
+        """`model("encode_query", ...)`: one entry point, so wrappers (DeepSpeed engine,
+        torch.func.functional_call) reach every encoder."""
+        if task not in self.TASKS:
+            raise ValueError(f"unknown task {task!r}")
+        return getattr(self, task)(*args, **kwargs)
+
+    def _vision(self, pixels: torch.Tensor) -> torch.Tensor:
+        vision = self.hf.vision_model
+        if self.cfg.freeze_vision:
+            with torch.no_grad():
+                return vision(pixel_values=pixels).last_hidden_state
+        return vision(pixel_values=pixels).last_hidden_state
+
+    def _query_vision(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, Fq, 3, H, W) -> vision tokens of all query frames, concatenated: (B, Fq*N, C)."""
+        b, fq = frames.shape[:2]
+        tokens = self._vision(frames.flatten(0, 1))
+        return tokens.view(b, fq * tokens.shape[1], tokens.shape[2])
+
+    def encode_target(self, frames_or_embeddings, scores=None, mask=None) -> torch.Tensor:
+        x = frames_or_embeddings
+        if x.dim() == 5:  # frames
+            b, f = x.shape[:2]
+            x = self.encode_target_frames(x.flatten(0, 1))
+            x = x.view(b, f, *x.shape[1:])
+        return pool_frames(x.to(torch.float32), scores, mask, self.cfg.frame_score_temperature)
+
+    def encode_image(self, frames: torch.Tensor) -> torch.Tensor:
+        """Image-only embedding of the query's middle frame, (B, D)."""
+        middle = frames[:, frames.shape[1] // 2]
+        return F.normalize(self.encode_target_frames(middle).mean(1), dim=-1)
+
+    def compose(self, frames, input_ids, attention_mask):
+        """Query tokens and the combiner's weights (None unless `mlp`)."""
+        fused = self.encode_fusion(frames, input_ids, attention_mask)
+        if not self.combiner.needs_unimodal:
+            return self.combiner(fused)
+        image = self.encode_image(frames)
+        text = self.encode_text(input_ids, attention_mask)
+        return self.combiner(fused, image, text)
+
+    def encode_query(self, frames, input_ids, attention_mask) -> torch.Tensor:
+        return self.compose(frames, input_ids, attention_mask)[0]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+class Blip2CoVR(CoVRModel):
+    """BLIP-2 CoVR (CoVR-2): Q-Former joint encoding of frame(s) + edit through the query tokens."""
+
+    def __init__(self, hf: Blip2ForImageTextRetrieval, cfg: ModelConfig):
+        super().__init__(cfg, hf.config.image_text_hidden_size)
+        self.hf = hf
+        hf.vision_model.post_layernorm.eps = cfg.ln_vision_eps
+        frozen = [hf.itm_head, hf.vision_projection]  # unused head; target projection frozen
+        if cfg.freeze_vision:
+            frozen.append(hf.vision_model)
+        for module in frozen:
+            module.requires_grad_(False)
+        if cfg.train_target_encoder:
+            hf.vision_projection.requires_grad_(True)
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.hf.query_tokens.shape[1]
+
+    def _qformer_queries(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        queries = self.hf.query_tokens.expand(vision_tokens.shape[0], -1, -1)
+        return self.hf.qformer(
+            query_embeds=queries,
+            encoder_hidden_states=vision_tokens,
+            encoder_attention_mask=torch.ones(
+                vision_tokens.shape[:2], dtype=torch.long, device=vision_tokens.device
+            ),
+        ).last_hidden_state
+
+    def encode_target_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        hidden = self._qformer_queries(self._vision(pixels))
+        return F.normalize(self.hf.vision_projection(hidden), dim=-1)
+
+    def encode_fusion(self, frames, input_ids, attention_mask) -> torch.Tensor:
+        vision_tokens = self._query_vision(frames)
+        b, q = vision_tokens.shape[0], self.num_query_tokens
+        queries = self.hf.query_tokens.expand(b, -1, -1)
+        embeds = self.hf.embeddings(input_ids=input_ids, query_embeds=queries)
+        joint_mask = torch.cat(
+            [
+                torch.ones(b, q, dtype=attention_mask.dtype, device=attention_mask.device),
+                attention_mask,
+            ],
+            1,
+        )
+        hidden = self.hf.qformer(
+            query_embeds=embeds,
+            query_length=q,
+            attention_mask=joint_mask,
+            encoder_hidden_states=vision_tokens,
+            encoder_attention_mask=torch.ones(
+                vision_tokens.shape[:2], dtype=torch.long, device=vision_tokens.device
+            ),
+        ).last_hidden_state
+        return F.normalize(self.hf.text_projection(hidden[:, :q]), dim=-1)
+
+    def encode_text(self, input_ids, attention_mask) -> torch.Tensor:
+        embeds = self.hf.embeddings(input_ids=input_ids)
+        hidden = self.hf.qformer(
+            query_embeds=embeds, query_length=0, attention_mask=attention_mask
+        ).last_hidden_state
+        return F.normalize(self.hf.text_projection(hidden[:, 0]), dim=-1)
+
+
+class BlipCoVR(CoVRModel):
+    """BLIP CoVR: the image-grounded text encoder reads [ENC] + edit against the frame tokens."""
+
+    def __init__(self, hf: BlipForImageTextRetrieval, cfg: ModelConfig, enc_token_id: int):
+        super().__init__(cfg, hf.config.image_text_hidden_size)
+        self.hf = hf
+        self.enc_token_id = enc_token_id
+        frozen = [hf.itm_head]
+        if cfg.freeze_vision:
+            frozen.append(hf.vision_model)
+        if not cfg.train_target_encoder:
+            frozen.append(hf.vision_proj)
+        for module in frozen:
+            module.requires_grad_(False)
+
+    def encode_target_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        cls = self._vision(pixels)[:, 0]
+        return F.normalize(self.hf.vision_proj(cls), dim=-1)[:, None]
+
+    def encode_fusion(self, frames, input_ids, attention_mask) -> torch.Tensor:
+        vision_tokens = self._query_vision(frames)
+        ids = input_ids.clone()
+        ids[:, 0] = self.enc_token_id
+        hidden = self.hf.text_encoder(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=vision_tokens,
+            encoder_attention_mask=torch.ones(
+                vision_tokens.shape[:2], dtype=torch.long, device=vision_tokens.device
+            ),
+        ).last_hidden_state
+        return F.normalize(self.hf.text_proj(hidden[:, 0]), dim=-1)[:, None]
+
+    def encode_text(self, input_ids, attention_mask) -> torch.Tensor:
+        hidden = self.hf.text_encoder(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
+        return F.normalize(self.hf.text_proj(hidden[:, 0]), dim=-1)
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int):
+    """A transformers config of the sizes in `cfg` (used when no pretrained directory is given)."""
+    v, t = cfg.vision, cfg.text
+    vision = dict(
+        hidden_size=v.hidden_size,
+        num_hidden_layers=v.layers,
+        num_attention_heads=v.heads,
+        intermediate_size=v.intermediate_size,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+    )
+    text = dict(
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.layers,
+        num_attention_heads=t.heads,
+        intermediate_size=t.intermediate_size,
+        vocab_size=vocab_size,
+        max_position_embeddings=t.max_position_embeddings,
+        encoder_hidden_size=v.hidden_size,
+    )
+    if cfg.arch == "blip2":
+        text.update(
+            cross_attention_frequency=t.cross_attention_frequency, use_qformer_text_input=True
+        )
+        return Blip2Config(
+            vision_config=vision,
+            qformer_config=text,
+            num_query_tokens=cfg.num_query_tokens,
+            image_text_hidden_size=cfg.embed_dim,
+        )
+    if cfg.arch == "blip":
+        return BlipConfig(
+            vision_config=vision,
+            text_config=text,
+            projection_dim=cfg.embed_dim,
+            image_text_hidden_size=cfg.embed_dim,
+        )
+    raise ValueError(f"unknown model.arch {cfg.arch!r}; one of {ARCHS}")
+
+
+def build_model(cfg: ModelConfig, tokenizer) -> CoVRModel:
+    """From `cfg.pretrained` (local transformers directory) or from the sizes in `cfg`; then a
+    LAVIS / CoVR checkpoint on top when `cfg.lavis_checkpoint` is set."""
+    cls = {"blip2": Blip2ForImageTextRetrieval, "blip": BlipForImageTextRetrieval}.get(cfg.arch)
+    if cls is None:
+        raise ValueError(f"unknown model.arch {cfg.arch!r}; one of {ARCHS}")
+    if cfg.pretrained:
+        hf = cls.from_pretrained(cfg.pretrained, local_files_only=True)
+    else:
+        hf = cls(hf_config(cfg, len(tokenizer)))
+    if cfg.lavis_checkpoint:
+        from train.lavis import load_lavis_checkpoint
+
+        load_lavis_checkpoint(hf, cfg.lavis_checkpoint, cfg.arch)
+    if cfg.arch == "blip2":
+        return Blip2CoVR(hf, cfg)
+    return BlipCoVR(hf, cfg, enc_token_id=tokenizer.convert_tokens_to_ids("[ENC]"))

@@ -1,0 +1,127 @@
+"""Hard-negative queue of target embeddings and the momentum (EMA) copy that feeds it when the
+target encoder is trainable.
+
+The queue is filled with the *global* batch each step (gathered from all ranks in rank order), so
+every rank holds the same queue. It is part of a checkpoint (`state_dict`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+class TargetQueue:
+    """FIFO of `size` target embeddings (any feature shape) with their integer target ids."""
+
+    def __init__(
+        self, size: int, feature_shape: tuple[int, ...], dtype=torch.float32, device="cpu"
+    ):
+        self.size = size
+        self.features = torch.zeros((size, *feature_shape), dtype=dtype, device=device)
+        self.ids = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.ptr = 0  # next slot to write
+        self.filled = 0
+
+    @torch.no_grad()
+    def enqueue(self, features: torch.Tensor, ids: torch.Tensor) -> None:
+        n = features.shape[0]
+        if n >= self.size:  # only the newest `size` survive
+            features, ids, n = features[-self.size :], ids[-self.size :], self.size
+        slots = (self.ptr + torch.arange(n, device=self.ids.device)) % self.size
+        self.features[slots] = features.detach().to(self.features)
+        self.ids[slots] = ids.to(self.ids)
+        self.ptr = (self.ptr + n) % self.size
+        self.filled = min(self.size, self.filled + n)
+
+    def valid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Filled entries (slot order, not age order: the loss does not care)."""
+        if self.filled == self.size:
+            return self.features, self.ids
+        return self.features[: self.filled], self.ids[: self.filled]
+
+    def ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Filled entries, oldest first."""
+        start = (self.ptr - self.filled) % self.size
+        order = (start + torch.arange(self.filled, device=self.ids.device)) % self.size
+        return self.features[order], self.ids[order]
+
+    def negatives_mask(self, batch_ids: torch.Tensor) -> torch.Tensor:
+        """(B, K) bool: queue entry k is a valid negative for batch row b (other target id)."""
+        _, ids = self.valid()
+        return batch_ids[:, None] != ids[None, :]
+
+    def state_dict(self) -> dict:
+        return {
+            "features": self.features.cpu(),
+            "ids": self.ids.cpu(),
+            "ptr": self.ptr,
+            "filled": self.filled,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["features"].shape) != tuple(self.features.shape):
+            raise ValueError(
+                f"queue shape mismatch: checkpoint {tuple(state['features'].shape)}, "
+                f"config {tuple(self.features.shape)}"
+            )
+        self.features.copy_(state["features"])
+        self.ids.copy_(state["ids"])
+        self.ptr, self.filled = int(state["ptr"]), int(state["filled"])
+
+
+def _gathered(params: list[nn.Parameter]):
+    """Full parameters inside the block, also under ZeRO-3 (where `.data` is a placeholder)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+class MomentumEncoder:
+    """EMA copies of a model's trainable parameters. `encode_target_frames` runs the model with
+    the EMA values substituted (torch.func.functional_call); frozen parts are shared, not copied."""
+
+    def __init__(self, model: nn.Module, momentum: float = 0.995):
+        self.model = model
+        self.momentum = momentum
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        with _gathered([p for _, p in named]):
+            self.params = {n: p.detach().clone().float() for n, p in named}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        named = dict(self.model.named_parameters())
+        params = [named[n] for n in self.names]
+        with _gathered(params):
+            for name, p in zip(self.names, params):
+                ema = self.params[name]
+                ema.mul_(self.momentum).add_(
+                    p.detach().float().to(ema.device), alpha=1 - self.momentum
+                )
+
+    @torch.no_grad()
+    def encode_target_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call
+
+        return functional_call(
+            self.model,
+            self.params,
+            ("encode_target_frames", pixels),
+            strict=False,
+            tie_weights=False,
+        )
+
+    def state_dict(self) -> dict:
+        return {n: t.cpu() for n, t in self.params.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self.names) - set(state))
+        if missing:
+            raise ValueError(f"momentum state lacks {missing[:5]}")
+        for n in self.names:
+            self.params[n].copy_(state[n])

@@ -1,0 +1,55 @@
+"""Tokenizers. Real runs load the BERT tokenizer that ships with the model directory; offline
+runs on the synthetic corpus build a BERT word-piece tokenizer whose vocabulary is the corpus's
+words (so the same `BertTokenizerFast` class and ids layout are used either way)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import WordPiece as WordPieceDecoder
+from tokenizers.models import WordPiece
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
+from tokenizers.processors import TemplateProcessing
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[ENC]", "[DEC]"]
+
+
+def build_vocab_tokenizer(texts: Iterable[str], out_dir: str | Path) -> PreTrainedTokenizerFast:
+    """BERT-style tokenizer (lower-casing, BERT pre-tokenizer, [CLS] x [SEP]) whose word-piece
+    vocabulary is the words of `texts`; saved to out_dir in the transformers format."""
+    split = BertPreTokenizer().pre_tokenize_str
+    words = sorted({w for text in texts for w, _ in split(text.lower())} - set(SPECIAL))
+    vocab = {token: i for i, token in enumerate(SPECIAL + words)}
+    core = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    core.normalizer = BertNormalizer(lowercase=True)
+    core.pre_tokenizer = BertPreTokenizer()
+    core.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    core.decoder = WordPieceDecoder()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        additional_special_tokens=["[ENC]", "[DEC]"],
+    )
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def load_tokenizer(path: str | Path):
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if "[ENC]" not in tok.get_vocab():  # BLIP's image-grounded encoder token
+        tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tok
