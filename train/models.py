@@ -60,7 +60,14 @@ def similarity(query: torch.Tensor, target: torch.Tensor, reduce: str = "mean") 
 class CoVRModel(nn.Module):
     """Shared parts: the combiner, frame pooling, freezing and the forward dispatcher."""
 
-    TASKS = ("encode_query", "encode_target", "encode_target_frames", "encode_text", "encode_image")
+    TASKS = (
+        "compose",
+        "encode_query",
+        "encode_target",
+        "encode_target_frames",
+        "encode_text",
+        "encode_image",
+    )
 
     def __init__(self, cfg: ModelConfig, embed_dim: int):
         super().__init__()
@@ -86,6 +93,10 @@ class CoVRModel(nn.Module):
         b, fq = frames.shape[:2]
         tokens = self._vision(frames.flatten(0, 1))
         return tokens.view(b, fq * tokens.shape[1], tokens.shape[2])
+
+    def encode_target_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, Q, D): the vision tower, then the model's `target_head`."""
+        return self.target_head(self._vision(pixels))
 
     def encode_target(self, frames_or_embeddings, scores=None, mask=None) -> torch.Tensor:
         x = frames_or_embeddings
@@ -145,8 +156,8 @@ class Blip2CoVR(CoVRModel):
             ),
         ).last_hidden_state
 
-    def encode_target_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        hidden = self._qformer_queries(self._vision(pixels))
+    def target_head(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self._qformer_queries(vision_tokens)
         return F.normalize(self.hf.vision_projection(hidden), dim=-1)
 
     def encode_fusion(self, frames, input_ids, attention_mask) -> torch.Tensor:
@@ -195,9 +206,8 @@ class BlipCoVR(CoVRModel):
         for module in frozen:
             module.requires_grad_(False)
 
-    def encode_target_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        cls = self._vision(pixels)[:, 0]
-        return F.normalize(self.hf.vision_proj(cls), dim=-1)[:, None]
+    def target_head(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.hf.vision_proj(vision_tokens[:, 0]), dim=-1)[:, None]
 
     def encode_fusion(self, frames, input_ids, attention_mask) -> torch.Tensor:
         vision_tokens = self._query_vision(frames)

@@ -34,7 +34,7 @@ def covr_loss(
     """Loss of this rank's batch against the global batch (+ queue); fills the queue after."""
     reduce = model.cfg.reduce
     query, weights = model(
-        "encode_query", batch["query_frames"], batch["input_ids"], batch["attention_mask"]
+        "compose", batch["query_frames"], batch["input_ids"], batch["attention_mask"]
     )
     target = _target(model, batch)
     if reduce == "mean":  # mean similarity is bilinear: reduce before gathering (Q x less traffic)

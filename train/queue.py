@@ -8,6 +8,7 @@ every rank holds the same queue. It is part of a checkpoint (`state_dict`).
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -82,46 +83,48 @@ def _gathered(params: list[nn.Parameter]):
 
 
 class MomentumEncoder:
-    """EMA copies of a model's trainable parameters. `encode_target_frames` runs the model with
-    the EMA values substituted (torch.func.functional_call); frozen parts are shared, not copied."""
+    """EMA copy of a CoVR model's target path. The copy holds everything but the vision tower,
+    which is frozen and shared (the live model computes vision tokens, the copy's
+    `target_head` turns them into target embeddings). Build it before `deepspeed.initialize`;
+    `update` gathers the live parameters, so it also works under ZeRO-3."""
 
     def __init__(self, model: nn.Module, momentum: float = 0.995):
         self.model = model
         self.momentum = momentum
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in named]
-        with _gathered([p for _, p in named]):
-            self.params = {n: p.detach().clone().float() for n, p in named}
+        vision = model.hf.vision_model
+        model.hf.vision_model = nn.Identity()  # not copied
+        try:
+            self.copy = copy.deepcopy(model).requires_grad_(False).eval()
+        finally:
+            model.hf.vision_model = vision
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
 
     @torch.no_grad()
     def update(self) -> None:
-        named = dict(self.model.named_parameters())
-        params = [named[n] for n in self.names]
+        live = dict(self.model.named_parameters())
+        ema = dict(self.copy.named_parameters())
+        params = [live[n] for n in self.names]
         with _gathered(params):
             for name, p in zip(self.names, params):
-                ema = self.params[name]
-                ema.mul_(self.momentum).add_(
-                    p.detach().float().to(ema.device), alpha=1 - self.momentum
+                ema[name].mul_(self.momentum).add_(
+                    p.detach().to(ema[name]), alpha=1 - self.momentum
                 )
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        own = dict(self.copy.named_parameters())
+        return {n: own[n] for n in self.names}
 
     @torch.no_grad()
     def encode_target_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        from torch.func import functional_call
-
-        return functional_call(
-            self.model,
-            self.params,
-            ("encode_target_frames", pixels),
-            strict=False,
-            tie_weights=False,
-        )
+        return self.copy.target_head(self.model._vision(pixels))
 
     def state_dict(self) -> dict:
-        return {n: t.cpu() for n, t in self.params.items()}
+        return {n: t.detach().cpu() for n, t in self.params.items()}
 
     def load_state_dict(self, state: dict) -> None:
         missing = sorted(set(self.names) - set(state))
         if missing:
             raise ValueError(f"momentum state lacks {missing[:5]}")
-        for n in self.names:
-            self.params[n].copy_(state[n])
+        for n, t in self.params.items():
+            t.copy_(state[n])

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from tests.tiny import tiny_model
+from train.queue import MomentumEncoder, TargetQueue
+
+
+def test_fifo_order_and_wraparound():
+    q = TargetQueue(5, (2,))
+    q.enqueue(torch.arange(6.0).view(3, 2), torch.tensor([0, 1, 2]))
+    assert q.ordered()[1].tolist() == [0, 1, 2] and q.filled == 3
+    q.enqueue(torch.arange(6.0, 12.0).view(3, 2), torch.tensor([3, 4, 5]))
+    feats, ids = q.ordered()
+    assert ids.tolist() == [1, 2, 3, 4, 5]  # oldest (0) dropped first
+    assert feats[0].tolist() == [2.0, 3.0] and feats[-1].tolist() == [10.0, 11.0]
+    q.enqueue(torch.zeros(7, 2), torch.arange(10, 17))  # larger than the queue: newest 5 kept
+    assert q.ordered()[1].tolist() == [12, 13, 14, 15, 16]
+
+
+def test_same_target_ids_are_masked():
+    q = TargetQueue(4, (2,))
+    q.enqueue(torch.zeros(3, 2), torch.tensor([7, 8, 9]))
+    mask = q.negatives_mask(torch.tensor([8, 1]))
+    assert mask.tolist() == [[True, False, True], [True, True, True]]
+
+
+def test_state_round_trip_and_shape_check():
+    q = TargetQueue(4, (1, 3))
+    q.enqueue(torch.randn(6, 1, 3), torch.arange(6))
+    r = TargetQueue(4, (1, 3))
+    r.load_state_dict(q.state_dict())
+    assert torch.equal(r.features, q.features) and torch.equal(r.ids, q.ids)
+    assert (r.ptr, r.filled) == (q.ptr, q.filled)
+    with pytest.raises(ValueError, match="queue shape mismatch"):
+        TargetQueue(8, (1, 3)).load_state_dict(q.state_dict())
+
+
+def test_momentum_is_an_ema_of_the_trainable_parameters(tmp_path):
+    model, _ = tiny_model(tmp_path, "blip2")
+    model.eval()
+    ema = MomentumEncoder(model, momentum=0.9)
+    assert "hf.query_tokens" in ema.params and not any("vision_model" in n for n in ema.params)
+    start = {n: t.clone() for n, t in ema.params.items()}
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(ema.encode_target_frames(x), model("encode_target_frames", x), atol=1e-6)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(1.0)
+    ema.update()
+    assert all(torch.allclose(ema.params[n], start[n] + 0.1, atol=1e-6) for n in start)
+    assert not torch.allclose(
+        ema.encode_target_frames(x), model("encode_target_frames", x), atol=1e-3
+    )
+    restored = MomentumEncoder(model, momentum=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert torch.allclose(restored.encode_target_frames(x), ema.encode_target_frames(x))
