@@ -55,6 +55,26 @@ class DataConfig:
 
 
 @dataclass
+class ShardConfig:
+    """WebDataset shards (sharding.pack) and their streaming (sharding.reader)."""
+
+    dir: str = "runs/demo/shards"
+    prefix: str = "covr"
+    samples_per_shard: int = 256
+    epoch: str = (
+        "target"  # target: one record per target video, a triplet drawn per epoch | triplet
+    )
+    query_frames: int = 1
+    target_frames: int = 15
+    frame_size: int = 0  # resize frames to this square size before JPEG encoding; 0 keeps them
+    jpeg_quality: int = 90
+    workers: int = 2  # packing processes (or Ray tasks in flight)
+    seed: int = 1234
+    loader_workers: int = 2  # DataLoader workers per rank
+    allow_pipe: bool = False  # `pipe:` shard URLs run shell commands: refused unless enabled
+
+
+@dataclass
 class VisionSize:
     """Vision tower size (ViT). Ignored when weights come from `model.pretrained`."""
 
@@ -124,6 +144,7 @@ class SamplerConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)

@@ -18,7 +18,7 @@ def tiny_model_config(arch: str = "blip2", **overrides) -> ModelConfig:
         max_text_len=12,
         target_frames=3,
     )  # fmt: skip
-    for key, value in overrides.items():
+    for key, value in overrides.items():  # model-level fields only
         setattr(cfg, key, value)
     return cfg
 

@@ -11,22 +11,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-COMBINERS = ("fusion", "avg", "mlp")
+COMBINERS = ("fusion", "avg", "mlp", "text", "image")  # text / image: unimodal ablations
 
 
 class FusionCombiner(nn.Module):
     """The model's own joint encoding, unchanged (the reference)."""
 
-    needs_unimodal = False
+    needs_fusion, needs_unimodal = True, False
 
     def forward(self, f, i=None, t=None):
         return f, None
 
 
+class TextOnly(nn.Module):
+    """Ablation: the edit text alone (no video)."""
+
+    needs_fusion, needs_unimodal = False, True
+
+    def forward(self, f, i, t):
+        return t[:, None], None
+
+
+class ImageOnly(nn.Module):
+    """Ablation: the query frame alone (no edit)."""
+
+    needs_fusion, needs_unimodal = False, True
+
+    def forward(self, f, i, t):
+        return i[:, None], None
+
+
 class AverageCombiner(nn.Module):
     """normalize((f + i + t) / 3), with f the mean of its tokens."""
 
-    needs_unimodal = True
+    needs_fusion, needs_unimodal = True, True
 
     def forward(self, f, i, t):
         return F.normalize((f.mean(1) + i + t) / 3, dim=-1)[:, None], None
@@ -35,7 +53,7 @@ class AverageCombiner(nn.Module):
 class MLPCombiner(nn.Module):
     """w = softmax(MLP([f; i; t])), output normalize(w0 f + w1 i + w2 t)."""
 
-    needs_unimodal = True
+    needs_fusion, needs_unimodal = True, True
 
     def __init__(self, dim: int, hidden: int = 128):
         super().__init__()
@@ -55,4 +73,8 @@ def build_combiner(name: str, dim: int) -> nn.Module:
         return AverageCombiner()
     if name == "mlp":
         return MLPCombiner(dim)
+    if name == "text":
+        return TextOnly()
+    if name == "image":
+        return ImageOnly()
     raise ValueError(f"unknown combiner {name!r}; one of {COMBINERS}")

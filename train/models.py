@@ -113,7 +113,11 @@ class CoVRModel(nn.Module):
 
     def compose(self, frames, input_ids, attention_mask):
         """Query tokens and the combiner's weights (None unless `mlp`)."""
-        fused = self.encode_fusion(frames, input_ids, attention_mask)
+        fused = (
+            self.encode_fusion(frames, input_ids, attention_mask)
+            if self.combiner.needs_fusion
+            else None
+        )
         if not self.combiner.needs_unimodal:
             return self.combiner(fused)
         image = self.encode_image(frames)
@@ -280,6 +284,15 @@ def build_model(cfg: ModelConfig, tokenizer) -> CoVRModel:
         hf = cls.from_pretrained(cfg.pretrained, local_files_only=True)
     else:
         hf = cls(hf_config(cfg, len(tokenizer)))
+        # from scratch: start the query and target projections equal (aligned spaces)
+        projections = (
+            ("text_projection", "vision_projection")
+            if cfg.arch == "blip2"
+            else ("text_proj", "vision_proj")
+        )
+        query_proj, target_proj = getattr(hf, projections[0]), getattr(hf, projections[1])
+        if query_proj.weight.shape == target_proj.weight.shape:
+            query_proj.load_state_dict(target_proj.state_dict())
     if cfg.lavis_checkpoint:
         from train.lavis import load_lavis_checkpoint
 

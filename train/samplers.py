@@ -22,7 +22,7 @@ SAMPLERS = ("random", "hns", "fs", "mix")
 
 class BatchComposer:
     def __init__(
-        self, kind: str, batch_size: int, buffer: int = 1024, beta: float = 0.6, seed: int = 0
+        self, kind: str, batch_size: int, buffer: int = 1024, beta: float = 0.6, seed: int | str = 0
     ):
         if kind not in SAMPLERS:
             raise ValueError(f"unknown sampler {kind!r}; one of {SAMPLERS}")

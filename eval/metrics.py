@@ -1,0 +1,41 @@
+"""Retrieval metrics (REFERENCE.md section 5).
+
+Ranks are pessimistic under ties: the positive's rank counts every other item scoring at least
+as high, so a model that scores everything equally gets no credit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def positive_ranks(scores: torch.Tensor, positives: torch.Tensor | list[int]) -> torch.Tensor:
+    """0-based rank of each query's positive in its row of the (Q, G) score matrix."""
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    positives = torch.as_tensor(positives, dtype=torch.long)
+    rows = torch.arange(scores.shape[0])
+    pos = scores[rows, positives][:, None]
+    return (scores >= pos).sum(1) - 1
+
+
+def recall_at_k(scores, positives, ks=(1, 5, 10, 50)) -> dict[int, float]:
+    """{k: percent of queries whose positive ranks within the top k}."""
+    ranks = positive_ranks(scores, positives)
+    return {k: 100.0 * (ranks < k).float().mean().item() for k in ks}
+
+
+def map_at_k(ranked_ids, relevant_ids, ks=(5, 10, 25, 50)) -> dict[int, float]:
+    """CIRCO mAP@K in percent: AP@K = sum_{r<=K} P(r) rel(r) / min(K, |relevant|)."""
+    out = {}
+    for k in ks:
+        aps = []
+        for ranked, relevant in zip(ranked_ids, relevant_ids):
+            relevant = set(relevant)
+            hits, total = 0, 0.0
+            for r, item in enumerate(list(ranked)[:k], 1):
+                if item in relevant:
+                    hits += 1
+                    total += hits / r
+            aps.append(total / min(k, len(relevant)) if relevant else 0.0)
+        out[k] = 100.0 * sum(aps) / max(1, len(aps))
+    return out

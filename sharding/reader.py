@@ -1,0 +1,299 @@
+"""Stream shards into training and evaluation.
+
+Training (`ShardReader`, an IterableDataset yielding ready batches):
+- Every (rank, DataLoader worker) pair is a *slot*. Each epoch the shards are permuted with
+  (seed, epoch), the same permutation on every rank, and the concatenated record sequence is cut
+  into equal contiguous ranges, one per slot (the tail of fewer than one record per slot is left
+  for the next epoch's permutation). So every slot, hence every rank, yields the same number of
+  batches whatever the shard sizes, and no record is read by two slots in one epoch.
+- Within a slot: records -> (target mode) one triplet drawn per record -> batch composition
+  (`train.samplers.BatchComposer`: random / hns / fs / mix, which also shuffles) -> decoding ->
+  collate. Decoding comes last, so resuming mid-epoch replays the cheap part and skips batches
+  already consumed: the position is (epoch, batches consumed), saved in the training checkpoint.
+- A corrupt tar member or truncated shard loses its records; the slot then re-reads records
+  from the start of its range to keep its count (counted as `resampled`). A sample whose JPEG
+  does not decode is replaced by another sample of the same batch (counted as `undecodable`).
+  Counts travel with each batch (`batch["reader_stats"]`) and are logged at a bounded rate.
+
+Evaluation (`iter_records`): shards in manifest order, every record exactly once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from train.samplers import BatchComposer
+
+log = logging.getLogger(__name__)
+
+
+class ShardURLError(ValueError):
+    """A shard URL the reader will not open."""
+
+
+class SampleDecodeError(ValueError):
+    pass
+
+
+def open_shard(url: str, allow_pipe: bool = False):
+    """Local path, `pipe:COMMAND` (only when allowed), or any URL fsspec opens."""
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise ShardURLError(
+                f"refusing shard URL {url!r}: `pipe:` runs a shell command; set shards.allow_pipe=true"
+            )
+        return subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE).stdout
+    if "://" in url and not url.startswith("file://"):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return open(url.removeprefix("file://"), "rb")
+
+
+def read_shard(
+    url: str, allow_pipe: bool = False, on_error: Callable[[str, Exception], None] | None = None
+):
+    """Records (dicts of field -> bytes, plus `__key__`) of one shard; a read error ends the
+    shard (a truncated tar has nothing after the break) and is reported to `on_error`."""
+    stream = open_shard(url, allow_pipe)
+    try:
+        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        yield from group_by_keys(files)
+    except Exception as err:  # tarfile.ReadError, EOFError, OSError, ...
+        if on_error is None:
+            raise
+        on_error(url, err)
+    finally:
+        stream.close()
+
+
+def iter_records(urls: list[str], allow_pipe: bool = False) -> Iterator[dict]:
+    """Evaluation order: shards as listed, records as stored, each exactly once."""
+    for url in urls:
+        yield from read_shard(url, allow_pipe)
+
+
+def shard_urls(shard_dir: str | Path, manifest: dict) -> tuple[list[str], list[int]]:
+    base = str(shard_dir).rstrip("/")
+    return [f"{base}/{s['name']}.tar" for s in manifest["shards"]], [
+        s["samples"] for s in manifest["shards"]
+    ]
+
+
+def _jpegs(record: dict, prefix: str) -> list[bytes]:
+    return [
+        record[k] for k in sorted(k for k in record if k.startswith(prefix) and k.endswith(".jpg"))
+    ]
+
+
+def _decode_images(blobs: list[bytes]) -> np.ndarray:
+    try:
+        return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
+    except Exception as err:
+        raise SampleDecodeError(str(err)) from None
+
+
+def decode_sample(raw: dict) -> dict:
+    """Raw drawn sample -> the dict `train.batch.collate` takes."""
+    sample = {
+        k: raw[k]
+        for k in ("edit", "scores", "target_id", "group", "caption", "key", "pth1", "target")
+    }
+    sample["query_frames"] = _decode_images(raw["query_jpegs"])
+    if raw.get("target_npy") is not None:
+        sample["target_embeddings"] = np.load(io.BytesIO(raw["target_npy"]))
+    else:
+        sample["target_frames"] = _decode_images(raw["target_jpegs"])
+    return sample
+
+
+def draw_triplet(record: dict, rng: random.Random) -> dict:
+    """One training sample from a record: a random triplet (target mode) with its query frames."""
+    meta = json.loads(record["json"])
+    j = rng.randrange(len(meta["triplets"]))
+    trip = meta["triplets"][j]
+    return {
+        "key": record["__key__"],
+        "target": meta["target"],
+        "target_id": meta["target_id"],
+        "pth1": trip["pth1"],
+        "edit": trip["edit"],
+        "scores": trip["scores"],
+        "group": trip["group"],
+        "caption": trip["txt2"],
+        "query_jpegs": _jpegs(record, f"q{j:03d}_"),
+        "target_jpegs": _jpegs(record, "t"),
+        "target_npy": record.get("target.npy"),
+    }
+
+
+@dataclass
+class ReaderCounts:
+    corrupt_shards: int = 0
+    resampled: int = 0
+    undecodable: int = 0
+    _last_log: float = 0.0
+
+    def report(self, what: str, detail: str, every_s: float = 30.0) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= every_s:  # bounded rate: one line per period, with totals
+            self._last_log = now
+            log.warning("reader: %s (%s); totals %s", what, detail, self.as_dict())
+
+    def as_dict(self) -> dict:
+        return {
+            "corrupt_shards": self.corrupt_shards,
+            "resampled": self.resampled,
+            "undecodable": self.undecodable,
+        }
+
+
+class ShardReader(IterableDataset):
+    """Equal-length, deterministic, resumable training batches from shards (see module doc)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        counts: list[int],
+        *,
+        batch_size: int,
+        collate: Callable[[list[dict]], dict],
+        rank: int = 0,
+        world: int = 1,
+        sampler: str = "random",
+        sampler_buffer: int = 256,
+        sampler_beta: float = 0.6,
+        seed: int = 0,
+        allow_pipe: bool = False,
+    ):
+        if len(urls) != len(counts):
+            raise ValueError("one sample count per shard URL is needed")
+        bad = [u for u in urls if u.startswith("pipe:") and not allow_pipe]
+        if bad:
+            open_shard(bad[0], allow_pipe)  # raises the clear error before any worker starts
+        self.urls, self.counts = list(urls), list(counts)
+        self.batch_size, self.collate = batch_size, collate
+        self.rank, self.world = rank, world
+        self.sampler, self.sampler_buffer, self.sampler_beta = sampler, sampler_buffer, sampler_beta
+        self.seed, self.allow_pipe = seed, allow_pipe
+        self.epoch, self.start_batch, self.num_workers = 0, 0, 1
+
+    def set_position(self, epoch: int, start_batch: int = 0, num_workers: int = 1) -> None:
+        """Call before creating the DataLoader iterator: epoch, batches of it already consumed
+        by this rank, and the DataLoader's worker count (0 counts as 1)."""
+        self.epoch, self.start_batch, self.num_workers = epoch, start_batch, max(1, num_workers)
+
+    def batches_per_epoch(self) -> int:
+        """Batches this rank yields per epoch (the same on every rank)."""
+        slots = self.world * self.num_workers
+        per_slot = sum(self.counts) // slots
+        if per_slot < self.batch_size:
+            raise ValueError(
+                f"{sum(self.counts)} samples over {self.world} ranks x {self.num_workers} workers leave "
+                f"{per_slot} per worker, less than one batch of {self.batch_size}: use fewer workers or ranks"
+            )
+        return (per_slot // self.batch_size) * self.num_workers
+
+    def _slot_range(self, slot: int, slots: int) -> tuple[list[int], int, int]:
+        order = list(range(len(self.urls)))
+        random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+        per_slot = sum(self.counts) // slots
+        return order, slot * per_slot, per_slot
+
+    def _range(self, order: list[int], start: int, length: int, on_error) -> Iterator[dict]:
+        """Records [start, start + length) of the epoch's concatenated shard sequence."""
+        offset = 0
+        for idx in order:
+            n = self.counts[idx]
+            if offset < start + length and offset + n > start:
+                for pos, record in enumerate(
+                    read_shard(self.urls[idx], self.allow_pipe, on_error), offset
+                ):
+                    if pos >= start + length:
+                        break
+                    if pos >= start:
+                        yield record
+            offset += n
+
+    def _records(
+        self, order: list[int], start: int, length: int, counts: ReaderCounts
+    ) -> Iterator[dict]:
+        """Exactly `length` records: the slot's range, re-read from its start (counted as
+        `resampled`) when corrupt shards lost some."""
+
+        def on_error(url, err):
+            counts.corrupt_shards += 1
+            counts.report("corrupt shard", f"{url}: {err}", every_s=0.0)
+
+        produced, passes = 0, 0
+        while produced < length:
+            before = produced
+            for record in self._range(order, start, length, on_error):
+                if passes:
+                    counts.resampled += 1
+                yield record
+                produced += 1
+                if produced == length:
+                    return
+            if produced == before:
+                raise RuntimeError(
+                    f"no readable record in samples {start}..{start + length} of the shards"
+                )
+            passes += 1
+            counts.report("resampling", f"{length - produced} records short")
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        loader_worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # The DataLoader takes batches from its workers round-robin starting at worker 0; after
+        # resuming at batch `start_batch`, loader worker w plays the part of the worker whose
+        # turn that was, so the batch order continues exactly.
+        worker = (loader_worker + self.start_batch) % workers
+        if workers != self.num_workers:
+            raise RuntimeError(
+                f"set_position(num_workers={workers}) before iterating (got {self.num_workers})"
+            )
+        slot, slots = self.rank * workers + worker, self.world * workers
+        order, start, length = self._slot_range(slot, slots)
+        my_batches = self.batches_per_epoch() // workers
+        skip = max(0, (self.start_batch - worker + workers - 1) // workers)
+        counts = ReaderCounts()
+        rng = random.Random(f"{self.seed}-{self.epoch}-{slot}-draw")
+        drawn = (draw_triplet(r, rng) for r in self._records(order, start, length, counts))
+        composer = BatchComposer(
+            self.sampler, self.batch_size, max(self.sampler_buffer, self.batch_size), self.sampler_beta,
+            seed=f"{self.seed}-{self.epoch}-{slot}-compose",
+        )  # fmt: skip
+        for index, raw_batch in enumerate(composer(drawn)):
+            if index >= my_batches:
+                break
+            if index < skip:
+                continue
+            samples = []
+            for raw in raw_batch:
+                try:
+                    samples.append(decode_sample(raw))
+                except SampleDecodeError as err:
+                    counts.undecodable += 1
+                    counts.report("undecodable sample", f"{raw['key']}: {err}")
+            if not samples:
+                raise RuntimeError(f"no decodable sample in batch {index} of slot {slot}")
+            while len(samples) < len(raw_batch):  # keep the batch size: ranks stay in step
+                samples.append(samples[len(samples) % len(samples)])
+            batch = self.collate(samples)
+            batch["keys"] = [s["key"] for s in samples]
+            batch["reader_stats"] = {"worker": worker, **counts.as_dict()}
+            yield batch

@@ -1,0 +1,238 @@
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from functools import partial
+
+import pytest
+from torch.utils.data import DataLoader
+
+from configs.schema import ShardConfig
+from data.webvid_covr import read_annotations
+from sharding.pack import masked_caption_group, pack, read_manifest, verify
+from sharding.reader import ShardReader, ShardURLError, iter_records, shard_urls
+from tests.conftest import ROOT
+from train.batch import collate
+
+CFG = ShardConfig(samples_per_shard=3, target_frames=3, workers=1, seed=3)
+
+
+@pytest.fixture(scope="module")
+def packed(small_corpus, tmp_path_factory):
+    root, _ = small_corpus
+    out = tmp_path_factory.mktemp("shards")
+    manifest = pack(root / "train.csv", root / "videos", out, CFG)
+    return root, out, manifest
+
+
+def _keys(shard_dir):
+    urls, _ = shard_urls(shard_dir, read_manifest(shard_dir))
+    return [r["__key__"] for r in iter_records(urls)]
+
+
+def test_group_key_masks_the_edited_word():
+    assert masked_caption_group("a red circle", "a blue circle") == "a _ circle"
+    assert masked_caption_group("A red circle", "a red square box") == "a red square box"
+
+
+def test_pack_manifest_and_verify(packed):
+    root, out, manifest = packed
+    rows = read_annotations(root / "train.csv")
+    targets = {t.pth2 for t in rows}
+    assert manifest["totals"]["samples"] == len(targets)  # target mode: one record per target
+    assert manifest["totals"]["triplets"] == len(rows)
+    assert len(manifest["shards"]) == -(-len(targets) // 3)
+    assert manifest["config"]["samples_per_shard"] == 3 and manifest["skipped"] == []
+    assert all(s["sha256"] and s["bytes"] > 0 for s in manifest["shards"])
+    assert verify(out) == {
+        "shards": len(manifest["shards"]),
+        "ok": len(manifest["shards"]),
+        "corrupt": [],
+    }
+    # any tar reader sees standard WebDataset members
+    first = out / f"{manifest['shards'][0]['name']}.tar"
+    names = subprocess.run(
+        ["tar", "tf", str(first)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    key = names[0].split(".")[0]
+    assert {f"{key}.json", f"{key}.t00.jpg", f"{key}.t02.jpg", f"{key}.q000_0.jpg"} <= set(names)
+    keys = _keys(out)
+    assert len(keys) == len(set(keys)) == len(targets)
+
+
+def test_packing_is_deterministic_and_triplet_mode(packed, tmp_path):
+    root, out, manifest = packed
+    again = pack(root / "train.csv", root / "videos", tmp_path / "again", replace(CFG, workers=2))
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    per_triplet = pack(
+        root / "train.csv", root / "videos", tmp_path / "trip", replace(CFG, epoch="triplet")
+    )
+    assert (
+        per_triplet["totals"]["samples"]
+        == per_triplet["totals"]["triplets"]
+        == manifest["totals"]["triplets"]
+    )
+
+
+def test_missing_video_is_skipped_with_its_reason(small_corpus, tmp_path):
+    root, _ = small_corpus
+    videos = tmp_path / "videos"
+    shutil.copytree(root / "videos", videos)
+    victim = read_annotations(root / "train.csv")[0].pth1
+    (videos / f"{victim}.mp4").unlink()
+    manifest = pack(root / "train.csv", videos, tmp_path / "out", CFG)
+    assert manifest["totals"]["skipped"] >= 1
+    assert all(
+        victim in s["video"] and "file not found" in s["reason"] for s in manifest["skipped"]
+    )
+
+
+def test_kill_and_resume_gives_the_same_shards(packed, tmp_path):
+    root, _, manifest = packed
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "launch/shard.py"), "pack", "--annotations", str(root / "train.csv"),
+           "--video-root", str(root / "videos"), "--out", str(out), "shards.samples_per_shard=3",
+           "shards.target_frames=3", "shards.workers=1", "shards.seed=3"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.stats.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list(out.glob("*.stats.json")))
+    assert 2 <= finished < len(manifest["shards"]), "kill came too late to test resuming"
+    subprocess.run(cmd, check=True, capture_output=True)
+    resumed = read_manifest(out)
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_verify_reports_a_truncated_shard(packed, tmp_path):
+    _, out, manifest = packed
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    victim = copy / f"{manifest['shards'][1]['name']}.tar"
+    victim.write_bytes(victim.read_bytes()[:3000])
+    report = verify(copy)
+    assert report["ok"] == len(manifest["shards"]) - 1
+    assert report["corrupt"][0]["shard"] == manifest["shards"][1]["name"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch/shard.py"), "verify", str(copy)], capture_output=True
+    )
+    assert proc.returncode == 1
+
+
+def _reader(out, tok, rank=0, world=1, batch_size=2, sampler="random", **kw):
+    urls, counts = shard_urls(out, read_manifest(out))
+    fn = partial(collate, tokenizer=tok, image_size=32, max_text_len=8)
+    return ShardReader(urls, counts, batch_size=batch_size, collate=fn, rank=rank, world=world, sampler=sampler,
+                       sampler_buffer=4, seed=5, **kw)  # fmt: skip
+
+
+def _epoch(reader, epoch=0, start=0, workers=2, limit=None):
+    reader.set_position(epoch, start, workers)
+    out = []
+    for i, batch in enumerate(DataLoader(reader, batch_size=None, num_workers=workers)):
+        if limit is not None and i >= limit:
+            break
+        out.append(batch)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from tests.tiny import tiny_model
+
+    return tiny_model(tmp_path_factory.mktemp("tok"))[1]
+
+
+def test_equal_batches_on_every_rank_with_uneven_shards(packed, tok):
+    _, out, manifest = packed
+    assert len({s["samples"] for s in manifest["shards"]}) > 1  # the last shard is short
+    expected = _reader(out, tok, 0, 2)
+    expected.set_position(0, 0, 2)
+    lengths, seen = [], []
+    for rank in range(2):
+        batches = _epoch(_reader(out, tok, rank, 2))
+        lengths.append(len(batches))
+        seen += [k for b in batches for k in b["keys"]]
+        assert all(b["query_frames"].shape[0] == 2 for b in batches)
+    assert lengths == [expected.batches_per_epoch()] * 2
+    assert len(seen) == len(set(seen))  # nothing read twice in an epoch
+
+
+@pytest.mark.e2e
+def test_pack_with_ray_matches_local(packed, tmp_path):
+    import ray
+
+    root, _, manifest = packed
+    try:
+        ray_manifest = pack(
+            root / "train.csv", root / "videos", tmp_path / "ray", replace(CFG, workers=2), "ray"
+        )
+    finally:
+        ray.shutdown()
+    assert [s["sha256"] for s in ray_manifest["shards"]] == [
+        s["sha256"] for s in manifest["shards"]
+    ]
+
+
+def test_exact_mid_epoch_resume_two_ranks_two_workers(packed, tok):
+    _, out, _ = packed
+    for rank in range(2):
+        full = [k for b in _epoch(_reader(out, tok, rank, 2, sampler="hns")) for k in b["keys"]]
+        first = _epoch(_reader(out, tok, rank, 2, sampler="hns"), limit=3)
+        rest = _epoch(_reader(out, tok, rank, 2, sampler="hns"), start=3)
+        resumed = [k for b in first + rest for k in b["keys"]]
+        assert resumed == full
+        assert len(set(resumed)) == len(resumed)
+
+
+def test_epochs_differ_and_are_deterministic(packed, tok):
+    _, out, _ = packed
+    a = [k for b in _epoch(_reader(out, tok), epoch=0) for k in b["keys"]]
+    b = [k for b in _epoch(_reader(out, tok), epoch=1) for k in b["keys"]]
+    assert a == [k for bb in _epoch(_reader(out, tok), epoch=0) for k in bb["keys"]]
+    assert a != b
+
+
+def test_corrupt_shard_is_skipped_counted_and_batches_stay_equal(packed, tok, tmp_path):
+    _, out, manifest = packed
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    victim = copy / f"{manifest['shards'][0]['name']}.tar"
+    victim.write_bytes(victim.read_bytes()[:5000])
+    reader = _reader(copy, tok, 0, 1)
+    batches = _epoch(reader, workers=1)
+    assert len(batches) == reader.batches_per_epoch()
+    stats = batches[-1]["reader_stats"]
+    assert stats["corrupt_shards"] >= 1 and stats["resampled"] >= 1
+
+
+def test_too_many_slots_is_a_clear_error(packed, tok):
+    _, out, manifest = packed
+    reader = _reader(out, tok, 0, 8, batch_size=4)
+    reader.set_position(0, 0, 2)
+    with pytest.raises(ValueError, match="less than one batch"):
+        reader.batches_per_epoch()
+
+
+def test_pipe_urls_are_refused_unless_enabled(tok):
+    with pytest.raises(ShardURLError, match="pipe:"):
+        ShardReader(["pipe:cat x.tar"], [1], batch_size=1, collate=lambda s: s)
+    with pytest.raises(ShardURLError):
+        list(iter_records(["pipe:cat x.tar"]))
+
+
+def test_evaluation_order_is_fixed(packed):
+    _, out, manifest = packed
+    keys = _keys(out)
+    assert keys == _keys(out)
+    first_shard = [
+        json.loads(r["json"])["target"]
+        for r in iter_records([str(out / f"{manifest['shards'][0]['name']}.tar")])
+    ]
+    assert len(first_shard) == manifest["shards"][0]["samples"]

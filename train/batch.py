@@ -1,0 +1,69 @@
+"""Samples -> model batch (DESIGN.md "Batch").
+
+A sample is a dict: `query_frames` uint8 (Fq, H, W, 3); `target_frames` uint8 (Ft, H, W, 3) or
+`target_embeddings` float (Ft, Q, D); `edit` str; `scores` list of floats (one per target
+frame, else ignored); `target_id` int; `group` any hashable; optionally `caption` (target
+caption, for the caption term).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from data.video import to_model_input
+
+
+def _pad_frames(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(x.shape[0] for x in items)
+    out = items[0].new_zeros((len(items), longest, *items[0].shape[1:]))
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for i, x in enumerate(items):
+        out[i, : x.shape[0]] = x
+        mask[i, : x.shape[0]] = True
+    return out, mask
+
+
+def collate(samples: list[dict], tokenizer, image_size: int, max_text_len: int) -> dict:
+    edits = tokenizer(
+        [s["edit"] for s in samples],
+        padding="max_length",
+        truncation=True,
+        max_length=max_text_len,
+        return_tensors="pt",
+    )
+    batch = {
+        "query_frames": torch.stack(
+            [to_model_input(s["query_frames"], image_size) for s in samples]
+        ),
+        "input_ids": edits.input_ids,
+        "attention_mask": edits.attention_mask,
+        "target_ids": torch.tensor([int(s["target_id"]) for s in samples], dtype=torch.long),
+    }
+    if "target_embeddings" in samples[0]:
+        targets = [
+            torch.as_tensor(np.asarray(s["target_embeddings"], dtype=np.float32)) for s in samples
+        ]
+        batch["target_embeddings"], mask = _pad_frames(targets)
+    else:
+        targets = [to_model_input(s["target_frames"], image_size) for s in samples]
+        batch["target_frames"], mask = _pad_frames(targets)
+    batch["target_mask"] = mask
+    scores = torch.full(mask.shape, float("nan"))
+    for i, s in enumerate(samples):  # a count that differs from the frames means uniform pooling
+        if len(s.get("scores") or []) == int(mask[i].sum()):
+            scores[i, : len(s["scores"])] = torch.tensor(s["scores"], dtype=torch.float32)
+    batch["target_scores"] = scores
+    if "caption" in samples[0]:
+        captions = tokenizer(
+            [s["caption"] for s in samples],
+            padding="max_length",
+            truncation=True,
+            max_length=max_text_len,
+            return_tensors="pt",
+        )
+        batch["caption_input_ids"], batch["caption_attention_mask"] = (
+            captions.input_ids,
+            captions.attention_mask,
+        )
+    return batch
