@@ -140,9 +140,10 @@ def main() -> None:
     torch.set_num_threads(2)
     print(f"train {len(train)} triplets, test {len(test)} queries (gallery {len(test)})")
     results = {}
-    for name, combiner in (("composed", "fusion"), ("text-only", "text"), ("image-only", "image")):
+    variants = {"composed": "fusion", "text-only": "text", "image-only": "image"}
+    for name in args.variants.split(","):
         results[name] = train_variant(
-            combiner, train, test, tok, args.steps, args.batch_size, args.seed
+            variants[name], train, test, tok, args.steps, args.batch_size, args.seed, args.lr
         )
         r = results[name]
         print(

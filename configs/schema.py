@@ -142,6 +142,58 @@ class SamplerConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW + cosine schedule (the reference recipes: weight decay 0.05, no warm-up)."""
+
+    lr: float = 2e-5
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0  # 0 = no clipping
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2  # 0 | 1 | 2 | 3
+    offload_optimizer: bool = False  # optimizer state on CPU (DeepSpeed CPU Adam)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only)
+    activation_checkpointing: bool = False  # of the Q-Former / text encoder layers
+    timeout_s: int = 600  # collective timeout: a dead rank ends the job within this bound
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/demo/train"
+    epochs: int = 5
+    max_steps: int = 0  # > 0: stop after this many optimizer steps
+    batch_size: int = 256  # per rank, per micro step
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 0  # optimizer steps; 0 = after every epoch
+    ckpt_every: int = 500  # optimizer steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    seed: int = 1234
+    resume: str = "auto"  # auto: newest complete checkpoint in out_dir | none
+    init_from: str = ""  # exported model directory to start from (e.g. a pretraining stage)
+    stage: str = "covr"  # covr | itc (image-text contrastive pretraining on target captions)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<train.out_dir>/mlflow.db
+    experiment: str = "covr-train"
+    run_name: str = ""
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
+    batch_size: int = 64
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
@@ -149,6 +201,48 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "shards.epoch": ("target", "triplet"),
+    "model.arch": ("blip2", "blip"),
+    "model.combiner": ("fusion", "avg", "mlp", "text", "image"),
+    "model.reduce": ("mean", "max"),
+    "sampler.kind": ("random", "hns", "fs", "mix"),
+    "deepspeed.zero_stage": (0, 1, 2, 3),
+    "deepspeed.precision": ("fp32", "bf16", "fp16"),
+    "train.stage": ("covr", "itc"),
+}
+POSITIVE = ("train.batch_size", "train.grad_accum", "shards.samples_per_shard", "shards.target_frames",
+            "shards.query_frames", "model.query_frames", "model.target_frames", "loss.temperature")  # fmt: skip
+FRACTIONS = ("data.mining.val_fraction", "data.mining.test_fraction", "sampler.beta")
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Value checks the types cannot express; each failure names its key."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"key '{key}': {_get(cfg, key)!r} is not one of {list(allowed)}")
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"key '{key}': must be > 0, got {_get(cfg, key)!r}")
+    for key in FRACTIONS:
+        if not 0 <= _get(cfg, key) <= 1:
+            raise ConfigError(f"key '{key}': must be in [0, 1], got {_get(cfg, key)!r}")
+    if cfg.queue.size < 0:
+        raise ConfigError(f"key 'queue.size': must be >= 0, got {cfg.queue.size}")
+    return cfg
 
 
 def _describe(err: OmegaConfBaseException) -> str:
@@ -177,7 +271,7 @@ def load_config(
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
         raise ConfigError(f"override: {_describe(err)}") from None
-    return OmegaConf.to_object(merged)
+    return validate(OmegaConf.to_object(merged))
 
 
 def to_dict(cfg: Config) -> dict:

@@ -70,4 +70,21 @@ def build_synthetic(
         scores_fn=lambda _q, target: synthetic.visibility_scores(by_pth[target]),
         progress=progress,
     )
+    write_tokenizer(out)
     return {"videos": len(specs), "families": specs[-1].family + 1, **stats}
+
+
+def write_tokenizer(corpus_dir: str | Path) -> Path:
+    """A word-level BERT tokenizer over the corpus's captions and edits, in `tokenizer/` (the
+    offline stand-in for the BERT vocabulary shipped with real model weights)."""
+    from data.captions import read_caption_table
+    from data.webvid_covr import read_annotations
+    from train.tokenizer import build_vocab_tokenizer
+
+    corpus = Path(corpus_dir)
+    texts = [v.caption for v in read_caption_table(corpus / "captions.csv")]
+    for split in SPLITS:
+        texts += [t.edit for t in read_annotations(corpus / f"{split}.csv")]
+    texts += list(mining.EDIT_TEMPLATES)
+    build_vocab_tokenizer(texts, corpus / "tokenizer")
+    return corpus / "tokenizer"

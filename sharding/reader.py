@@ -120,10 +120,9 @@ def decode_sample(raw: dict) -> dict:
     return sample
 
 
-def draw_triplet(record: dict, rng: random.Random) -> dict:
-    """One training sample from a record: a random triplet (target mode) with its query frames."""
-    meta = json.loads(record["json"])
-    j = rng.randrange(len(meta["triplets"]))
+def record_triplet(record: dict, j: int, meta: dict | None = None) -> dict:
+    """Triplet `j` of a record as a raw sample (bytes not yet decoded)."""
+    meta = meta if meta is not None else json.loads(record["json"])
     trip = meta["triplets"][j]
     return {
         "key": record["__key__"],
@@ -138,6 +137,12 @@ def draw_triplet(record: dict, rng: random.Random) -> dict:
         "target_jpegs": _jpegs(record, "t"),
         "target_npy": record.get("target.npy"),
     }
+
+
+def draw_triplet(record: dict, rng: random.Random) -> dict:
+    """One training sample from a record: a random triplet (target mode: one per epoch)."""
+    meta = json.loads(record["json"])
+    return record_triplet(record, rng.randrange(len(meta["triplets"])), meta)
 
 
 @dataclass

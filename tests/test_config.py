@@ -35,3 +35,14 @@ def test_unknown_override_and_wrong_type_name_the_key():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_bad_values_name_the_key():
+    with pytest.raises(ConfigError, match=r"key 'deepspeed.zero_stage': 5 is not one of"):
+        load_config(None, ["deepspeed.zero_stage=5"])
+    with pytest.raises(ConfigError, match=r"key 'sampler.kind'"):
+        load_config(None, ["sampler.kind=hard"])
+    with pytest.raises(ConfigError, match=r"key 'train.batch_size': must be > 0"):
+        load_config(None, ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"key 'sampler.beta'"):
+        load_config(None, ["sampler.beta=1.5"])

@@ -93,3 +93,11 @@ def test_similarity_reductions():
     assert similarity(q, t, "max").item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown reduce"):
         similarity(q, t, "min")
+
+
+def test_from_scratch_gradients_are_finite(tmp_path):
+    model, tok = tiny_model(tmp_path, "blip2")
+    model.eval()  # no dropout to break the symmetry of equal query tokens
+    model("encode_target_frames", torch.randn(4, 3, 32, 32)).sum().backward()
+    grads = [p.grad for p in model.trainable_parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() and g.abs().max() < 1e4 for g in grads)

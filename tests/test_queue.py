@@ -54,3 +54,16 @@ def test_momentum_is_an_ema_of_the_trainable_parameters(tmp_path):
     restored = MomentumEncoder(model, momentum=0.9)
     restored.load_state_dict(ema.state_dict())
     assert torch.allclose(restored.encode_target_frames(x), ema.encode_target_frames(x))
+
+
+def test_momentum_copies_a_trainable_vision_tower(tmp_path):
+    model, _ = tiny_model(tmp_path, "blip2", freeze_vision=False, train_target_encoder=True)
+    ema = MomentumEncoder(model, momentum=0.5)
+    assert not ema.share_vision and any("vision_model" in n for n in ema.params)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(1.0)
+    ema.update()
+    assert all(
+        torch.allclose(ema.params[n], dict(model.named_parameters())[n] - 0.5) for n in ema.names
+    )

@@ -284,6 +284,10 @@ def build_model(cfg: ModelConfig, tokenizer) -> CoVRModel:
         hf = cls.from_pretrained(cfg.pretrained, local_files_only=True)
     else:
         hf = cls(hf_config(cfg, len(tokenizer)))
+        if (
+            cfg.arch == "blip2"
+        ):  # as LAVIS: zero query tokens + LayerNorm eps 1e-12 = exploding gradients
+            nn.init.normal_(hf.query_tokens, std=hf.config.qformer_config.initializer_range)
         # from scratch: start the query and target projections equal (aligned spaces)
         projections = (
             ("text_projection", "vision_projection")

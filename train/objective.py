@@ -85,3 +85,20 @@ def covr_loss(
         metrics["combiner_weights"] = weights.detach()
     metrics["loss"] = loss.detach()
     return loss, metrics
+
+
+def itc_loss(
+    model: CoVRModel,
+    batch: dict,
+    loss_cfg: LossConfig,
+    queue: TargetQueue | None = None,
+    momentum: MomentumEncoder | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Image-text contrastive pretraining (BLIP-2 ITC): target video against its caption, with
+    the same HN-NCE and global negatives. For starting from random weights, where the frozen
+    or untrained encoders give no meaningful target embeddings yet."""
+    text = model("encode_text", batch["caption_input_ids"], batch["caption_attention_mask"])
+    video = _target(model, batch).mean(1)
+    c = loss_cfg
+    loss = hn_nce(gather_with_grad(text), gather_with_grad(video), c.temperature, c.alpha, c.beta)
+    return loss, {"loss": loss.detach()}

@@ -83,16 +83,19 @@ def _gathered(params: list[nn.Parameter]):
 
 
 class MomentumEncoder:
-    """EMA copy of a CoVR model's target path. The copy holds everything but the vision tower,
-    which is frozen and shared (the live model computes vision tokens, the copy's
-    `target_head` turns them into target embeddings). Build it before `deepspeed.initialize`;
-    `update` gathers the live parameters, so it also works under ZeRO-3."""
+    """EMA copy of a CoVR model's trainable parameters, used to embed queue entries. A frozen
+    vision tower is shared, not copied (the live model computes vision tokens, the copy's
+    `target_head` turns them into target embeddings); a trainable one is copied and averaged too.
+    Build it before `deepspeed.initialize`; `update` gathers the live parameters, so it also
+    works under ZeRO-3."""
 
     def __init__(self, model: nn.Module, momentum: float = 0.995):
         self.model = model
         self.momentum = momentum
         vision = model.hf.vision_model
-        model.hf.vision_model = nn.Identity()  # not copied
+        self.share_vision = not any(p.requires_grad for p in vision.parameters())
+        if self.share_vision:
+            model.hf.vision_model = nn.Identity()  # not copied
         try:
             self.copy = copy.deepcopy(model).requires_grad_(False).eval()
         finally:
@@ -117,7 +120,9 @@ class MomentumEncoder:
 
     @torch.no_grad()
     def encode_target_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.copy.target_head(self.model._vision(pixels))
+        if self.share_vision:
+            return self.copy.target_head(self.model._vision(pixels))
+        return self.copy.encode_target_frames(pixels)
 
     def state_dict(self) -> dict:
         return {n: t.detach().cpu() for n, t in self.params.items()}

@@ -1,0 +1,46 @@
+"""Train a CoVR model with DeepSpeed.
+
+  deepspeed [--num_accelerators 2] [--hostfile H] launch/train.py --config configs/X.yaml [key=value ...]
+
+One process per rank (the deepspeed launcher starts them); every rank reads the same config.
+`train.resume=auto` (default) continues from the newest complete checkpoint in train.out_dir.
+"""
+
+import argparse
+import json
+import logging
+import sys
+
+import _bootstrap  # noqa: F401  (repository root first on sys.path)
+
+from configs import ConfigError, load_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="YAML config")
+    parser.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # set by deepspeed
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.exit(2, f"config error: {err}\n")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    from train.loop import train
+
+    summary = train(cfg)
+    if summary is not None:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Checkpoints: DeepSpeed's own directory per tag, plus per-rank RNG files and a COMPLETE marker
+written by rank 0 after every rank has saved (a checkpoint without it is ignored on resume),
+and the export of a consolidated fp32 model in the transformers format."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from configs.schema import ModelConfig
+
+COMPLETE = "COMPLETE"
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def complete_tags(ckpt_dir: str | Path) -> list[str]:
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.parent.name for p in root.glob(f"*/{COMPLETE}"))
+
+
+def save_checkpoint(
+    engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int = 2
+) -> str:
+    """Every rank calls this. Returns the tag."""
+    tag = f"step{step:08d}"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    torch.save(rng_state(), Path(ckpt_dir) / tag / f"rng_rank{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        (Path(ckpt_dir) / tag / COMPLETE).write_text(json.dumps({"step": step}))
+        for old in complete_tags(ckpt_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: str | Path, tag: str) -> dict:
+    """Restore engine (model, optimizer, scheduler) and this rank's RNG; returns client state."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if client_state is None:
+        raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} could not be loaded")
+    rng_file = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state
+
+
+def consolidated_state_dict(engine, ckpt_dir: str | Path, tag: str, zero_stage: int) -> dict:
+    """Full fp32 model state on CPU (from the ZeRO shards for stages 1-3)."""
+    if zero_stage == 0:
+        return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def export_model(state: dict, model_cfg: ModelConfig, tokenizer, out_dir: str | Path) -> Path:
+    """Write a directory `from_pretrained` reads (the transformers part), plus the combiner
+    weights, the tokenizer and `covr_config.json` (the model section of the config)."""
+    from train.models import build_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = replace(model_cfg, pretrained=None, lavis_checkpoint=None)
+    model = build_model(cfg, tokenizer)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.endswith("position_ids")]:
+        raise RuntimeError(
+            f"export: state does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    model.hf.save_pretrained(out)
+    torch.save(model.combiner.state_dict(), out / "combiner.pt")
+    tokenizer.save_pretrained(out)
+    saved = {
+        **asdict(model_cfg),
+        "pretrained": str(out.resolve()),
+        "lavis_checkpoint": None,
+        "tokenizer": None,
+    }
+    (out / "covr_config.json").write_text(json.dumps(saved, indent=1))
+    return out
+
+
+def load_exported(model_dir: str | Path, **overrides):
+    """(model, tokenizer) from an exported directory; `overrides` change model settings
+    (e.g. combiner, freeze_vision) for a next training stage."""
+    from configs.schema import TextSize, VisionSize
+    from train.models import build_model
+    from train.tokenizer import load_tokenizer
+
+    model_dir = Path(model_dir)
+    path = model_dir / "covr_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not an exported CoVR model (no covr_config.json)")
+    raw = json.loads(path.read_text())
+    raw["vision"], raw["text"] = VisionSize(**raw["vision"]), TextSize(**raw["text"])
+    saved_combiner = raw["combiner"]
+    raw.update(pretrained=str(model_dir), **overrides)
+    cfg = ModelConfig(**raw)
+    tok = load_tokenizer(model_dir)
+    model = build_model(cfg, tok)
+    combiner = model_dir / "combiner.pt"
+    if combiner.is_file() and cfg.combiner == saved_combiner:
+        model.combiner.load_state_dict(torch.load(combiner))
+    return model, tok

@@ -1,0 +1,56 @@
+"""DeepSpeed: the JSON config generated from the project config, distributed start-up, and the
+engine around model, optimizer and schedule. The DeepSpeed config is never written by hand."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+
+from configs.schema import Config
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    ds, tr = cfg.deepspeed, cfg.train
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": tr.batch_size,
+        "gradient_accumulation_steps": tr.grad_accum,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # a torch AdamW: no fused-Adam build on CPU
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optim.grad_clip > 0:
+        config["gradient_clipping"] = cfg.optim.grad_clip
+    if ds.offload_optimizer:  # ZeRO-Offload needs DeepSpeed's CPU Adam: name it in the config
+        o = cfg.optim
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": o.lr, "weight_decay": o.weight_decay, "betas": [o.beta1, o.beta2]},
+        }
+    return config
+
+
+def init_distributed(timeout_s: int) -> tuple[int, int, int]:
+    """rank, world size, local rank; gloo without a GPU, NCCL with one."""
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute the transformer layers (Q-Former / text encoder) in the backward pass."""
+    model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
