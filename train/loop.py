@@ -64,7 +64,7 @@ def train(cfg: Config, report: Report | None = None) -> dict:
 
     # --- set-up: processes, model, data, engine -------------------------------------------
     rank, world, _ = init_distributed(cfg.deepspeed.timeout_s)
-    torch.manual_seed(cfg.train.seed + rank)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and EMA copy)
     out = Path(cfg.train.out_dir)
     ckpt_dir = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +99,7 @@ def train(cfg: Config, report: Report | None = None) -> dict:
     steps_per_epoch = reader.batches_per_epoch() // cfg.train.grad_accum
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 
+    torch.manual_seed(cfg.train.seed + rank)  # per-rank randomness (dropout) from here on
     params = model.trainable_parameters()
     optimizer = None if cfg.deepspeed.offload_optimizer else build_optimizer(params, cfg.optim)
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -154,7 +155,10 @@ def train(cfg: Config, report: Report | None = None) -> dict:
     window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "start": time.perf_counter()}
     while step < total_steps:
         reader.set_position(epoch, batch_in_epoch, workers)
-        loader = DataLoader(reader, batch_size=None, num_workers=workers, persistent_workers=False)
+        # own generator: starting workers must not draw from the global RNG (dropout), or a
+        # resumed run, which starts its loader at another point, would diverge
+        seeded = torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch)
+        loader = DataLoader(reader, batch_size=None, num_workers=workers, generator=seeded)
         fetch_start = time.perf_counter()
         for batch in loader:
             window["wait"] += time.perf_counter() - fetch_start

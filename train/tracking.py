@@ -53,13 +53,23 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
-        if run_id is None:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
-            self.run_id = self.client.create_run(
-                exp_id, run_name=run_name or None, tags=tags
-            ).info.run_id
+        self.experiment, self.run_name, self.parent_run_id = experiment, run_name, parent_run_id
+        try:
+            self._ensure_run()
+        except Exception as err:  # the server is away: the run is created when it answers
+            log.warning(
+                "mlflow unreachable at start (%s); buffering to %s", type(err).__name__, self.buffer
+            )
+
+    def _ensure_run(self) -> None:
+        if self.run_id is not None:
+            return
+        exp = self.client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
+        self.run_id = self.client.create_run(
+            exp_id, run_name=self.run_name or None, tags=tags
+        ).info.run_id
 
     def log_params(self, params: dict) -> None:
         if not self.enabled:
@@ -80,6 +90,7 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
             try:
+                self._ensure_run()
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
             except Exception as err:  # artifacts are files on disk already: say so, go on
                 log.warning("mlflow: could not upload %s (%s); it stays at that path", path, err)
@@ -91,6 +102,7 @@ class Tracker:
     def _post(self, record: dict) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
+        self._ensure_run()
         self.client.log_batch(
             self.run_id,
             metrics=[Metric(k, v, ts, s) for k, v, ts, s in record.get("metrics", [])],
@@ -129,6 +141,7 @@ class Tracker:
             return
         try:
             self.flush_buffer()
+            self._ensure_run()
             self.client.set_terminated(self.run_id, status)
         except Exception as err:
             log.warning(
