@@ -9,6 +9,7 @@ query's own video removed).
 """
 
 import argparse
+import itertools
 import random
 import sys
 import time
@@ -23,9 +24,11 @@ from data.corpus import build_synthetic  # noqa: E402
 from data.video import load_frames  # noqa: E402
 from data.webvid_covr import read_annotations, video_path  # noqa: E402
 from eval.metrics import recall_at_k  # noqa: E402
+from sharding.pack import masked_caption_group  # noqa: E402
 from train.batch import collate  # noqa: E402
 from train.models import build_model, similarity  # noqa: E402
 from train.objective import covr_loss  # noqa: E402
+from train.samplers import BatchComposer  # noqa: E402
 from train.tokenizer import build_vocab_tokenizer  # noqa: E402
 
 TARGET_FRAMES = 4
@@ -66,6 +69,7 @@ def load_split_samples(root: Path, split: str, target_index: dict) -> list[dict]
                 "target_id": target_index.setdefault(t.pth2, len(target_index)),
                 "pth1": t.pth1,
                 "pth2": t.pth2,
+                "group": masked_caption_group(t.txt1, t.txt2),
             }
         )
     return samples
@@ -92,16 +96,23 @@ def evaluate(model, samples, tok, cfg) -> dict:
     return recall_at_k(scores, torch.arange(len(samples)), ks=(1, 5, 10))
 
 
-def train_variant(combiner, train, test, tok, steps, batch_size, seed, lr) -> dict:
+def batches(samples: list[dict], batch_size: int, sampler: str, seed: int):
+    """Endless batches: the training split reshuffled every pass, composed by `sampler`."""
+    rng = random.Random(seed)
+    composer = BatchComposer(sampler, batch_size, buffer=8 * batch_size, seed=seed)
+    while True:
+        yield from composer(rng.sample(samples, len(samples)))
+
+
+def train_variant(combiner, train, test, tok, steps, batch_size, seed, lr, sampler) -> dict:
     cfg = model_config(combiner)
     torch.manual_seed(seed)
     model = build_model(cfg, tok)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    rng = random.Random(seed)
     start = time.perf_counter()
-    for _ in range(steps):
-        batch = collate(rng.sample(train, batch_size), tok, cfg.vision.image_size, cfg.max_text_len)
+    for samples in itertools.islice(batches(train, batch_size, sampler, seed), steps):
+        batch = collate(samples, tok, cfg.vision.image_size, cfg.max_text_len)
         loss, _ = covr_loss(model, batch, LossConfig(beta=0.5))
         opt.zero_grad()
         loss.backward()
@@ -122,6 +133,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--sampler", default="mix", help="random | hns | fs | mix")
     parser.add_argument("--variants", default="composed,text-only,image-only")
     args = parser.parse_args()
     root = Path(args.out) / "corpus"
@@ -140,10 +152,19 @@ def main() -> None:
     torch.set_num_threads(2)
     print(f"train {len(train)} triplets, test {len(test)} queries (gallery {len(test)})")
     results = {}
-    variants = {"composed": "fusion", "text-only": "text", "image-only": "image"}
+    variants = {"composed": "fusion", "composed-mlp": "mlp", "composed-avg": "avg", "text-only": "text",
+                "image-only": "image"}  # fmt: skip
     for name in args.variants.split(","):
         results[name] = train_variant(
-            variants[name], train, test, tok, args.steps, args.batch_size, args.seed, args.lr
+            variants[name],
+            train,
+            test,
+            tok,
+            args.steps,
+            args.batch_size,
+            args.seed,
+            args.lr,
+            args.sampler,
         )
         r = results[name]
         print(

@@ -54,3 +54,12 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int]:
 def enable_activation_checkpointing(model) -> None:
     """Recompute the transformer layers (Q-Former / text encoder) in the backward pass."""
     model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (each local launch gets its own rendezvous port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
