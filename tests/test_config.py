@@ -46,3 +46,14 @@ def test_bad_values_name_the_key():
         load_config(None, ["train.batch_size=0"])
     with pytest.raises(ConfigError, match=r"key 'sampler.beta'"):
         load_config(None, ["sampler.beta=1.5"])
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "covr2_blip2.yaml", "covr_blip.yaml"])
+def test_shipped_configs_load(name):
+    from configs.schema import CONFIG_DIR
+
+    cfg = load_config(CONFIG_DIR / name)
+    if name != "demo.yaml":  # the real recipes (REFERENCE.md section 6)
+        assert cfg.optim.weight_decay == 0.05 and cfg.train.epochs == 5 and cfg.train.seed == 1234
+        assert cfg.optim.lr == (2e-5 if "blip2" in name else 1e-5)
+        assert cfg.train.batch_size == (256 if "blip2" in name else 512)

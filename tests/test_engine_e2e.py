@@ -127,3 +127,24 @@ def test_bad_config_value_fails_before_training(setup, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2 and "key 'deepspeed.zero_stage'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_dead_rank_ends_the_job(setup, tmp_path):
+    import psutil
+
+    proc = launch(setup, tmp_path / "dead", "train.epochs=1000", "train.ckpt_every=0", wait=False)
+    deadline = time.time() + 300
+    ranks = []
+    while time.time() < deadline:
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "launch/train.py" in " ".join(p.cmdline())
+                 and "--local_rank" in " ".join(p.cmdline())]  # fmt: skip
+        if len(ranks) == 2 and list((tmp_path / "dead").glob("mlflow.db")):
+            break
+        time.sleep(0.2)
+    time.sleep(3)  # inside the step loop
+    ranks[1].kill()
+    killed_at = time.time()
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - killed_at < 60
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
