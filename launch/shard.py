@@ -3,6 +3,7 @@
   python launch/shard.py pack --annotations CSV --video-root DIR --out DIR [--workers N]
                               [--ray [--address HOST:PORT]] [key=value ...]
   python launch/shard.py verify DIR
+  python launch/shard.py groups DIR --k K     (k-means sampler groups from packed embeddings)
 
 `pack` is resumable: run it again after a crash and it finishes the missing shards.
 Settings (samples per shard, epoch mode, frames, JPEG quality, seed) are the `shards.*` config.
@@ -36,11 +37,23 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
     p.add_argument("dir")
+    p = sub.add_parser("groups", help="k-means sampler groups of packed target embeddings (FAISS)")
+    p.add_argument("dir")
+    p.add_argument("--k", type=int, required=True, help="number of clusters")
+    p.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from sharding import pack
 
+    if args.command == "groups":
+        from sharding.groups import kmeans_groups
+
+        groups = kmeans_groups(args.dir, args.k, args.seed)
+        print(
+            f"{len(groups)} targets in {len(set(groups.values()))} clusters -> {args.dir}/groups.json"
+        )
+        return 0
     if args.command == "verify":
         report = pack.verify(args.dir)
         print(json.dumps(report, indent=2))

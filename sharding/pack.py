@@ -61,6 +61,7 @@ class ShardJob:
     frame_size: int
     jpeg_quality: int
     fingerprint: str
+    embed_model: str = ""
 
 
 @dataclass
@@ -115,6 +116,34 @@ def _jpeg(frame: np.ndarray, size: int, quality: int) -> bytes:
     return buf.getvalue()
 
 
+_EMBEDDERS: dict = {}
+
+
+def _embedder(model_dir: str):
+    """The frozen target encoder of an exported model, loaded once per packing process."""
+    if model_dir not in _EMBEDDERS:
+        from train.checkpoint import load_exported
+
+        model, _ = load_exported(model_dir)
+        _EMBEDDERS[model_dir] = model.eval()
+    return _EMBEDDERS[model_dir]
+
+
+def _target_embeddings(frames: np.ndarray, model_dir: str) -> bytes:
+    """(Ft, Q, D) float16 target frame embeddings as .npy bytes."""
+    import torch
+
+    from data.video import to_model_input
+
+    model = _embedder(model_dir)
+    with torch.no_grad():
+        pixels = to_model_input(frames, model.hf.config.vision_config.image_size)
+        emb = model("encode_target_frames", pixels).numpy().astype(np.float16)
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    return buf.getvalue()
+
+
 def _encode_record(record: dict, job: ShardJob, skipped: list[dict]) -> dict | None:
     root = Path(job.video_root)
     try:
@@ -123,8 +152,11 @@ def _encode_record(record: dict, job: ShardJob, skipped: list[dict]) -> dict | N
         skipped.append({"key": record["key"], "video": record["target"], "reason": str(err)})
         return None
     sample = {"__key__": record["key"]}
-    for f, frame in enumerate(target):
-        sample[f"t{f:02d}.jpg"] = _jpeg(frame, job.frame_size, job.jpeg_quality)
+    if job.embed_model:
+        sample["target.npy"] = _target_embeddings(target, job.embed_model)
+    else:
+        for f, frame in enumerate(target):
+            sample[f"t{f:02d}.jpg"] = _jpeg(frame, job.frame_size, job.jpeg_quality)
     kept = []
     for trip in record["triplets"]:
         try:
@@ -188,6 +220,7 @@ def _fingerprint(csv_path: Path, cfg: ShardConfig) -> str:
         "frame_size",
         "jpeg_quality",
         "seed",
+        "embed_model",
     ):
         h.update(f"{k}={getattr(cfg, k)}".encode())
     return h.hexdigest()[:16]
@@ -214,6 +247,7 @@ def plan_jobs(
             frame_size=cfg.frame_size,
             jpeg_quality=cfg.jpeg_quality,
             fingerprint=fp,
+            embed_model=cfg.embed_model,
         )  # fmt: skip
         for i, start in enumerate(range(0, len(records), n))
     ]

@@ -139,10 +139,13 @@ def record_triplet(record: dict, j: int, meta: dict | None = None) -> dict:
     }
 
 
-def draw_triplet(record: dict, rng: random.Random) -> dict:
+def draw_triplet(record: dict, rng: random.Random, groups: dict[int, int] | None = None) -> dict:
     """One training sample from a record: a random triplet (target mode: one per epoch)."""
     meta = json.loads(record["json"])
-    return record_triplet(record, rng.randrange(len(meta["triplets"])), meta)
+    sample = record_triplet(record, rng.randrange(len(meta["triplets"])), meta)
+    if groups is not None:
+        sample["group"] = f"cluster{groups[meta['target_id']]}"
+    return sample
 
 
 @dataclass
@@ -183,6 +186,7 @@ class ShardReader(IterableDataset):
         sampler_beta: float = 0.6,
         seed: int = 0,
         allow_pipe: bool = False,
+        groups: dict[int, int] | None = None,
     ):
         if len(urls) != len(counts):
             raise ValueError("one sample count per shard URL is needed")
@@ -194,6 +198,7 @@ class ShardReader(IterableDataset):
         self.rank, self.world = rank, world
         self.sampler, self.sampler_buffer, self.sampler_beta = sampler, sampler_buffer, sampler_beta
         self.seed, self.allow_pipe = seed, allow_pipe
+        self.groups = groups  # target_id -> k-means cluster, replaces the packed group key
         self.epoch, self.start_batch, self.num_workers = 0, 0, 1
 
     def set_position(self, epoch: int, start_batch: int = 0, num_workers: int = 1) -> None:
@@ -277,7 +282,9 @@ class ShardReader(IterableDataset):
         skip = max(0, (self.start_batch - worker + workers - 1) // workers)
         counts = ReaderCounts()
         rng = random.Random(f"{self.seed}-{self.epoch}-{slot}-draw")
-        drawn = (draw_triplet(r, rng) for r in self._records(order, start, length, counts))
+        drawn = (
+            draw_triplet(r, rng, self.groups) for r in self._records(order, start, length, counts)
+        )
         composer = BatchComposer(
             self.sampler, self.batch_size, max(self.sampler_buffer, self.batch_size), self.sampler_beta,
             seed=f"{self.seed}-{self.epoch}-{slot}-compose",

@@ -236,3 +236,31 @@ def test_evaluation_order_is_fixed(packed):
         for r in iter_records([str(out / f"{manifest['shards'][0]['name']}.tar")])
     ]
     assert len(first_shard) == manifest["shards"][0]["samples"]
+
+
+def test_embedding_packing_and_kmeans_groups(small_corpus, tok, tmp_path):
+    import numpy as np
+
+    from sharding.groups import kmeans_groups, read_groups
+    from tests.tiny import tiny_model
+    from train.checkpoint import export_model
+
+    root, _ = small_corpus
+    model, model_tok = tiny_model(tmp_path)
+    export_model(model.state_dict(), model.cfg, model_tok, tmp_path / "frozen")
+    out = tmp_path / "emb"
+    manifest = pack(
+        root / "train.csv", root / "videos", out, replace(CFG, embed_model=str(tmp_path / "frozen"))
+    )
+    records = list(iter_records(shard_urls(out, manifest)[0]))
+    assert "target.npy" in records[0] and not any(
+        k.endswith(".jpg") and k.startswith("t") for k in records[0]
+    )
+    emb = np.load(__import__("io").BytesIO(records[0]["target.npy"]))
+    assert emb.shape == (3, 4, 16) and emb.dtype == np.float16
+    groups = kmeans_groups(out, k=4)
+    assert read_groups(out) == groups and len(set(groups.values())) == 4
+    assert set(groups) == {json.loads(r["json"])["target_id"] for r in records}
+    reader = _reader(out, model_tok, groups=groups)
+    batch = _epoch(reader, workers=1)[0]
+    assert batch["target_embeddings"].shape[1:] == (3, 4, 16)

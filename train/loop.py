@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from configs.schema import Config, to_dict
 from eval.retrieval import embed_split, webvid_recall
+from sharding.groups import read_groups
 from sharding.pack import read_manifest
 from sharding.reader import ShardReader, shard_urls
 from train import checkpoint as ckpt
@@ -92,7 +93,7 @@ def train(cfg: Config, report: Report | None = None) -> dict:
     reader = ShardReader(
         urls, counts, batch_size=cfg.train.batch_size, collate=batch_collate, rank=rank, world=world,
         sampler=cfg.sampler.kind, sampler_buffer=cfg.sampler.buffer, sampler_beta=cfg.sampler.beta,
-        seed=cfg.train.seed, allow_pipe=cfg.shards.allow_pipe,
+        seed=cfg.train.seed, allow_pipe=cfg.shards.allow_pipe, groups=read_groups(Path(cfg.shards.dir) / "train"),
     )  # fmt: skip
     workers = cfg.shards.loader_workers
     reader.set_position(0, 0, workers)

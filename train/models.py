@@ -244,6 +244,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int):
         intermediate_size=v.intermediate_size,
         image_size=v.image_size,
         patch_size=v.patch_size,
+        initializer_range=0.02,  # the library default (1e-10) leaves a from-scratch ViT at ~0
     )
     text = dict(
         hidden_size=t.hidden_size,
