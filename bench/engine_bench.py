@@ -19,10 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.train_bench import make_batch  # noqa: E402
+from bench.train_bench import SIZES, model_and_batch  # noqa: E402
 from configs.schema import LossConfig  # noqa: E402
 from tests.multirank import run_ranks  # noqa: E402
-from tests.tiny import tiny_model  # noqa: E402
 from train.objective import covr_loss  # noqa: E402
 
 DS_CONFIG = {
@@ -30,13 +29,6 @@ DS_CONFIG = {
     "zero_allow_untested_optimizer": True,
     "steps_per_print": 10**9,
 }
-SIZE = dict(embed_dim=256)
-
-
-def model_and_batch(tmp):
-    torch.manual_seed(0)
-    model, tok = tiny_model(Path(tmp), "blip2", **SIZE)
-    return model, make_batch(tok, 32, 256, model.num_query_tokens)
 
 
 def plain_steps(model, batch, steps):
@@ -59,15 +51,15 @@ def engine_steps(engine, batch, steps):
     return (time.perf_counter() - start) / steps
 
 
-def overhead(steps: int) -> None:
+def overhead(steps: int, size: str) -> None:
     import deepspeed
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(__import__("train.engine", fromlist=["free_port"]).free_port()))  # fmt: skip
     deepspeed.init_distributed(dist_backend="gloo")
     with tempfile.TemporaryDirectory() as tmp:
-        plain_model, batch = model_and_batch(tmp)
-        ds_model, _ = model_and_batch(tmp)
+        plain_model, batch = model_and_batch(tmp, size)
+        ds_model, _ = model_and_batch(tmp, size)
     params = ds_model.trainable_parameters()
     engine, *_ = deepspeed.initialize(model=ds_model, model_parameters=params,
                                       optimizer=torch.optim.AdamW(params, lr=1e-4),
@@ -83,16 +75,17 @@ def overhead(steps: int) -> None:
     )
 
 
-def _memory(rank, world, stage, out):
+def _memory(rank, world, stage, precision, out):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
     with tempfile.TemporaryDirectory() as tmp:
-        model, batch = model_and_batch(tmp)
+        model, batch = model_and_batch(tmp, "base")
     params = model.trainable_parameters()
     engine, opt, *_ = deepspeed.initialize(model=model, model_parameters=params,
                                            optimizer=torch.optim.AdamW(params, lr=1e-4),
-                                           config={**DS_CONFIG, "zero_optimization": {"stage": stage}})  # fmt: skip
+                                           config={**DS_CONFIG, "zero_optimization": {"stage": stage},
+                                                   "bf16": {"enabled": precision == "bf16"}})  # fmt: skip
     loss, _ = covr_loss(engine, batch, LossConfig())
     engine.backward(loss)
     engine.step()
@@ -116,16 +109,16 @@ def _memory(rank, world, stage, out):
     for state in base.state.values():
         for t in state.values():
             count(t)
-    torch.save(total, f"{out}/mem{stage}_{rank}.pt")
+    torch.save(total, f"{out}/mem{stage}{precision}_{rank}.pt")
 
 
-def memory() -> None:
+def memory(precision: str) -> None:
     with tempfile.TemporaryDirectory() as out:
         result = {}
         for stage in (0, 3):
-            run_ranks(_memory, 2, (stage, out))
-            result[stage] = max(torch.load(f"{out}/mem{stage}_{r}.pt") for r in range(2))
-    print(f"per-rank params+grads+optimizer state, 2 ranks: ZeRO-0 {result[0] / 2**20:.2f} MiB, "
+            run_ranks(_memory, 2, (stage, precision, out))
+            result[stage] = max(torch.load(f"{out}/mem{stage}{precision}_{r}.pt") for r in range(2))
+    print(f"[{precision}] per-rank params+grads+optimizer state, 2 ranks: ZeRO-0 {result[0] / 2**20:.2f} MiB, "
           f"ZeRO-3 {result[3] / 2**20:.2f} MiB, ratio {result[3] / result[0]:.2f}")  # fmt: skip
 
 
@@ -134,9 +127,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--size", default="base", choices=sorted(SIZES))
     args = parser.parse_args()
-    memory()
-    overhead(args.steps)
+    for precision in ("fp32", "bf16"):
+        memory(precision)
+    overhead(args.steps, args.size)
 
 
 if __name__ == "__main__":

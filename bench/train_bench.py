@@ -1,25 +1,47 @@
 """Objective benchmarks, side by side in one run:
 1. step time (forward, HN-NCE, backward, AdamW) with a 65,536-entry hard-negative queue against
-   no queue, on the tiny BLIP-2 CoVR model with packed (frozen) target embeddings; goal <= 1.15x;
+   no queue, on a BLIP-2 CoVR model (`tiny`: the unit-test size; `base`: ViT and Q-Former of
+   BERT-base width, 4 layers each) with packed (frozen) target embeddings; goal <= 1.15x;
 2. forward+backward time per sample of that model.
 
-    python bench/train_bench.py [--steps 30] [--batch-size 64] [--queue 65536]
+    python bench/train_bench.py [--size tiny|base] [--steps 30] [--batch-size 64] [--queue 65536]
 """
 
 import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from configs.schema import LossConfig  # noqa: E402
-from tests.tiny import tiny_model  # noqa: E402
+from configs.schema import (  # noqa: E402
+    LossConfig,  # noqa: E402
+    TextSize,
+    VisionSize,
+)
+from tests.tiny import WORDS, tiny_model_config  # noqa: E402
+from train.models import build_model  # noqa: E402
 from train.objective import covr_loss  # noqa: E402
 from train.queue import TargetQueue  # noqa: E402
+from train.tokenizer import build_vocab_tokenizer  # noqa: E402
+
+SIZES = {  # tiny: the unit-test model; base: ViT and Q-Former of BERT-base width, 4 layers each
+    "tiny": {},
+    "base": dict(vision=VisionSize(768, 4, 12, 3072, 32, 8), text=TextSize(768, 4, 12, 3072, 1, 64),
+                 num_query_tokens=32, embed_dim=256),
+}  # fmt: skip
+
+
+def model_and_batch(tmp, size="tiny", batch_size=32):
+    torch.manual_seed(0)
+    cfg = replace(tiny_model_config("blip2"), **SIZES[size])
+    tok = build_vocab_tokenizer([WORDS], Path(tmp) / "tok")
+    model = build_model(cfg, tok)
+    return model, make_batch(tok, batch_size, cfg.embed_dim, cfg.num_query_tokens)
 
 
 def make_batch(tok, b, embed_dim, tokens, frames=15):
@@ -56,17 +78,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--queue", type=int, default=65536)
-    parser.add_argument("--embed-dim", type=int, default=256)
+    parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
     args = parser.parse_args()
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        model, tok = tiny_model(Path(tmp), "blip2", embed_dim=args.embed_dim)
+        model, batch = model_and_batch(tmp, args.size, args.batch_size)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
-    batch = make_batch(tok, args.batch_size, args.embed_dim, model.num_query_tokens)
-    queue = TargetQueue(args.queue, (1, args.embed_dim))
+    queue = TargetQueue(args.queue, (1, model.hf.config.image_text_hidden_size))
     while queue.filled < queue.size:  # a full queue: the worst case
         queue.enqueue(
-            torch.nn.functional.normalize(torch.randn(4096, 1, args.embed_dim), dim=-1),
+            torch.nn.functional.normalize(
+                torch.randn(4096, 1, model.hf.config.image_text_hidden_size), dim=-1
+            ),
             torch.arange(4096),
         )
     timed_steps(model, opt, batch, None, 3)  # warm-up
@@ -80,7 +102,7 @@ def main() -> None:
         f"step time: no queue {p * 1e3:.1f} ms, queue {args.queue} {q * 1e3:.1f} ms, ratio {q / p:.3f}"
     )
     print(
-        f"forward+backward+AdamW per sample (tiny model, batch {args.batch_size}): {p / args.batch_size * 1e3:.2f} ms"
+        f"forward+backward+AdamW per sample ({args.size} model, batch {args.batch_size}): {p / args.batch_size * 1e3:.2f} ms"
     )
 
 
