@@ -2,6 +2,7 @@
 
   python launch/shard.py pack --annotations CSV --video-root DIR --out DIR [--workers N]
                               [--ray [--address HOST:PORT]] [key=value ...]
+  python launch/shard.py pack-cirr --cirr-root DIR --split val --out DIR [--image-root DIR]
   python launch/shard.py verify DIR
   python launch/shard.py groups DIR --k K     (k-means sampler groups from packed embeddings)
 
@@ -35,6 +36,16 @@ def main(argv=None) -> int:
     )
     p.add_argument("--address", help="Ray cluster address (implies --ray)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p = sub.add_parser(
+        "pack-cirr", help="pack CIRR triplets (images) for fine-tuning; group = image set"
+    )
+    p.add_argument("--cirr-root", required=True, help="folder with captions/ and image_splits/")
+    p.add_argument("--split", default="train")
+    p.add_argument(
+        "--image-root", help="where the split file's image paths start (default CIRR_ROOT/img_raw)"
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
     p.add_argument("dir")
     p = sub.add_parser("groups", help="k-means sampler groups of packed target embeddings (FAISS)")
@@ -63,6 +74,12 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
         parser.exit(2, f"config error: {err}\n")
+    if args.command == "pack-cirr":
+        manifest = pack.pack_cirr(
+            args.cirr_root, args.split, args.out, cfg.shards, args.image_root, progress=True
+        )
+        print(json.dumps(manifest["totals"], indent=2))
+        return 0
     backend = "ray" if (args.ray or args.address) else "local"
     manifest = pack.pack(
         args.annotations,

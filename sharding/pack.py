@@ -144,10 +144,30 @@ def _target_embeddings(frames: np.ndarray, model_dir: str) -> bytes:
     return buf.getvalue()
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def load_media(path: Path, n: int) -> np.ndarray:
+    """(N, H, W, 3) uint8: `n` frames of a video, or an image as a single frame."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))[None]
+        except (OSError, ValueError) as err:
+            raise VideoDecodeError(path, f"cannot read image: {err}") from None
+    return load_frames(path, n=n)
+
+
+def _media_path(root: Path, name: str, explicit: str | None) -> Path:
+    return Path(explicit) if explicit else video_path(root, name)
+
+
 def _encode_record(record: dict, job: ShardJob, skipped: list[dict]) -> dict | None:
     root = Path(job.video_root)
     try:
-        target = load_frames(video_path(root, record["target"]), n=job.target_frames)
+        target = load_media(
+            _media_path(root, record["target"], record.get("target_file")), job.target_frames
+        )
     except VideoDecodeError as err:
         skipped.append({"key": record["key"], "video": record["target"], "reason": str(err)})
         return None
@@ -160,7 +180,9 @@ def _encode_record(record: dict, job: ShardJob, skipped: list[dict]) -> dict | N
     kept = []
     for trip in record["triplets"]:
         try:
-            query = load_frames(video_path(root, trip["pth1"]), n=job.query_frames)
+            query = load_media(
+                _media_path(root, trip["pth1"], trip.get("query_file")), job.query_frames
+            )
         except VideoDecodeError as err:
             skipped.append(
                 {
@@ -173,7 +195,7 @@ def _encode_record(record: dict, job: ShardJob, skipped: list[dict]) -> dict | N
             continue
         for f, frame in enumerate(query):
             sample[f"q{len(kept):03d}_{f}.jpg"] = _jpeg(frame, job.frame_size, job.jpeg_quality)
-        kept.append(trip)
+        kept.append({k: v for k, v in trip.items() if k != "query_file"})
     if not kept:
         return None
     meta = {"target": record["target"], "target_id": record["target_id"], "triplets": kept}
@@ -210,8 +232,8 @@ def pack_shard(job: ShardJob) -> ShardStats:
     return stats
 
 
-def _fingerprint(csv_path: Path, cfg: ShardConfig) -> str:
-    h = hashlib.sha256(csv_path.read_bytes())
+def _fingerprint(source: bytes, cfg: ShardConfig) -> str:
+    h = hashlib.sha256(source)
     for k in (
         "epoch",
         "samples_per_shard",
@@ -227,20 +249,18 @@ def _fingerprint(csv_path: Path, cfg: ShardConfig) -> str:
 
 
 def plan_jobs(
-    csv_path: str | Path, video_root: str | Path, out_dir: str | Path, cfg: ShardConfig
+    records: list[dict], fp: str, media_root: str | Path, out_dir: str | Path, cfg: ShardConfig
 ) -> list[ShardJob]:
     """Records shuffled by seed and cut into shards: the same inputs give the same shards."""
-    csv_path = Path(csv_path)
-    records = build_records(read_annotations(csv_path), cfg.epoch)
+    records = list(records)
     random.Random(cfg.seed).shuffle(records)
-    fp = _fingerprint(csv_path, cfg)
     n = cfg.samples_per_shard
     return [
         ShardJob(
             index=i,
             name=f"{cfg.prefix}-{i:06d}",
             records=records[start : start + n],
-            video_root=str(video_root),
+            video_root=str(media_root),
             out_dir=str(out_dir),
             query_frames=cfg.query_frames,
             target_frames=cfg.target_frames,
@@ -296,11 +316,75 @@ def pack(
     ray_address: str | None = None,
     progress: bool = False,
 ) -> dict:
-    """Pack (or finish packing) and write the manifest. Returns the manifest."""
+    """Pack (or finish packing) a WebVid-CoVR CSV and its videos; returns the manifest."""
+    csv_path = Path(csv_path)
+    records = build_records(read_annotations(csv_path), cfg.epoch)
+    fp = _fingerprint(csv_path.read_bytes(), cfg)
+    return pack_records(
+        records, fp, csv_path, video_root, out_dir, cfg, backend, ray_address, progress
+    )
+
+
+def cirr_records(root: str | Path, split: str, image_root: str | Path | None = None) -> list[dict]:
+    """CIRR triplets as records (one per query): the reference and target images as single
+    frames, the modification text as the edit, the image set as the sampler group."""
+    from data.benchmarks import read_cirr
+
+    queries, gallery = read_cirr(root, split, image_root)
+    ids = {name: i for i, name in enumerate(sorted(gallery))}
+    records = []
+    for q in queries:
+        if q.target is None:
+            raise ValueError(f"CIRR {split} has no targets: pack the train or val split")
+        triplet = {"row": int(q.query_id), "pth1": q.reference, "txt1": "", "txt2": "", "edit": q.caption,
+                   "scores": [], "group": f"set{q.extra['set_id']}", "query_file": str(gallery[q.reference])}  # fmt: skip
+        records.append({"key": f"c{int(q.query_id):09d}", "target": q.target, "target_id": ids[q.target],
+                        "target_file": str(gallery[q.target]), "triplets": [triplet]})  # fmt: skip
+    return records
+
+
+def pack_cirr(
+    root: str | Path,
+    split: str,
+    out_dir: str | Path,
+    cfg: ShardConfig,
+    image_root: str | Path | None = None,
+    backend: str = "local",
+    progress: bool = False,
+) -> dict:
+    """Pack CIRR triplets (for fine-tuning) in the same record layout; returns the manifest."""
+    records = cirr_records(root, split, image_root)
+    fp = _fingerprint(json.dumps(records, sort_keys=True).encode(), cfg)
+    source = Path(root) / "captions" / f"cap.rc2.{split}.json"
+    return pack_records(
+        records,
+        fp,
+        source,
+        image_root or Path(root) / "img_raw",
+        out_dir,
+        cfg,
+        backend,
+        None,
+        progress,
+    )
+
+
+def pack_records(
+    records: list[dict],
+    fp: str,
+    source: str | Path,
+    media_root: str | Path,
+    out_dir: str | Path,
+    cfg: ShardConfig,
+    backend: str = "local",
+    ray_address: str | None = None,
+    progress: bool = False,
+) -> dict:
+    """Pack (or finish packing) records into shards and write the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    jobs = plan_jobs(csv_path, video_root, out, cfg)
+    jobs = plan_jobs(records, fp, media_root, out, cfg)
     done = {job.name: s for job in jobs if (s := _finished(job)) is not None}
     todo = [job for job in jobs if job.name not in done]
     log.info("%d shards planned, %d already complete", len(jobs), len(done))
@@ -314,8 +398,8 @@ def pack(
     shards = [done[job.name] for job in jobs]
     manifest = {
         "format": "covr-webdataset/1",
-        "annotations": str(Path(csv_path).resolve()),
-        "video_root": str(Path(video_root).resolve()),
+        "annotations": str(Path(source).resolve()),
+        "media_root": str(Path(media_root).resolve()),
         "config": asdict(cfg),
         "fingerprint": jobs[0].fingerprint if jobs else "",
         "shards": [

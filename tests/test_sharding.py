@@ -264,3 +264,46 @@ def test_embedding_packing_and_kmeans_groups(small_corpus, tok, tmp_path):
     reader = _reader(out, model_tok, groups=groups)
     batch = _epoch(reader, workers=1)[0]
     assert batch["target_embeddings"].shape[1:] == (3, 4, 16)
+
+
+def test_fsspec_urls_are_read(packed):
+    import fsspec
+
+    _, out, manifest = packed
+    name = manifest["shards"][0]["name"]
+    with fsspec.open(f"memory://covr/{name}.tar", "wb") as f:
+        f.write((out / f"{name}.tar").read_bytes())
+    local = [r["__key__"] for r in iter_records([str(out / f"{name}.tar")])]
+    assert [r["__key__"] for r in iter_records([f"memory://covr/{name}.tar"])] == local
+    assert [r["__key__"] for r in iter_records([f"file://{out / name}.tar"])] == local
+
+
+def test_cirr_triplets_pack_with_image_set_groups(tmp_path, tok):
+    from PIL import Image
+
+    from sharding.pack import pack_cirr
+    from tests.conftest import CIRR_ROOT
+
+    entries = json.loads((CIRR_ROOT / "captions/cap.rc2.val.json").read_text())[:24]
+    root = tmp_path / "cirr"
+    (root / "captions").mkdir(parents=True)
+    (root / "captions/cap.rc2.val.json").write_text(json.dumps(entries))
+    shutil.copytree(CIRR_ROOT / "image_splits", root / "image_splits")
+    names = json.loads((root / "image_splits/split.rc2.val.json").read_text())
+    for e in entries:  # generated stand-ins for the images these queries use
+        for img in (e["reference"], e["target_hard"]):
+            path = root / "img_raw" / names[img]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (20, 16), (hash(img) % 255, 40, 90)).save(path)
+    manifest = pack_cirr(
+        root, "val", tmp_path / "shards", replace(CFG, query_frames=1, target_frames=1)
+    )
+    assert manifest["totals"]["samples"] == 24 and manifest["skipped"] == []
+    records = list(iter_records(shard_urls(tmp_path / "shards", manifest)[0]))
+    meta = {r["__key__"]: json.loads(r["json"]) for r in records}
+    first = meta[f"c{entries[0]['pairid']:09d}"]
+    assert first["target"] == entries[0]["target_hard"]
+    assert first["triplets"][0]["group"] == f"set{entries[0]['img_set']['id']}"
+    assert first["triplets"][0]["edit"] == entries[0]["caption"]
+    batch = _epoch(_reader(tmp_path / "shards", tok), workers=1)[0]
+    assert batch["target_frames"].shape[1] == 1 and batch["query_frames"].shape[1] == 1
