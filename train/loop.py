@@ -153,7 +153,11 @@ def train(cfg: Config, report: Report | None = None) -> dict:
     # --- the step loop --------------------------------------------------------------------
     loss_fn = itc_loss if cfg.train.stage == "itc" else covr_loss
     last_metrics: dict = {}
-    window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "start": time.perf_counter()}
+
+    def fresh_window() -> dict:  # what the next logged line averages over
+        return {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "start": time.perf_counter()}
+
+    window = fresh_window()
     while step < total_steps:
         reader.set_position(epoch, batch_in_epoch, workers)
         # own generator: starting workers must not draw from the global RNG (dropout), or a
@@ -203,13 +207,7 @@ def train(cfg: Config, report: Report | None = None) -> dict:
                         total_steps,
                         {k: round(v, 4) for k, v in last_metrics.items()},
                     )
-                window = {
-                    "loss": 0.0,
-                    "n": 0,
-                    "samples": 0,
-                    "wait": 0.0,
-                    "start": time.perf_counter(),
-                }
+                window = fresh_window()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 log_metrics(validate(engine.module, cfg, batch_collate, rank, world), step)
             if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < total_steps:
