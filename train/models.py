@@ -83,6 +83,7 @@ class CoVRModel(nn.Module):
 
     def _vision(self, pixels: torch.Tensor) -> torch.Tensor:
         vision = self.hf.vision_model
+        pixels = pixels.to(vision.embeddings.patch_embedding.weight.dtype)  # bf16 / fp16 engines
         if self.cfg.freeze_vision:
             with torch.no_grad():
                 return vision(pixel_values=pixels).last_hidden_state

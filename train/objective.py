@@ -36,7 +36,10 @@ def covr_loss(
     query, weights = model(
         "compose", batch["query_frames"], batch["input_ids"], batch["attention_mask"]
     )
-    target = _target(model, batch)
+    query, target = (
+        query.float(),
+        _target(model, batch).float(),
+    )  # the loss in fp32, also under bf16
     if reduce == "mean":  # mean similarity is bilinear: reduce before gathering (Q x less traffic)
         query, target = query.mean(1, keepdim=True), target.mean(1, keepdim=True)
     all_query = gather_with_grad(query)
@@ -55,7 +58,9 @@ def covr_loss(
     )
     metrics = {"loss_video": loss.detach()}
     if c.caption_weight > 0:
-        caption = model("encode_text", batch["caption_input_ids"], batch["caption_attention_mask"])
+        caption = model(
+            "encode_text", batch["caption_input_ids"], batch["caption_attention_mask"]
+        ).float()
         caption_loss = hn_nce(
             all_query.mean(1), gather_with_grad(caption), c.temperature, c.alpha, c.beta
         )
@@ -97,8 +102,8 @@ def itc_loss(
     """Image-text contrastive pretraining (BLIP-2 ITC): target video against its caption, with
     the same HN-NCE and global negatives. For starting from random weights, where the frozen
     or untrained encoders give no meaningful target embeddings yet."""
-    text = model("encode_text", batch["caption_input_ids"], batch["caption_attention_mask"])
-    video = _target(model, batch).mean(1)
+    text = model("encode_text", batch["caption_input_ids"], batch["caption_attention_mask"]).float()
+    video = _target(model, batch).float().mean(1)
     c = loss_cfg
     loss = hn_nce(gather_with_grad(text), gather_with_grad(video), c.temperature, c.alpha, c.beta)
     return loss, {"loss": loss.detach()}

@@ -120,8 +120,9 @@ class MomentumEncoder:
 
     @torch.no_grad()
     def encode_target_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.share_vision:
-            return self.copy.target_head(self.model._vision(pixels))
+        if self.share_vision:  # live tokens (bf16 under a bf16 engine) into the fp32 copy
+            tokens = self.model._vision(pixels)
+            return self.copy.target_head(tokens.to(next(self.copy.parameters()).dtype))
         return self.copy.encode_target_frames(pixels)
 
     def state_dict(self) -> dict:
