@@ -132,6 +132,25 @@ def test_bad_config_value_fails_before_training(setup, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def _is_rank(p) -> bool:
+    import psutil
+
+    try:
+        cmd = " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return False
+    return "launch/train.py" in cmd and "--local_rank" in cmd
+
+
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+
+
 def test_a_dead_rank_ends_the_job(setup, tmp_path):
     import psutil
 
@@ -139,8 +158,7 @@ def test_a_dead_rank_ends_the_job(setup, tmp_path):
     deadline = time.time() + 300
     ranks = []
     while time.time() < deadline:
-        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "launch/train.py" in " ".join(p.cmdline())
-                 and "--local_rank" in " ".join(p.cmdline())]  # fmt: skip
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if _is_rank(p)]
         if len(ranks) == 2 and list((tmp_path / "dead").glob("mlflow.db")):
             break
         time.sleep(0.2)
@@ -150,4 +168,4 @@ def test_a_dead_rank_ends_the_job(setup, tmp_path):
     proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert time.time() - killed_at < 60
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
+    assert not any(_alive(p) for p in ranks)
