@@ -14,9 +14,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from eval.metrics import recall_at_k
+from eval.search import IndexSpec, recall_from_topk, retrieve
 from sharding.reader import decode_sample, iter_records, record_triplet
-from train.models import similarity
 
 
 def _gather_objects(obj, world: int) -> list:
@@ -70,6 +69,7 @@ def embed_split(model, urls: list[str], collate, batch_size: int = 64, rank: int
         "gallery": torch.cat(targets) if targets else None,
         "query_owner": owners,
         "query_refs": [s["pth1"] for s in samples],
+        "edits": [s["edit"] for s in samples],
         "gallery_index": gallery_order,
         "gallery_ids": [gallery_samples[i]["target"] for i in gallery_order],
     }
@@ -86,21 +86,22 @@ def embed_split(model, urls: list[str], collate, batch_size: int = 64, rank: int
         "gallery": gallery,
         "positives": [position[o] for p in parts for o in p["query_owner"]],
         "query_refs": [r for p in parts for r in p["query_refs"]],
+        "edits": [e for p in parts for e in p["edits"]],
         "gallery_ids": [gallery_ids[o] for o in order],
     }
 
 
-def webvid_scores(emb: dict, reduce: str = "mean") -> torch.Tensor:
-    scores = similarity(emb["query"], emb["gallery"], reduce)
+def webvid_topk(emb: dict, k: int, reduce: str = "mean", spec: IndexSpec | None = None):
+    """FAISS top-k (scores, gallery positions); the query's reference video is never an answer."""
     index = {g: n for n, g in enumerate(emb["gallery_ids"])}
-    for qi, ref in enumerate(emb["query_refs"]):  # the reference video is never an answer
-        if ref in index:
-            scores[qi, index[ref]] = float("-inf")
-    return scores
+    exclude = [[index[ref]] if ref in index else [] for ref in emb["query_refs"]]
+    return retrieve(emb["query"], emb["gallery"], k, reduce, exclude, spec)
 
 
 def webvid_recall(emb: dict, ks=(1, 5, 10, 50), reduce: str = "mean") -> dict[str, float]:
-    recall = recall_at_k(webvid_scores(emb, reduce), emb["positives"], ks)
+    """R@K (percent, pessimistic under ties) with meanR3 / meanR4."""
+    scores, top = webvid_topk(emb, max(ks), reduce)
+    recall = recall_from_topk(top, emb["positives"], ks, scores)
     out = {f"R@{k}": v for k, v in recall.items()}
     r = [recall[k] for k in ks]
     if len(r) >= 3:

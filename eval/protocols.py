@@ -1,0 +1,317 @@
+"""The benchmark protocols of REFERENCE.md section 5, each returning an `Evaluation`.
+
+- `webvid_covr`: a split's shards; gallery = its targets, the query's reference removed.
+- `cirr`: val R@K and Recall_subset@K (rank among the query's image set minus the reference);
+  test writes the two evaluation-server files.
+- `fashioniq`: R@10 / R@50 per category and their average.
+- `circo`: mAP@K (several correct targets); test writes the top-50 submission.
+All search through `eval.search.retrieve` (FAISS); every rank embeds its share of the items.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.benchmarks import (
+    FASHIONIQ_CATEGORIES,
+    CompositionQuery,
+    check_images,
+    read_circo,
+    read_cirr,
+    read_fashioniq,
+)
+from eval.embed import embed_image_queries, embed_images
+from eval.metrics import map_at_k, positive_ranks
+from eval.search import IndexSpec, recall_from_topk, retrieve
+
+PROTOCOLS = ("webvid-covr", "cirr", "fashioniq", "circo")
+
+
+def _read_rgb(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@dataclass
+class Evaluation:
+    """What a protocol found: metrics, each query's ranked gallery ids, and the embeddings and
+    image loaders the reports and explanations need."""
+
+    protocol: str
+    metrics: dict
+    query_ids: list[str]
+    edits: list[str]
+    references: list[str]
+    positives: list[list[str]]  # ground-truth gallery ids ([] on test splits)
+    top_ids: list[list[str]]
+    top_scores: np.ndarray
+    gallery_ids: list[str]
+    query_emb: torch.Tensor
+    gallery_emb: torch.Tensor
+    query_image: Callable[[int], np.ndarray]  # query i -> uint8 (H, W, 3)
+    gallery_image: Callable[[str], np.ndarray]  # gallery id -> uint8 (H, W, 3)
+    files: list[Path] = field(default_factory=list)  # submissions written
+
+    def ranking_of(self, i: int, k: int) -> list[str]:
+        return self.top_ids[i][:k]
+
+
+def _recall_table(top: list[list[str]], scores: np.ndarray, positives: list[str], ks) -> dict:
+    width = max(max(ks), max(len(r) for r in top))
+    ids = np.array([row + [""] * (width - len(row)) for row in top], dtype=object)
+    scores = np.pad(scores, ((0, 0), (0, width - scores.shape[1])), constant_values=-np.inf)
+    return {f"R@{k}": v for k, v in recall_from_topk(ids, positives, ks, scores).items()}
+
+
+def _mean_recalls(metrics: dict, ks) -> None:
+    r = [metrics[f"R@{k}"] for k in ks]
+    if len(r) >= 3:
+        metrics["meanR3"] = sum(r[:3]) / 3
+    if len(r) >= 4:
+        metrics["meanR4"] = sum(r[:4]) / 4
+
+
+@dataclass
+class EvalSettings:
+    ks: tuple = (1, 5, 10, 50)
+    reduce: str = "mean"
+    batch_size: int = 64
+    index: IndexSpec = field(default_factory=IndexSpec)
+    rank: int = 0
+    world: int = 1
+    progress: bool = False
+
+
+def _search_images(model, tokenizer, queries: list[CompositionQuery], gallery: dict[str, Path],
+                   s: EvalSettings, k: int, exclude_reference: bool):  # fmt: skip
+    absent = sorted({q.reference for q in queries} - set(gallery))
+    if absent:
+        raise ValueError(
+            f"{len(absent)} reference image id(s) not in the gallery: {', '.join(absent[:10])}"
+        )
+    check_images(gallery)
+    ids = list(gallery)
+    position = {g: n for n, g in enumerate(ids)}
+    args = dict(batch_size=s.batch_size, rank=s.rank, world=s.world, progress=s.progress)
+    gallery_emb = embed_images(model, [gallery[g] for g in ids], **args)
+    query_emb = embed_image_queries(
+        model,
+        tokenizer,
+        [gallery[q.reference] for q in queries],
+        [q.caption for q in queries],
+        **args,
+    )
+    exclude = [[position[q.reference]] if exclude_reference else [] for q in queries]
+    scores, top = retrieve(query_emb, gallery_emb, k, s.reduce, exclude, s.index)
+    top_ids = [[ids[j] for j in row] for row in top]
+    return ids, query_emb, gallery_emb, scores, top_ids
+
+
+def _evaluation(protocol, metrics, queries, found, gallery) -> Evaluation:
+    ids, query_emb, gallery_emb, scores, top_ids = found
+    return Evaluation(
+        protocol=protocol, metrics=metrics, query_ids=[q.query_id for q in queries],
+        edits=[q.caption for q in queries], references=[q.reference for q in queries],
+        positives=[q.targets for q in queries], top_ids=top_ids, top_scores=scores,
+        gallery_ids=ids, query_emb=query_emb, gallery_emb=gallery_emb,
+        query_image=lambda i: _read_rgb(gallery[queries[i].reference]),
+        gallery_image=lambda g: _read_rgb(gallery[g]),
+    )  # fmt: skip
+
+
+# --- CIRR -------------------------------------------------------------------------------------
+
+
+def subset_scores(query_emb, gallery_emb, position: dict, members: list[str], reduce: str):
+    """Scores of the query against `members` (its image set minus the reference), in order."""
+    from train.models import similarity
+
+    rows = torch.tensor([position[m] for m in members])
+    return similarity(query_emb[None], gallery_emb[rows], reduce)[0]
+
+
+def subset_recall(
+    member_scores: list, members: list[list[str]], targets: list[str], ks=(1, 2, 3)
+) -> dict:
+    """Recall_subset@K (percent): the target's pessimistic rank among its subset's scores."""
+    ranks = [
+        int(positive_ranks(torch.as_tensor(sc)[None], [m.index(t)])[0]) if t in m else len(m)
+        for sc, m, t in zip(member_scores, members, targets)
+    ]
+    return {f"Rsubset@{k}": 100.0 * float(np.mean([r < k for r in ranks])) for k in ks}
+
+
+def cirr(model, tokenizer, root, split: str = "val", image_root=None, out_dir=None,
+         settings: EvalSettings | None = None) -> Evaluation:  # fmt: skip
+    s = settings or EvalSettings(reduce="max")
+    queries, gallery = read_cirr(root, split, image_root)
+    found = _search_images(model, tokenizer, queries, gallery, s, max(max(s.ks), 50), True)
+    ids, query_emb, gallery_emb, scores, top_ids = found
+    position = {g: n for n, g in enumerate(ids)}
+    members = [[m for m in q.subset if m != q.reference] for q in queries]
+    member_scores = [
+        subset_scores(query_emb[i], gallery_emb, position, m, s.reduce)
+        for i, m in enumerate(members)
+    ]
+    metrics: dict = {}
+    evaluation = _evaluation("cirr", metrics, queries, found, gallery)
+    if queries[0].target is None:  # test split: the server's files
+        ranked = [
+            [m[j] for j in torch.argsort(sc, descending=True, stable=True).tolist()]
+            for m, sc in zip(members, member_scores)
+        ]
+        evaluation.files = write_cirr_submission(queries, top_ids, ranked, out_dir or ".", split)
+        return evaluation
+    metrics.update(_recall_table(top_ids, scores, [q.target for q in queries], s.ks))
+    metrics.update(subset_recall(member_scores, members, [q.target for q in queries]))
+    if "R@5" in metrics:  # the benchmark's headline average
+        metrics["Ravg"] = (metrics["R@5"] + metrics["Rsubset@1"]) / 2
+    return evaluation
+
+
+def write_cirr_submission(
+    queries, top_ids, subset_ids, out_dir, split: str = "test1"
+) -> list[Path]:
+    """The evaluation server's two files (format of the examples shipped with CIRR)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recall = {"version": "rc2", "metric": "recall"}
+    subset = {"version": "rc2", "metric": "recall_subset"}
+    for q, top, ranked in zip(queries, top_ids, subset_ids):
+        recall[q.query_id] = top[:50]
+        subset[q.query_id] = ranked[:3]
+    paths = [out_dir / f"cirr_{split}_recall.json", out_dir / f"cirr_{split}_recall_subset.json"]
+    for path, body in zip(paths, (recall, subset)):
+        path.write_text(json.dumps(body))
+    return paths
+
+
+# --- FashionIQ --------------------------------------------------------------------------------
+
+
+def fashioniq(model, tokenizer, root, categories=FASHIONIQ_CATEGORIES, split: str = "val",
+              settings: EvalSettings | None = None) -> Evaluation:  # fmt: skip
+    """R@10 / R@50 per category (the standard gallery keeps the candidate image) and averaged;
+    the returned Evaluation holds the queries of all categories, in order."""
+    s = settings or EvalSettings(ks=(10, 50))
+    metrics: dict = {}
+    parts = []
+    for cat in categories:
+        queries, gallery = read_fashioniq(root, cat, split)
+        found = _search_images(model, tokenizer, queries, gallery, s, max(s.ks), False)
+        for k, v in _recall_table(found[4], found[3], [q.target for q in queries], s.ks).items():
+            metrics[f"{cat}/{k}"] = v
+        parts.append(_evaluation("fashioniq", {}, queries, found, gallery))
+    for k in s.ks:
+        metrics[f"average/R@{k}"] = float(np.mean([metrics[f"{c}/R@{k}"] for c in categories]))
+    first = parts[0]
+    if len(parts) > 1:  # one view over all categories, for reports
+        owner = [(p, i) for p in parts for i in range(len(p.query_ids))]
+        first = Evaluation(
+            protocol="fashioniq", metrics=metrics,
+            query_ids=[x for p in parts for x in p.query_ids], edits=[x for p in parts for x in p.edits],
+            references=[x for p in parts for x in p.references], positives=[x for p in parts for x in p.positives],
+            top_ids=[x for p in parts for x in p.top_ids], top_scores=np.concatenate([p.top_scores for p in parts]),
+            gallery_ids=[x for p in parts for x in p.gallery_ids],
+            query_emb=torch.cat([p.query_emb for p in parts]), gallery_emb=torch.cat([p.gallery_emb for p in parts]),
+            query_image=lambda i: owner[i][0].query_image(owner[i][1]),
+            gallery_image=lambda g: next(p.gallery_image(g) for p in parts if g in set(p.gallery_ids)),
+        )  # fmt: skip
+    first.metrics = metrics
+    return first
+
+
+# --- CIRCO ------------------------------------------------------------------------------------
+
+
+def circo(model, tokenizer, root, split: str = "val", image_dir=None, out_dir=None,
+          settings: EvalSettings | None = None) -> Evaluation:  # fmt: skip
+    s = settings or EvalSettings(ks=(5, 10, 25, 50))
+    queries, gallery = read_circo(root, split, image_dir)
+    found = _search_images(model, tokenizer, queries, gallery, s, 50, True)
+    top_ids = found[4]
+    metrics: dict = {}
+    evaluation = _evaluation("circo", metrics, queries, found, gallery)
+    if all(not q.targets for q in queries):  # test split: the submission file
+        out_dir = Path(out_dir or ".")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"circo_{split}_submission.json"
+        path.write_text(
+            json.dumps({q.query_id: [int(g) for g in top[:50]] for q, top in zip(queries, top_ids)})
+        )
+        evaluation.files = [path]
+        return evaluation
+    for k, v in map_at_k(top_ids, [q.targets for q in queries], s.ks).items():
+        metrics[f"mAP@{k}"] = v
+    return evaluation
+
+
+# --- WebVid-CoVR ------------------------------------------------------------------------------
+
+
+def _webvid_images(urls: list[str]):
+    """Loaders for the report: a query's first frame and a target's middle frame, from shards."""
+    from sharding.reader import iter_records
+
+    cache: dict = {}
+
+    def fill():
+        if cache:
+            return
+        queries, targets = [], {}
+        for record in iter_records(urls):
+            meta = json.loads(record["json"])
+            frames = sorted(k for k in record if k.startswith("t") and k.endswith(".jpg"))
+            targets[meta["target"]] = record[frames[len(frames) // 2]]
+            for j in range(len(meta["triplets"])):
+                queries.append(record[min(k for k in record if k.startswith(f"q{j:03d}_"))])
+        cache.update(queries=queries, targets=targets)
+
+    def decode(blob: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+
+    def query_image(i: int) -> np.ndarray:
+        fill()
+        return decode(cache["queries"][i])
+
+    def gallery_image(g: str) -> np.ndarray:
+        fill()
+        return decode(cache["targets"][g])
+
+    return query_image, gallery_image
+
+
+def webvid_covr(model, tokenizer, shard_dir, settings: EvalSettings | None = None) -> Evaluation:
+    from functools import partial
+
+    from eval.retrieval import embed_split, webvid_topk
+    from sharding.pack import read_manifest
+    from sharding.reader import shard_urls
+    from train.batch import collate
+
+    s = settings or EvalSettings()
+    urls, _ = shard_urls(shard_dir, read_manifest(shard_dir))
+    batch_collate = partial(collate, tokenizer=tokenizer, image_size=model.hf.config.vision_config.image_size,
+                            max_text_len=model.cfg.max_text_len)  # fmt: skip
+    emb = embed_split(model, urls, batch_collate, s.batch_size, s.rank, s.world, s.progress)
+    scores, top = webvid_topk(emb, max(s.ks), s.reduce, s.index)
+    gallery_ids = emb["gallery_ids"]
+    top_ids = [[gallery_ids[j] for j in row] for row in top]
+    positives = [gallery_ids[p] for p in emb["positives"]]
+    metrics = _recall_table(top_ids, scores, positives, s.ks)
+    _mean_recalls(metrics, s.ks)
+    query_image, gallery_image = _webvid_images(urls)
+    return Evaluation(
+        protocol="webvid-covr", metrics=metrics, query_ids=[str(i) for i in range(len(positives))],
+        edits=emb["edits"], references=emb["query_refs"], positives=[[p] for p in positives],
+        top_ids=top_ids, top_scores=scores, gallery_ids=gallery_ids, query_emb=emb["query"],
+        gallery_emb=emb["gallery"], query_image=query_image, gallery_image=gallery_image,
+    )  # fmt: skip

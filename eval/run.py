@@ -1,0 +1,184 @@
+"""One evaluation job, as `launch/eval.py` runs it: load an exported model, run a protocol
+(split across ranks when launched with several), then on rank 0 write the results JSON, the
+optional report and explanations, and log everything to MLflow (a new run tagged with the
+checkpoint and the training run it came from, or an existing run given by id)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.video import to_model_input
+from eval import protocols
+from eval.protocols import PROTOCOLS, EvalSettings, Evaluation
+from eval.search import IndexSpec, retrieve, topk_agreement
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalJob:
+    protocol: str
+    checkpoint: str  # an exported model directory, or a training out_dir holding export/
+    data: str  # shard dir (webvid-covr) or the benchmark's root directory
+    out_dir: str = "eval_out"
+    split: str = "val"
+    image_root: str | None = None  # CIRR images / CIRCO image directory when not under data
+    categories: tuple = protocols.FASHIONIQ_CATEGORIES
+    reduce: str | None = None  # default: the model's own setting (CIRR: max)
+    index: IndexSpec = field(default_factory=IndexSpec)
+    batch_size: int = 64
+    report: int = 0  # queries in the qualitative report (0: none)
+    report_k: int = 5
+    report_queries: list[str] | None = None  # chosen query ids instead of random ones
+    explain: int = 0  # queries explained with attention maps
+    tracking_uri: str | None = None
+    experiment: str = "covr-eval"
+    run_id: str | None = None  # log into this run (e.g. the training run) instead of a new one
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; one of {PROTOCOLS}")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    for candidate in (path, path / "export"):
+        if (candidate / "covr_config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: no exported CoVR model (covr_config.json) here or in export/")
+
+
+def run_protocol(job: EvalJob, model, tok, rank: int = 0, world: int = 1) -> Evaluation:
+    reduce = job.reduce or ("max" if job.protocol == "cirr" else model.cfg.reduce)
+    s = EvalSettings(reduce=reduce, batch_size=job.batch_size, index=job.index, rank=rank,
+                     world=world, progress=job.progress)  # fmt: skip
+    if job.protocol == "webvid-covr":
+        return protocols.webvid_covr(model, tok, job.data, s)
+    if job.protocol == "cirr":
+        return protocols.cirr(model, tok, job.data, job.split, job.image_root, job.out_dir, s)
+    if job.protocol == "fashioniq":
+        s.ks = (10, 50)
+        return protocols.fashioniq(model, tok, job.data, job.categories, job.split, s)
+    s.ks = (5, 10, 25, 50)
+    return protocols.circo(model, tok, job.data, job.split, job.image_root, job.out_dir, s)
+
+
+def combiner_weights(model, tok, evaluation: Evaluation, limit: int = 256) -> np.ndarray | None:
+    """The `mlp` combiner's (fusion, image, text) weights on up to `limit` queries."""
+    if model.cfg.combiner != "mlp":
+        return None
+    size = model.hf.config.vision_config.image_size
+    n = min(limit, len(evaluation.edits))
+    frames = torch.stack([to_model_input(evaluation.query_image(i)[None], size) for i in range(n)])
+    text = tok(evaluation.edits[:n], padding="max_length", truncation=True,
+               max_length=model.cfg.max_text_len, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        _, weights = model("compose", frames, text.input_ids, text.attention_mask)
+    return weights.float().numpy()
+
+
+def explain_queries(
+    model, tok, evaluation: Evaluation, queries: list[int], out_dir: Path, reduce: str
+):
+    """One PNG per query, explaining its score against the ground truth (or the top-1)."""
+    from eval.explain import explain, save_explanation
+
+    size = model.hf.config.vision_config.image_size
+    position = {g: n for n, g in enumerate(evaluation.gallery_ids)}
+    files = []
+    for i in queries:
+        frame = evaluation.query_image(i)
+        target = (evaluation.positives[i] or evaluation.top_ids[i])[0]
+        expl = explain(model, tok, to_model_input(frame[None], size)[0], evaluation.edits[i],
+                       evaluation.gallery_emb[position[target]], reduce)  # fmt: skip
+        files.append(
+            save_explanation(expl, frame, evaluation.edits[i], out_dir / f"explain_{i}.png")
+        )
+        np.savez(out_dir / f"explain_{i}.npz", **{k: v for k, v in asdict(expl).items() if k != "words"},
+                 words=np.array(expl.words))  # fmt: skip
+        files.append(out_dir / f"explain_{i}.npz")
+    return files
+
+
+def approximate_search_loss(evaluation: Evaluation, job: EvalJob, reduce: str) -> dict:
+    """How much of the exact top-10 an IVF / HNSW index finds (reported with its results)."""
+    exact = retrieve(evaluation.query_emb, evaluation.gallery_emb, 10, reduce)[1]
+    approx = retrieve(evaluation.query_emb, evaluation.gallery_emb, 10, reduce, spec=job.index)[1]
+    return {f"search_{job.index.kind}_top10_agreement": topk_agreement(exact, approx, 10)}
+
+
+def evaluate(job: EvalJob) -> dict | None:
+    """Run `job`; rank 0 returns the results dict (also written to out_dir/results.json)."""
+    from train.checkpoint import load_exported
+    from train.tracking import Tracker, default_uri
+
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from train.engine import init_distributed
+
+        rank, world, _ = init_distributed(1800)
+    model_dir = resolve_checkpoint(job.checkpoint)
+    model, tok = load_exported(model_dir)
+    model.eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    evaluation = run_protocol(job, model, tok, rank, world)
+    if rank != 0:
+        return None
+    out = Path(job.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reduce = job.reduce or ("max" if job.protocol == "cirr" else model.cfg.reduce)
+    metrics = dict(evaluation.metrics)
+    if job.index.kind != "flat":
+        metrics.update(approximate_search_loss(evaluation, job, reduce))
+    files = list(evaluation.files)
+    if job.report:
+        model.cpu()
+        files += protocols_report(job, model, tok, evaluation, out / "report")
+    if job.explain:
+        from eval.report import pick_queries
+
+        chosen = pick_queries(evaluation, job.explain, seed=1)
+        files += explain_queries(model.cpu(), tok, evaluation, chosen, out / "explain", reduce)
+    source = model_dir.parent / "summary.json"
+    train_run = json.loads(source.read_text()).get("mlflow_run_id") if source.is_file() else None
+    uri = job.tracking_uri or default_uri(out)
+    tracker = Tracker(
+        uri, job.experiment, out, f"eval-{job.protocol}-{job.split}", run_id=job.run_id
+    )
+    result = {
+        "protocol": job.protocol, "split": job.split, "checkpoint": str(model_dir), "metrics": metrics,
+        "gallery_size": len(evaluation.gallery_ids), "queries": len(evaluation.query_ids),
+        "reduce": reduce, "index": asdict(job.index), "files": [str(f) for f in files],
+        "mlflow_tracking_uri": uri, "mlflow_run_id": tracker.run_id,
+    }  # fmt: skip
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    if job.run_id is None:
+        tracker.log_params({"protocol": job.protocol, "split": job.split, "checkpoint": str(model_dir),
+                            "reduce": reduce, "index": job.index.kind})  # fmt: skip
+    tracker.set_tags({"covr.checkpoint": str(model_dir), "covr.train_run_id": train_run or ""})
+    tracker.log_metrics({f"{job.protocol}/{k}": v for k, v in metrics.items()}, 0)
+    tracker.log_artifact(out / "results.json", f"eval/{job.protocol}")
+    for f in files:
+        tracker.log_artifact(f, f"eval/{job.protocol}/{Path(f).parent.name}")
+    if job.run_id is None:
+        tracker.finish()
+    else:
+        tracker.flush_buffer()
+    return result
+
+
+def protocols_report(job: EvalJob, model, tok, evaluation: Evaluation, out_dir: Path) -> list[Path]:
+    from eval.report import write_report
+
+    weights = combiner_weights(model, tok, evaluation)
+    return write_report(evaluation, out_dir, job.report, job.report_k, job.report_queries,
+                        combiner_weights=weights)  # fmt: skip

@@ -1,0 +1,277 @@
+"""Evaluation: FAISS search, protocol metrics, CIRR on its real annotations, reports."""
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from eval.metrics import recall_at_k
+from eval.protocols import subset_recall
+from eval.search import IndexSpec, recall_from_topk, retrieve, topk_agreement
+from tests.conftest import CIRR_ROOT
+from tests.multirank import run_ranks
+from tests.tiny import tiny_model
+from train.models import similarity
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cirr"
+
+
+def _unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_faiss_exact_search_equals_brute_force():
+    q, g = _unit(64, 4, 16), _unit(500, 4, 16, seed=1)
+    for reduce in ("mean", "max"):
+        full = similarity(q, g, reduce)
+        scores, ids = retrieve(q, g, 20, reduce, candidates=500)
+        top = full.topk(20)
+        assert np.array_equal(ids, top.indices.numpy())
+        np.testing.assert_allclose(scores, top.values.numpy(), atol=1e-5)
+
+
+def test_excluded_items_are_never_retrieved_and_recall_matches_the_full_matrix():
+    q, g = _unit(50, 16), _unit(80, 16, seed=2)
+    positives = np.arange(50)
+    exclude = [[(i + 1) % 80] for i in range(50)]
+    scores, ids = retrieve(q, g, 79, exclude=exclude)
+    assert not any(exclude[i][0] in ids[i] for i in range(50))
+    full = (q @ g.t()).clone()
+    for i, (j,) in enumerate(exclude):
+        full[i, j] = float("-inf")
+    expected = recall_at_k(full, positives, (1, 5, 10, 50))
+    got = recall_from_topk(ids, positives, (1, 5, 10, 50), scores)
+    assert got == pytest.approx(expected)
+
+
+def test_topk_recall_is_pessimistic_under_ties():
+    ids = np.array([[3, 1, 2], [0, 1, 2]])
+    scores = np.array([[1.0, 1.0, 0.5], [0.9, 0.8, 0.7]])
+    # query 0: positive 1 ties with item 3 -> rank 1, not 0; query 1: positive absent
+    assert recall_from_topk(ids, [1, 5], (1, 2), scores) == {1: 0.0, 2: 50.0}
+
+
+def test_ivf_and_hnsw_report_agreement_with_exact():
+    q, g = _unit(100, 32), _unit(4000, 32, seed=3)
+    exact = retrieve(q, g, 10)[1]
+    hnsw = retrieve(q, g, 10, spec=IndexSpec("hnsw"))[1]
+    ivf_all = retrieve(q, g, 10, spec=IndexSpec("ivf", nlist=16, nprobe=16))[1]  # every cell
+    ivf_one = retrieve(q, g, 10, spec=IndexSpec("ivf", nlist=16, nprobe=1))[1]
+    assert topk_agreement(exact, ivf_all) == 100.0
+    assert topk_agreement(exact, hnsw) > 90.0
+    assert topk_agreement(exact, ivf_one) < 100.0
+    with pytest.raises(ValueError, match="unknown index kind"):
+        IndexSpec("lsh")
+
+
+def test_subset_recall_hand_computed():
+    members = [["a", "b", "c"], ["a", "b", "c"], ["a", "b", "c"]]
+    scores = [[0.1, 0.9, 0.3], [0.5, 0.5, 0.1], [0.2, 0.1, 0.0]]
+    # ranks of the targets: b first (0); b ties a (pessimistic 1); c last (2)
+    got = subset_recall(scores, members, ["b", "b", "c"])
+    assert got == pytest.approx({"Rsubset@1": 100 / 3, "Rsubset@2": 200 / 3, "Rsubset@3": 100.0})
+
+
+def _embed_owned(rank, world, out):
+    import torch.distributed as dist
+
+    from eval.embed import distributed_embed
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+    calls = []
+
+    def embed(indices):
+        calls.extend(indices)
+        return torch.tensor(indices, dtype=torch.float32)[:, None] * 2
+
+    result = distributed_embed(11, embed, batch_size=4, rank=rank, world=world)
+    torch.save({"result": result, "calls": calls}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_distributed_embedding_embeds_each_item_once(tmp_path):
+    run_ranks(_embed_owned, 2, (str(tmp_path),))
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    calls = parts[0]["calls"] + parts[1]["calls"]
+    assert sorted(calls) == list(range(11))  # once each, no padding duplicates
+    for p in parts:
+        assert torch.equal(p["result"][:, 0], torch.arange(11.0) * 2)
+
+
+# --- CIRR on its real annotations, with generated stand-in images ------------------------------
+
+
+def _stand_in_images(split: str, image_root: Path) -> None:
+    names = json.loads((CIRR_ROOT / "image_splits" / f"split.rc2.{split}.json").read_text())
+    for name, rel in names.items():
+        path = image_root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def cirr_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cirr_eval")
+    torch.manual_seed(0)
+    model, tok = tiny_model(root, "blip2")
+    model.eval()
+    for split in ("val", "test1"):
+        _stand_in_images(split, root / "img_raw")
+    return root, model, tok
+
+
+def test_cirr_val_on_the_real_annotations(cirr_setup):
+    from eval.protocols import EvalSettings, cirr
+
+    root, model, tok = cirr_setup
+    ev = cirr(
+        model,
+        tok,
+        CIRR_ROOT,
+        "val",
+        root / "img_raw",
+        settings=EvalSettings(reduce="max", batch_size=256),
+    )
+    m = ev.metrics
+    assert len(ev.query_ids) == 4181 and len(ev.gallery_ids) == 2297
+    assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= m["R@50"] <= 100
+    assert m["Rsubset@1"] <= m["Rsubset@2"] <= m["Rsubset@3"] <= 100
+    assert 5 < m["Rsubset@1"] < 45  # an untrained model is near chance (1 in 5)
+    assert m["Ravg"] == pytest.approx((m["R@5"] + m["Rsubset@1"]) / 2)
+    assert all(r not in top for r, top in zip(ev.references, ev.top_ids))  # reference removed
+
+
+def test_cirr_test_submission_matches_the_official_examples(cirr_setup, tmp_path):
+    from data.benchmarks import read_cirr
+    from eval.protocols import EvalSettings, cirr
+
+    root, model, tok = cirr_setup
+    ev = cirr(
+        model,
+        tok,
+        CIRR_ROOT,
+        "test1",
+        root / "img_raw",
+        tmp_path,
+        EvalSettings(reduce="max", batch_size=256),
+    )
+    recall, subset = (json.loads(p.read_text()) for p in ev.files)
+    queries = {q.query_id: q for q in read_cirr(CIRR_ROOT, "test1")[0]}
+    for mine, name in ((recall, "recall"), (subset, "recall_subset")):
+        example_path = EXAMPLES / f"submission_example_{name}.json"
+        if example_path.is_file():  # outside CI the official examples sit beside the repo
+            example = json.loads(example_path.read_text())
+            assert mine.keys() == example.keys()
+            assert {len(v) for k, v in mine.items() if k not in ("version", "metric")} == {
+                len(v) for k, v in example.items() if k not in ("version", "metric")
+            }
+        assert mine["version"] == "rc2" and mine["metric"] == name
+        assert len(mine) == len(queries) + 2
+    for pairid, top in recall.items():
+        if pairid in queries:
+            assert len(top) == 50 and queries[pairid].reference not in top
+            allowed = set(queries[pairid].subset) - {queries[pairid].reference}
+            assert len(subset[pairid]) == 3 and set(subset[pairid]) <= allowed
+    assert max(p.stat().st_size for p in ev.files) < 5 * 2**20
+
+
+def test_missing_images_are_one_error_listing_them(cirr_setup, tmp_path):
+    from eval.protocols import cirr
+
+    _, model, tok = cirr_setup
+    with pytest.raises(FileNotFoundError, match=r"2297 of 2297 image\(s\) missing"):
+        cirr(model, tok, CIRR_ROOT, "val", tmp_path / "nowhere")
+
+
+def test_explanations_and_report_are_written_and_differ(cirr_setup, tmp_path):
+    from eval.explain import explain
+    from eval.report import write_report
+    from eval.run import explain_queries
+
+    root, model, tok = cirr_setup
+    from eval.protocols import EvalSettings, cirr
+
+    ev = cirr(
+        model,
+        tok,
+        CIRR_ROOT,
+        "val",
+        root / "img_raw",
+        settings=EvalSettings(reduce="max", batch_size=256),
+    )
+    files = explain_queries(model, tok, ev, [0, 7], tmp_path / "explain", "max")
+    maps = [np.load(f) for f in files if f.suffix == ".npz"]
+    assert all(f.stat().st_size > 5000 for f in files if f.suffix == ".png")
+    assert not np.allclose(maps[0]["patch_attention"], maps[1]["patch_attention"])
+    assert not np.allclose(maps[0]["patch_gradcam"], maps[1]["patch_gradcam"])
+    assert maps[0]["patch_attention"].sum() == pytest.approx(1.0, abs=1e-4)
+    assert list(maps[0]["words"])[0] == "[CLS]"
+    # BLIP too: its cross-attention comes from the edit's tokens
+    blip, btok = tiny_model(tmp_path / "blip", "blip")
+    e = explain(blip, btok, torch.randn(3, 32, 32), "make it red", _unit(1, 16)[0:1])
+    assert e.patch_attention.shape == (4, 4) and len(e.word_attention) == len(e.words) == 5
+    report = write_report(ev, tmp_path / "report", n=3, k=4, combiner_weights=np.random.rand(20, 3))
+    names = {p.name for p in report}
+    assert {"retrievals.png", "index.html", "recall.png", "combiner_weights.png"} <= names
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.count("<img") == 3 * 5
+
+
+# --- launch/eval.py end to end on packed shards -------------------------------------------------
+
+
+def test_launch_eval_webvid_covr_logs_to_mlflow(small_corpus, tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from configs.schema import ShardConfig
+    from sharding.pack import pack
+    from train.checkpoint import export_model
+
+    root, _ = small_corpus
+    pack(
+        root / "test.csv",
+        root / "videos",
+        tmp_path / "shards",
+        ShardConfig(samples_per_shard=4, target_frames=3, workers=1),
+    )
+    model, tok = tiny_model(tmp_path / "tok", "blip2", combiner="mlp")
+    export_model(model.state_dict(), model.cfg, tok, tmp_path / "export")
+    out = tmp_path / "eval"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "launch/eval.py", "--protocol", "webvid-covr", "--checkpoint", str(tmp_path / "export"),
+           "--data", str(tmp_path / "shards"), "--out", str(out), "--report", "3", "--explain", "2",
+           "--tracking-uri", uri, "--index", "hnsw"]  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["metrics"]) >= {
+        "R@1",
+        "R@5",
+        "R@10",
+        "R@50",
+        "meanR3",
+        "meanR4",
+        "search_hnsw_top10_agreement",
+    }
+    run = MlflowClient(uri).get_run(result["mlflow_run_id"])
+    assert run.data.metrics["webvid-covr/recall_at_1"] == pytest.approx(result["metrics"]["R@1"])
+    assert run.data.tags["covr.checkpoint"].endswith("export")
+    artifacts = {
+        a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "eval/webvid-covr/report")
+    }
+    assert "eval/webvid-covr/report/combiner_weights.png" in artifacts
+    bad = subprocess.run(cmd[:5] + [str(tmp_path / "nothing")] + cmd[6:], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "no exported CoVR model" in bad.stderr
