@@ -194,6 +194,7 @@ class TrackingConfig:
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
     batch_size: int = 64
+    report_queries: int = 8  # val queries in the end-of-training report (0: none)
 
 
 @dataclass

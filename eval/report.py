@@ -147,6 +147,7 @@ def write_report(evaluation: Evaluation, out_dir, n: int = 8, k: int = 5, chosen
     files = [
         retrieval_grid(evaluation, queries, k, out_dir / "retrievals.png"),
         retrieval_html(evaluation, queries, k, out_dir),
+        out_dir / "images",  # the page's thumbnails
     ]
     if evaluation.metrics:
         files.append(recall_plot(evaluation.metrics, out_dir / "recall.png"))

@@ -92,6 +92,8 @@ def test_zero_stages_train_checkpoint_export_and_track(setup, tmp_path, stage):
     assert len(client.get_metric_history(run.info.run_id, "loss")) == summary["steps"]
     assert client.get_metric_history(run.info.run_id, "recall_at_1")
     assert "samples_per_s" in run.data.metrics and "data_wait_s" in run.data.metrics
+    report = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/retrievals.png", "report/index.html", "report/recall.png"} <= report
 
 
 def test_kill_and_resume_reaches_the_same_weights(setup, tmp_path):

@@ -272,6 +272,88 @@ def test_launch_eval_webvid_covr_logs_to_mlflow(small_corpus, tmp_path):
         a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "eval/webvid-covr/report")
     }
     assert "eval/webvid-covr/report/combiner_weights.png" in artifacts
+    assert "eval/webvid-covr/report/images" in artifacts  # the html page's thumbnails
     bad = subprocess.run(cmd[:5] + [str(tmp_path / "nothing")] + cmd[6:], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "no exported CoVR model" in bad.stderr
+
+
+# --- FashionIQ and CIRCO on small roots in their published layouts ------------------------------
+
+
+def _image(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+        path
+    )
+
+
+def test_fashioniq_per_category_and_average(cirr_setup, tmp_path):
+    from eval.protocols import fashioniq
+
+    _, model, tok = cirr_setup
+    for c, cat in enumerate(("dress", "shirt")):
+        names = [f"{cat}{i}" for i in range(14)]
+        for i, n in enumerate(names):
+            _image(tmp_path / "images" / f"{n}.png", 100 * c + i)
+        caps = [
+            {"candidate": names[i], "target": names[i + 1], "captions": ["is red.", "has dots"]}
+            for i in range(6)
+        ]
+        (tmp_path / "captions").mkdir(exist_ok=True)
+        (tmp_path / "image_splits").mkdir(exist_ok=True)
+        (tmp_path / "captions" / f"cap.{cat}.val.json").write_text(json.dumps(caps))
+        (tmp_path / "image_splits" / f"split.{cat}.val.json").write_text(json.dumps(names))
+    ev = fashioniq(model, tok, tmp_path, ("dress", "shirt"))
+    m = ev.metrics
+    assert set(m) == {
+        "dress/R@10",
+        "dress/R@50",
+        "shirt/R@10",
+        "shirt/R@50",
+        "average/R@10",
+        "average/R@50",
+    }
+    assert m["dress/R@50"] == 100.0  # a 14-image gallery: every target is within 50
+    assert m["average/R@10"] == pytest.approx((m["dress/R@10"] + m["shirt/R@10"]) / 2)
+    assert ev.edits[0] == "is red and has dots" and len(ev.query_ids) == 12
+    assert ev.query_image(7).shape == (20, 20, 3)
+
+
+def test_circo_map_and_test_submission(cirr_setup, tmp_path):
+    from eval.protocols import circo
+
+    _, model, tok = cirr_setup
+    images = tmp_path / "COCO2017_unlabeled" / "unlabeled2017"
+    ids = list(range(1, 61))
+    for i in ids:
+        _image(images / f"{i:012d}.jpg", i)
+    (tmp_path / "annotations").mkdir()
+    # every other image is correct: AP@K = 1 for every K, so mAP = 100 through the whole pipeline
+    val = [
+        {"id": q, "reference_img_id": q + 1, "target_img_id": q + 2, "relative_caption": "make it red",
+         "shared_concept": "a thing", "gt_img_ids": [i for i in ids if i != q + 1]}
+        for q in range(3)
+    ]  # fmt: skip
+    (tmp_path / "annotations" / "val.json").write_text(json.dumps(val))
+    ev = circo(model, tok, tmp_path)
+    assert ev.metrics == pytest.approx(
+        {"mAP@5": 100.0, "mAP@10": 100.0, "mAP@25": 100.0, "mAP@50": 100.0}
+    )
+    test = [
+        {
+            "id": q,
+            "reference_img_id": q + 1,
+            "relative_caption": "make it blue",
+            "shared_concept": "x",
+        }
+        for q in range(4)
+    ]
+    (tmp_path / "annotations" / "test.json").write_text(json.dumps(test))
+    ev = circo(model, tok, tmp_path, "test", out_dir=tmp_path / "sub")
+    submission = json.loads(ev.files[0].read_text())
+    assert set(submission) == {"0", "1", "2", "3"}
+    assert all(
+        len(v) == 50 and isinstance(v[0], int) and int(q) + 1 not in v
+        for q, v in submission.items()
+    )

@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from configs.schema import Config, to_dict
-from eval.retrieval import embed_split, webvid_recall
+from eval.protocols import EvalSettings, Evaluation, webvid_covr
+from eval.report import write_report
 from sharding.groups import read_groups
 from sharding.pack import read_manifest
 from sharding.reader import ShardReader, shard_urls
@@ -54,10 +55,11 @@ def build_model_and_tokenizer(cfg: Config):
     return build_model(cfg.model, tok), tok
 
 
-def validate(engine_module, cfg: Config, batch_collate, rank: int, world: int) -> dict:
-    urls, _ = split_shards(cfg, "val")
-    emb = embed_split(engine_module, urls, batch_collate, cfg.eval.batch_size, rank, world)
-    return webvid_recall(emb, tuple(cfg.eval.ks), cfg.model.reduce)
+def validate(engine_module, tok, cfg: Config, rank: int, world: int) -> Evaluation:
+    """WebVid-CoVR protocol on the val shards (every rank embeds its share)."""
+    settings = EvalSettings(ks=tuple(cfg.eval.ks), reduce=cfg.model.reduce,
+                            batch_size=cfg.eval.batch_size, rank=rank, world=world)  # fmt: skip
+    return webvid_covr(engine_module, tok, Path(cfg.shards.dir) / "val", settings)
 
 
 def train(cfg: Config, report: Report | None = None) -> dict:
@@ -209,7 +211,7 @@ def train(cfg: Config, report: Report | None = None) -> dict:
                     )
                 window = fresh_window()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                log_metrics(validate(engine.module, cfg, batch_collate, rank, world), step)
+                log_metrics(validate(engine.module, tok, cfg, rank, world).metrics, step)
             if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < total_steps:
                 save(step)
             if step >= total_steps:
@@ -218,13 +220,14 @@ def train(cfg: Config, report: Report | None = None) -> dict:
         else:  # the epoch ran to its end
             epoch, batch_in_epoch = epoch + 1, 0
             if not cfg.train.eval_every:
-                log_metrics(validate(engine.module, cfg, batch_collate, rank, world), step)
+                log_metrics(validate(engine.module, tok, cfg, rank, world).metrics, step)
             continue
         break
 
     # --- end: final checkpoint, validation, export ------------------------------------------
     save(step)
-    final = validate(engine.module, cfg, batch_collate, rank, world)
+    evaluation = validate(engine.module, tok, cfg, rank, world)
+    final = evaluation.metrics
     log_metrics(final, step)
     export_dir = out / "export"
     tag = ckpt.complete_tags(ckpt_dir)[-1]
@@ -242,5 +245,8 @@ def train(cfg: Config, report: Report | None = None) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         tracker.log_artifact(out / "summary.json")
         tracker.log_artifact(out / "config.json")
+        if cfg.eval.report_queries:  # what the model retrieves, beside the numbers
+            for path in write_report(evaluation, out / "report", n=cfg.eval.report_queries):
+                tracker.log_artifact(path, "report")
     tracker.finish()
     return summary

@@ -91,7 +91,12 @@ class Tracker:
         if self.enabled:
             try:
                 self._ensure_run()
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
+                path = Path(path)
+                if path.is_dir():  # a folder keeps its name under artifact_path
+                    sub = f"{artifact_path}/{path.name}" if artifact_path else path.name
+                    self.client.log_artifacts(self.run_id, str(path), sub)
+                else:
+                    self.client.log_artifact(self.run_id, str(path), artifact_path)
             except Exception as err:  # artifacts are files on disk already: say so, go on
                 log.warning("mlflow: could not upload %s (%s); it stays at that path", path, err)
 
