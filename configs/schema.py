@@ -188,6 +188,7 @@ class TrackingConfig:
     uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<train.out_dir>/mlflow.db
     experiment: str = "covr-train"
     run_name: str = ""
+    parent_run_id: str = ""  # a sweep's run: this run becomes its child
 
 
 @dataclass

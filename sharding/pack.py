@@ -459,3 +459,16 @@ def verify(shard_dir: str | Path) -> dict:
         else:
             report["ok"] += 1
     return report
+
+
+def pack_splits(corpus_root: str | Path, shard_root: str | Path, cfg: ShardConfig,
+                splits=("train", "val", "test"), progress: bool = False) -> dict[str, dict]:  # fmt: skip
+    """Pack `<corpus_root>/<split>.csv` (videos under `<corpus_root>/videos`) into
+    `<shard_root>/<split>/`; shards already complete are kept (packing resumes)."""
+    root = Path(corpus_root)
+    return {
+        split: pack(
+            root / f"{split}.csv", root / "videos", Path(shard_root) / split, cfg, progress=progress
+        )
+        for split in splits
+    }

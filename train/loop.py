@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from train.tokenizer import load_tokenizer
 from train.tracking import Tracker, default_uri
 
 log = logging.getLogger(__name__)
-Report = Callable[[dict, int], None]  # extra metrics sink (Ray Tune), called on rank 0
 
 
 def split_shards(cfg: Config, split: str) -> tuple[list[str], list[int]]:
@@ -62,7 +60,7 @@ def validate(engine_module, tok, cfg: Config, rank: int, world: int) -> Evaluati
     return webvid_covr(engine_module, tok, Path(cfg.shards.dir) / "val", settings)
 
 
-def train(cfg: Config, report: Report | None = None) -> dict:
+def train(cfg: Config) -> dict:
     import deepspeed
 
     # --- set-up: processes, model, data, engine -------------------------------------------
@@ -133,7 +131,7 @@ def train(cfg: Config, report: Report | None = None) -> dict:
         )
 
     tracker = Tracker(cfg.tracking.uri or default_uri(out), cfg.tracking.experiment, out, cfg.tracking.run_name,
-                      run_id=run_id, enabled=rank == 0)  # fmt: skip
+                      run_id=run_id, enabled=rank == 0, parent_run_id=cfg.tracking.parent_run_id or None)  # fmt: skip
     if run_id is None:
         tracker.log_params(to_dict(cfg))
     if rank == 0:
@@ -149,8 +147,14 @@ def train(cfg: Config, report: Report | None = None) -> dict:
 
     def log_metrics(metrics: dict, at: int) -> None:
         tracker.log_metrics(metrics, at)
-        if report is not None and rank == 0:
-            report(metrics, at)
+
+    def log_validation(metrics: dict, at: int) -> None:
+        """MLflow, plus one line in validation.jsonl (what a Tune trial follows)."""
+        tracker.log_metrics(metrics, at)
+        if rank == 0:
+            line = {"step": at, "metrics": metrics, "mlflow_run_id": tracker.run_id}
+            with (out / "validation.jsonl").open("a") as f:
+                f.write(json.dumps(line) + "\n")
 
     # --- the step loop --------------------------------------------------------------------
     loss_fn = itc_loss if cfg.train.stage == "itc" else covr_loss
@@ -211,7 +215,7 @@ def train(cfg: Config, report: Report | None = None) -> dict:
                     )
                 window = fresh_window()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                log_metrics(validate(engine.module, tok, cfg, rank, world).metrics, step)
+                log_validation(validate(engine.module, tok, cfg, rank, world).metrics, step)
             if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < total_steps:
                 save(step)
             if step >= total_steps:
@@ -220,7 +224,7 @@ def train(cfg: Config, report: Report | None = None) -> dict:
         else:  # the epoch ran to its end
             epoch, batch_in_epoch = epoch + 1, 0
             if not cfg.train.eval_every:
-                log_metrics(validate(engine.module, tok, cfg, rank, world).metrics, step)
+                log_validation(validate(engine.module, tok, cfg, rank, world).metrics, step)
             continue
         break
 
@@ -228,7 +232,7 @@ def train(cfg: Config, report: Report | None = None) -> dict:
     save(step)
     evaluation = validate(engine.module, tok, cfg, rank, world)
     final = evaluation.metrics
-    log_metrics(final, step)
+    log_validation(final, step)
     export_dir = out / "export"
     tag = ckpt.complete_tags(ckpt_dir)[-1]
     state_dict = (
