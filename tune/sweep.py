@@ -178,8 +178,8 @@ def run_sweep(
             param_space=ray_space(sweep),
             tune_config=tune.TuneConfig(
                 metric=sweep.metric, mode=sweep.mode, scheduler=_scheduler(sweep),
-                num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent or None,
-                search_alg=BasicVariantGenerator(random_state=sweep.seed),
+                num_samples=sweep.num_samples,
+                search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent),
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(
