@@ -1,2 +1,8 @@
-"""eval: gallery embedding, FAISS search, recall@K, the benchmark protocols, explanations and
-reports. Not built yet: see issue 6."""
+"""eval: how good a CoVR model is, and what it retrieves.
+
+`metrics` (recall@K, mAP@K), `search` (FAISS exact / IVF / HNSW, max-token re-ranking),
+`embed` (images and composed queries, split across ranks), `retrieval` (embedding a split's
+shards), `protocols` (WebVid-CoVR, CIRR, FashionIQ, CIRCO -> `Evaluation`), `explain` (attention
+heat maps), `report` (retrieval grids, HTML, plots) and `run` (one evaluation job as
+`launch/eval.py` runs it, logged to MLflow).
+"""

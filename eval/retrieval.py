@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from eval.search import IndexSpec, recall_from_topk, retrieve
+from eval.search import IndexSpec, retrieve
 from sharding.reader import decode_sample, iter_records, record_triplet
 
 
@@ -96,41 +96,3 @@ def webvid_topk(emb: dict, k: int, reduce: str = "mean", spec: IndexSpec | None 
     index = {g: n for n, g in enumerate(emb["gallery_ids"])}
     exclude = [[index[ref]] if ref in index else [] for ref in emb["query_refs"]]
     return retrieve(emb["query"], emb["gallery"], k, reduce, exclude, spec)
-
-
-def webvid_recall(emb: dict, ks=(1, 5, 10, 50), reduce: str = "mean") -> dict[str, float]:
-    """R@K (percent, pessimistic under ties) with meanR3 / meanR4."""
-    scores, top = webvid_topk(emb, max(ks), reduce)
-    recall = recall_from_topk(top, emb["positives"], ks, scores)
-    out = {f"R@{k}": v for k, v in recall.items()}
-    r = [recall[k] for k in ks]
-    if len(r) >= 3:
-        out["meanR3"] = sum(r[:3]) / 3
-    if len(r) >= 4:
-        out["meanR4"] = sum(r[:4]) / 4
-    return out
-
-
-def evaluate_export(model_dir, shard_dir, ks=(1, 5, 10, 50), batch_size: int = 64, reduce: str | None = None,
-                    progress: bool = False) -> dict:  # fmt: skip
-    """WebVid-CoVR recall of an exported model on a split's shards (single process)."""
-    from functools import partial
-
-    from sharding.pack import read_manifest
-    from sharding.reader import shard_urls
-    from train.batch import collate
-    from train.checkpoint import load_exported
-
-    model, tok = load_exported(model_dir)
-    urls, _ = shard_urls(shard_dir, read_manifest(shard_dir))
-    batch_collate = partial(
-        collate,
-        tokenizer=tok,
-        image_size=model.hf.config.vision_config.image_size,
-        max_text_len=model.cfg.max_text_len,
-    )
-    emb = embed_split(model, urls, batch_collate, batch_size, progress=progress)
-    result = webvid_recall(emb, ks, reduce or model.cfg.reduce)
-    result["gallery_size"] = emb["gallery"].shape[0]
-    result["queries"] = emb["query"].shape[0]
-    return result

@@ -165,7 +165,7 @@ def evaluate(job: EvalJob) -> dict | None:
         tracker.log_params({"protocol": job.protocol, "split": job.split, "checkpoint": str(model_dir),
                             "reduce": reduce, "index": job.index.kind})  # fmt: skip
     tracker.set_tags({"covr.checkpoint": str(model_dir), "covr.train_run_id": train_run or ""})
-    tracker.log_metrics({f"{job.protocol}/{k}": v for k, v in metrics.items()}, 0)
+    tracker.log_metrics({f"{job.protocol}/{job.split}/{k}": v for k, v in metrics.items()}, 0)
     tracker.log_artifact(out / "results.json", f"eval/{job.protocol}")
     for f in files:
         tracker.log_artifact(f, f"eval/{job.protocol}/{Path(f).parent.name}")

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         parser.exit(2, f"config error: {err}\n")
 
     from data.corpus import build_synthetic
-    from eval.retrieval import evaluate_export
+    from eval.run import EvalJob, evaluate
     from sharding.pack import pack
     from train.engine import free_port
     from train.tracking import Tracker
@@ -67,12 +67,18 @@ def main(argv=None) -> int:
     summary = json.loads((Path(cfg.train.out_dir) / "summary.json").read_text())
 
     print("[4/4] held-out test evaluation", flush=True)
-    test = evaluate_export(
-        summary["export"], Path(cfg.shards.dir) / "test", tuple(cfg.eval.ks), progress=True
-    )
+    job = EvalJob(protocol="webvid-covr", checkpoint=summary["export"], data=str(Path(cfg.shards.dir) / "test"),
+                  out_dir=str(out / "eval"), split="test", report=8,
+                  tracking_uri=summary["mlflow_tracking_uri"], experiment=cfg.tracking.experiment,
+                  run_id=summary["mlflow_run_id"])  # fmt: skip
+    evaluation = evaluate(job)  # logged into the training run, report as its artifacts
+    test = {
+        **evaluation["metrics"],
+        "gallery_size": evaluation["gallery_size"],
+        "queries": evaluation["queries"],
+    }
     tracker = Tracker(summary["mlflow_tracking_uri"], cfg.tracking.experiment, cfg.train.out_dir,
                       run_id=summary["mlflow_run_id"])  # fmt: skip
-    tracker.log_metrics({f"test_{k}": v for k, v in test.items()}, summary["steps"])
     results = {
         "test": {k: round(test[k], 2) for k in ("R@1", "R@5", "R@10", "R@50")},
         "gallery_size": test["gallery_size"],

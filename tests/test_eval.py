@@ -266,7 +266,9 @@ def test_launch_eval_webvid_covr_logs_to_mlflow(small_corpus, tmp_path):
         "search_hnsw_top10_agreement",
     }
     run = MlflowClient(uri).get_run(result["mlflow_run_id"])
-    assert run.data.metrics["webvid-covr/recall_at_1"] == pytest.approx(result["metrics"]["R@1"])
+    assert run.data.metrics["webvid-covr/val/recall_at_1"] == pytest.approx(
+        result["metrics"]["R@1"]
+    )
     assert run.data.tags["covr.checkpoint"].endswith("export")
     artifacts = {
         a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "eval/webvid-covr/report")
