@@ -5,7 +5,7 @@ the synthetic corpus's train split, changing only the combiner (`fusion` = compo
 `image`), and reports R@1 / R@5 on the held-out test split (gallery = the test targets, the
 query's own video removed).
 
-    python bench/ablation.py [--steps 400] [--out runs/ablation]
+    python bench/ablation.py [--steps 800] [--out runs/ablation]
 """
 
 import argparse
@@ -129,12 +129,12 @@ def main() -> None:
     )
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--videos", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sampler", default="mix", help="random | hns | fs | mix")
-    parser.add_argument("--variants", default="composed,text-only,image-only")
+    parser.add_argument("--variants", default="composed,composed-mlp,text-only,image-only")
     args = parser.parse_args()
     root = Path(args.out) / "corpus"
     build_synthetic(
