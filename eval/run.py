@@ -56,8 +56,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no exported CoVR model (covr_config.json) here or in export/")
 
 
+def job_reduce(job: EvalJob, model) -> str:
+    """The similarity reduction: the job's, else max for CIRR (the reference's rule), else the
+    model's own."""
+    return job.reduce or ("max" if job.protocol == "cirr" else model.cfg.reduce)
+
+
 def run_protocol(job: EvalJob, model, tok, rank: int = 0, world: int = 1) -> Evaluation:
-    reduce = job.reduce or ("max" if job.protocol == "cirr" else model.cfg.reduce)
+    reduce = job_reduce(job, model)
     s = EvalSettings(reduce=reduce, batch_size=job.batch_size, index=job.index, rank=rank,
                      world=world, progress=job.progress)  # fmt: skip
     if job.protocol == "webvid-covr":
@@ -135,7 +141,7 @@ def evaluate(job: EvalJob) -> dict | None:
         return None
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    reduce = job.reduce or ("max" if job.protocol == "cirr" else model.cfg.reduce)
+    reduce = job_reduce(job, model)
     metrics = dict(evaluation.metrics)
     if job.index.kind != "flat":
         metrics.update(approximate_search_loss(evaluation, job, reduce))

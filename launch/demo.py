@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     from data.corpus import build_synthetic
     from eval.run import EvalJob, evaluate
-    from sharding.pack import pack
+    from sharding.pack import pack_splits
     from train.engine import free_port
     from train.tracking import Tracker
 
@@ -54,9 +54,9 @@ def main(argv=None) -> int:
     corpus = build_synthetic(cfg.data.root, cfg.data.synth, cfg.data.mining, progress=True)
 
     print(f"[2/4] shards -> {cfg.shards.dir}", flush=True)
-    for split in ("train", "val", "test"):
-        manifest = pack(Path(cfg.data.root) / f"{split}.csv", Path(cfg.data.root) / "videos",
-                        Path(cfg.shards.dir) / split, cfg.shards, progress=True)  # fmt: skip
+    for split, manifest in pack_splits(
+        cfg.data.root, cfg.shards.dir, cfg.shards, progress=True
+    ).items():
         print(f"      {split}: {manifest['totals']}", flush=True)
 
     print(f"[3/4] deepspeed training on {args.ranks} ranks -> {cfg.train.out_dir}", flush=True)

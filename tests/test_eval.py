@@ -127,18 +127,18 @@ def cirr_setup(tmp_path_factory):
     return root, model, tok
 
 
-def test_cirr_val_on_the_real_annotations(cirr_setup):
+@pytest.fixture(scope="module")
+def cirr_val(cirr_setup):
+    """The CIRR val protocol run once (4,181 queries), shared by the tests that read it."""
     from eval.protocols import EvalSettings, cirr
 
     root, model, tok = cirr_setup
-    ev = cirr(
-        model,
-        tok,
-        CIRR_ROOT,
-        "val",
-        root / "img_raw",
-        settings=EvalSettings(reduce="max", batch_size=256),
-    )
+    settings = EvalSettings(reduce="max", batch_size=256)
+    return cirr(model, tok, CIRR_ROOT, "val", root / "img_raw", settings=settings)
+
+
+def test_cirr_val_on_the_real_annotations(cirr_val):
+    ev = cirr_val
     m = ev.metrics
     assert len(ev.query_ids) == 4181 and len(ev.gallery_ids) == 2297
     assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= m["R@50"] <= 100
@@ -190,22 +190,13 @@ def test_missing_images_are_one_error_listing_them(cirr_setup, tmp_path):
         cirr(model, tok, CIRR_ROOT, "val", tmp_path / "nowhere")
 
 
-def test_explanations_and_report_are_written_and_differ(cirr_setup, tmp_path):
+def test_explanations_and_report_are_written_and_differ(cirr_setup, cirr_val, tmp_path):
     from eval.explain import explain
     from eval.report import write_report
     from eval.run import explain_queries
 
-    root, model, tok = cirr_setup
-    from eval.protocols import EvalSettings, cirr
-
-    ev = cirr(
-        model,
-        tok,
-        CIRR_ROOT,
-        "val",
-        root / "img_raw",
-        settings=EvalSettings(reduce="max", batch_size=256),
-    )
+    _, model, tok = cirr_setup
+    ev = cirr_val
     files = explain_queries(model, tok, ev, [0, 7], tmp_path / "explain", "max")
     maps = [np.load(f) for f in files if f.suffix == ".npz"]
     assert all(f.stat().st_size > 5000 for f in files if f.suffix == ".png")

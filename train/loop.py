@@ -145,9 +145,6 @@ def train(cfg: Config) -> dict:
         }  # fmt: skip
         ckpt.save_checkpoint(engine, ckpt_dir, step_now, state, cfg.train.keep_checkpoints)
 
-    def log_metrics(metrics: dict, at: int) -> None:
-        tracker.log_metrics(metrics, at)
-
     def log_validation(metrics: dict, at: int) -> None:
         """MLflow, plus one line in validation.jsonl (what a Tune trial follows)."""
         tracker.log_metrics(metrics, at)
@@ -205,7 +202,7 @@ def train(cfg: Config) -> dict:
                         last_metrics[f"combiner_weight_{name}"] = w
                 if queue is not None:
                     last_metrics["queue_filled"] = queue.filled
-                log_metrics(last_metrics, step)
+                tracker.log_metrics(last_metrics, step)
                 if rank == 0:
                     log.info(
                         "step %d/%d %s",

@@ -49,7 +49,8 @@ def _start_ray(sweep: Sweep, address: str | None) -> bool:
 
 
 def _trial_rows(results, sweep: Sweep, out: Path) -> list[dict]:
-    base = to_dict(load_config(sweep.base, overrides_of(sweep.overrides)))
+    base = flatten(to_dict(load_config(sweep.base, overrides_of(sweep.overrides))))
+    defaults = {k: base.get(k) for k in ("sampler.kind", "model.combiner")}
     rows = []
     for result in results:
         trial_dir = out / "trials" / Path(result.path).name  # Ray's trial dir is named by its id
@@ -70,7 +71,7 @@ def _trial_rows(results, sweep: Sweep, out: Path) -> list[dict]:
             "best": (max(values) if sweep.mode == "max" else min(values)) if values else None,
             "steps": history[-1]["step"] if history else 0,
             "mlflow_run_id": history[-1]["mlflow_run_id"] if history else None,
-            "resolved": {k: flatten(base).get(k) for k in ("sampler.kind", "model.combiner")} | dict(result.config),
+            "resolved": defaults | dict(result.config),
             "error": str(result.error).splitlines()[0] if result.error else None,
         })  # fmt: skip
     reverse = sweep.mode == "max"
