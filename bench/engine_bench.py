@@ -3,7 +3,8 @@
 1. per-step time of the DeepSpeed engine (1 rank, ZeRO-0) against a plain PyTorch loop on the same
    model and batches (goal: overhead at most 10%);
 2. per-rank parameter + gradient + optimizer-state memory at ZeRO-0 against ZeRO-3 with 2 ranks
-   (goal: stage 3 at most 0.55x of stage 0), counted from the tensors each rank holds.
+   (goal: stage 3 at most 0.55x of stage 0), counted from the tensors each rank holds at the peak
+   (after a backward pass, with the Adam moments allocated).
 
     python bench/engine_bench.py [--steps 30]
 """
@@ -22,12 +23,14 @@ import torch  # noqa: E402
 from bench.train_bench import SIZES, model_and_batch  # noqa: E402
 from configs.schema import LossConfig  # noqa: E402
 from tests.multirank import run_ranks  # noqa: E402
+from train.engine import build_engine, free_port  # noqa: E402
 from train.objective import covr_loss  # noqa: E402
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 32,
     "zero_allow_untested_optimizer": True,
     "steps_per_print": 10**9,
+    "gradient_clipping": 0.0,  # as the plain loop (DeepSpeed's default would clip at 1.0)
 }
 
 
@@ -55,60 +58,71 @@ def overhead(steps: int, size: str) -> None:
     import deepspeed
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(__import__("train.engine", fromlist=["free_port"]).free_port()))  # fmt: skip
+                      MASTER_PORT=str(free_port()))  # fmt: skip
     deepspeed.init_distributed(dist_backend="gloo")
     with tempfile.TemporaryDirectory() as tmp:
         plain_model, batch = model_and_batch(tmp, size)
         ds_model, _ = model_and_batch(tmp, size)
     params = ds_model.trainable_parameters()
-    engine, *_ = deepspeed.initialize(model=ds_model, model_parameters=params,
-                                      optimizer=torch.optim.AdamW(params, lr=1e-4),
-                                      config={**DS_CONFIG, "zero_optimization": {"stage": 0}})  # fmt: skip
+    engine, *_ = build_engine(ds_model, params, torch.optim.AdamW(params, lr=1e-4), None,
+                              {**DS_CONFIG, "zero_optimization": {"stage": 0}})  # fmt: skip
     plain_steps(plain_model, batch, 3), engine_steps(engine, batch, 3)  # warm-up
-    plain, ds = [], []
+    plain, ds, ds_reduce = [], [], []
     for _ in range(3):  # interleaved rounds, best of each
         plain.append(plain_steps(plain_model, batch, steps))
         ds.append(engine_steps(engine, batch, steps))
-    p, d = min(plain), min(ds)
-    print(
-        f"step time: plain PyTorch {p * 1e3:.1f} ms, DeepSpeed ZeRO-0 {d * 1e3:.1f} ms, overhead {100 * (d / p - 1):+.1f}%"
-    )
+        engine.enable_backward_allreduce = True  # DeepSpeed as shipped: the single-rank all-reduce
+        ds_reduce.append(engine_steps(engine, batch, steps))
+        engine.enable_backward_allreduce = False
+    p, d, r = min(plain), min(ds), min(ds_reduce)
+    print(f"step time: plain PyTorch {p * 1e3:.1f} ms, project engine (DeepSpeed ZeRO-0) {d * 1e3:.1f} ms, "
+          f"overhead {100 * (d / p - 1):+.1f}%; with DeepSpeed's single-rank all-reduce {r * 1e3:.1f} ms, "
+          f"{100 * (r / p - 1):+.1f}%")  # fmt: skip
+
+
+# where DeepSpeed's optimizers keep master weights and gradients (names differ by stage/precision)
+OPTIMIZER_TENSORS = ("fp32_groups", "fp32_groups_flat", "fp32_partitioned_groups_flat",
+                     "single_partition_of_fp32_groups", "fp32_groups_flat_partition",
+                     "fp32_groups_gradients_flat", "grad_partitions_flat_buffer", "averaged_gradients")  # fmt: skip
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        yield obj.grad
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
 
 
 def _memory(rank, world, stage, precision, out):
+    """Model states a rank holds at their peak: after the backward pass of the second step, when
+    gradients and the optimizer's moments exist together (the ZeRO paper's accounting)."""
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
     with tempfile.TemporaryDirectory() as tmp:
         model, batch = model_and_batch(tmp, "base")
     params = model.trainable_parameters()
-    engine, opt, *_ = deepspeed.initialize(model=model, model_parameters=params,
-                                           optimizer=torch.optim.AdamW(params, lr=1e-4),
-                                           config={**DS_CONFIG, "zero_optimization": {"stage": stage},
-                                                   "bf16": {"enabled": precision == "bf16"}})  # fmt: skip
-    loss, _ = covr_loss(engine, batch, LossConfig())
-    engine.backward(loss)
-    engine.step()
+    engine, opt, _ = build_engine(model, params, torch.optim.AdamW(params, lr=1e-4), None,
+                                  {**DS_CONFIG, "zero_optimization": {"stage": stage},
+                                   "bf16": {"enabled": precision == "bf16"}})  # fmt: skip
+    for step in range(2):
+        loss, _ = covr_loss(engine, batch, LossConfig())
+        engine.backward(loss)
+        if step == 0:
+            engine.step()
     seen, total = set(), 0
-
-    def count(t):
-        nonlocal total
+    holders = [getattr(p, "ds_tensor", p) if stage == 3 else p for p in model.parameters()]
+    holders += [getattr(opt, name, None) for name in OPTIMIZER_TENSORS]
+    holders += [state for state in getattr(opt, "optimizer", opt).state.values()]
+    for t in _tensors(holders):
         if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in seen:
             seen.add(t.untyped_storage().data_ptr())
             total += t.untyped_storage().nbytes()
-
-    for p in model.parameters():  # trainable and frozen weights this rank holds
-        count(getattr(p, "ds_tensor", p) if stage == 3 else p)
-        count(p.grad)
-    for group in getattr(opt, "fp32_partitioned_groups_flat", []) + getattr(
-        opt, "single_partition_of_fp32_groups", []
-    ):
-        count(group)
-        count(group.grad)
-    base = getattr(opt, "optimizer", opt)
-    for state in base.state.values():
-        for t in state.values():
-            count(t)
     torch.save(total, f"{out}/mem{stage}{precision}_{rank}.pt")
 
 

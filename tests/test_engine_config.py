@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ def test_deepspeed_config_follows_the_project_config():
     assert ds["gradient_clipping"] == 1.0
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 3e-5
     plain = deepspeed_config(load_config())
-    assert "optimizer" not in plain and "gradient_clipping" not in plain
+    assert "optimizer" not in plain and plain["gradient_clipping"] == 0.0  # DeepSpeed's own: 1.0
 
 
 def test_cosine_schedule_with_warmup():
@@ -48,3 +50,55 @@ def test_activation_checkpointing_recomputes_and_keeps_the_gradients(tmp_path):
     model("encode_target_frames", x).sum().backward()
     assert len(calls) == 2 * plain_calls  # forward, then recomputed in the backward pass
     assert torch.allclose(model.hf.query_tokens.grad, expected, atol=1e-4)
+
+
+def _engine_matches_plain_torch(rank, world, out_dir):
+    """One rank, ZeRO-0: the engine skips its self-all-reduce and still takes exactly the steps
+    of a plain PyTorch loop; under ZeRO-2 the reduction is left to DeepSpeed."""
+    import copy
+
+    import deepspeed
+
+    from bench.train_bench import make_batch
+    from configs.schema import LossConfig
+    from train.engine import build_engine
+    from train.objective import covr_loss
+
+    def sgd(params):  # linear in the gradients: Adam would magnify float-rounding differences
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model, tok = tiny_model(Path(out_dir))
+    model.eval()  # no dropout: the two runs must match step for step
+    plain = copy.deepcopy(model)
+    batch = make_batch(tok, 4, model.cfg.embed_dim, model.cfg.num_query_tokens, frames=2)
+    config = deepspeed_config(load_config(None, ["train.batch_size=4", "deepspeed.zero_stage=0"]))
+    params = model.trainable_parameters()
+    engine, *_ = build_engine(model, params, sgd(params), None, config)
+    assert not engine.enable_backward_allreduce
+    engine.eval()  # deepspeed.initialize sets training mode
+    opt = sgd(plain.trainable_parameters())
+    for _ in range(3):
+        loss, _ = covr_loss(engine, batch, LossConfig())
+        engine.backward(loss)
+        engine.step()
+        ref, _ = covr_loss(plain, batch, LossConfig())
+        opt.zero_grad()
+        ref.backward()
+        opt.step()
+        assert torch.allclose(loss, ref, atol=1e-5)
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    torch.manual_seed(0)
+    model, _ = tiny_model(Path(out_dir))
+    params = model.trainable_parameters()
+    config["zero_optimization"]["stage"] = 2
+    engine, *_ = build_engine(model, params, torch.optim.AdamW(params), None, config)
+    assert engine.enable_backward_allreduce
+
+
+def test_engine_on_one_rank_matches_a_plain_loop(tmp_path):
+    from tests.multirank import run_ranks
+
+    run_ranks(_engine_matches_plain_torch, 1, (str(tmp_path),))

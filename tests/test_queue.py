@@ -67,3 +67,26 @@ def test_momentum_copies_a_trainable_vision_tower(tmp_path):
     assert all(
         torch.allclose(ema.params[n], dict(model.named_parameters())[n] - 0.5) for n in ema.names
     )
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_training_steps_with_a_full_queue_and_momentum_targets(tmp_path, reduce):
+    """The queue is overwritten after the loss is built: backward must not depend on it."""
+    from bench.train_bench import make_batch
+    from configs.schema import LossConfig
+    from train.objective import covr_loss
+
+    torch.manual_seed(0)
+    model, tok = tiny_model(tmp_path, reduce=reduce, train_target_encoder=True)
+    batch = make_batch(tok, 4, model.cfg.embed_dim, model.cfg.num_query_tokens, frames=2)
+    batch.pop("target_embeddings")
+    batch["target_frames"] = torch.randn(4, 2, 3, 32, 32)
+    tokens = 1 if reduce == "mean" else model.cfg.num_query_tokens
+    queue = TargetQueue(8, (tokens, model.cfg.embed_dim))
+    momentum = MomentumEncoder(model, 0.9)
+    for step in range(3):
+        batch["target_ids"] = torch.arange(4) + 4 * step
+        loss, _ = covr_loss(model, batch, LossConfig(), queue, momentum)
+        loss.backward()
+        assert model.hf.query_tokens.grad is not None and torch.isfinite(loss)
+    assert queue.filled == 8

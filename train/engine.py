@@ -27,9 +27,8 @@ def deepspeed_config(cfg: Config) -> dict:
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "gradient_clipping": cfg.optim.grad_clip,  # always: DeepSpeed clips at 1.0 when unset
     }
-    if cfg.optim.grad_clip > 0:
-        config["gradient_clipping"] = cfg.optim.grad_clip
     if ds.offload_optimizer:  # ZeRO-Offload needs DeepSpeed's CPU Adam: name it in the config
         o = cfg.optim
         config["optimizer"] = {
@@ -37,6 +36,21 @@ def deepspeed_config(cfg: Config) -> dict:
             "params": {"lr": o.lr, "weight_decay": o.weight_decay, "betas": [o.beta1, o.beta2]},
         }
     return config
+
+
+def build_engine(model, params, optimizer, lr_scheduler, config: dict):
+    """`deepspeed.initialize`, minus one redundant cost: without ZeRO on a single data-parallel
+    rank, DeepSpeed still flattens every gradient, all-reduces it with itself and copies it back
+    each step. There is nothing to average, so that pass is skipped (bench/engine_bench.py)."""
+    import deepspeed
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        config=config,
+    )  # fmt: skip
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False
+    return engine, optimizer, scheduler
 
 
 def init_distributed(timeout_s: int) -> tuple[int, int, int]:

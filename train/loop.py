@@ -21,7 +21,12 @@ from sharding.pack import read_manifest
 from sharding.reader import ShardReader, shard_urls
 from train import checkpoint as ckpt
 from train.batch import collate
-from train.engine import deepspeed_config, enable_activation_checkpointing, init_distributed
+from train.engine import (
+    build_engine,
+    deepspeed_config,
+    enable_activation_checkpointing,
+    init_distributed,
+)
 from train.models import build_model
 from train.objective import covr_loss, itc_loss
 from train.optim import build_optimizer, build_scheduler
@@ -61,8 +66,6 @@ def validate(engine_module, tok, cfg: Config, rank: int, world: int) -> Evaluati
 
 
 def train(cfg: Config) -> dict:
-    import deepspeed
-
     # --- set-up: processes, model, data, engine -------------------------------------------
     rank, world, _ = init_distributed(cfg.deepspeed.timeout_s)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and EMA copy)
@@ -103,12 +106,12 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed + rank)  # per-rank randomness (dropout) from here on
     params = model.trainable_parameters()
     optimizer = None if cfg.deepspeed.offload_optimizer else build_optimizer(params, cfg.optim)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=params,
-        optimizer=optimizer,
-        lr_scheduler=partial(build_scheduler, cfg=cfg.optim, total_steps=total_steps),
-        config=deepspeed_config(cfg),
+    engine, optimizer, scheduler = build_engine(
+        model,
+        params,
+        optimizer,
+        partial(build_scheduler, cfg=cfg.optim, total_steps=total_steps),
+        deepspeed_config(cfg),
     )  # the engine steps the schedule at each optimizer step and checkpoints it
 
     # --- resume ---------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def covr_loss(
     extra = extra_mask = None
     if queue is not None and queue.filled:
         queued, _ = queue.valid()
-        extra = similarity(all_query, queued.to(all_query), reduce)
+        # a copy: the enqueue below writes the buffer that backward would read
+        extra = similarity(all_query, queued.to(all_query, copy=True), reduce)
         extra_mask = queue.negatives_mask(all_ids)
     c = loss_cfg
     loss = c.video_weight * hn_nce_from_similarity(
