@@ -50,8 +50,9 @@ def covr_loss(
     extra = extra_mask = None
     if queue is not None and queue.filled:
         queued, _ = queue.valid()
-        # a copy: the enqueue below writes the buffer that backward would read
-        extra = similarity(all_query, queued.to(all_query, copy=True), reduce)
+        # `max` keeps the queue tensor for backward and the enqueue below overwrites it: copy
+        # then; `mean` reduces it first, so the large default queue is not copied every step
+        extra = similarity(all_query, queued.to(all_query, copy=reduce == "max"), reduce)
         extra_mask = queue.negatives_mask(all_ids)
     c = loss_cfg
     loss = c.video_weight * hn_nce_from_similarity(
