@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -61,9 +62,8 @@ class ShardConfig:
     dir: str = "runs/demo/shards"
     prefix: str = "covr"
     samples_per_shard: int = 256
-    epoch: str = (
-        "target"  # target: one record per target video, a triplet drawn per epoch | triplet
-    )
+    # target: one record per target video, a triplet drawn per epoch; triplet: one per triplet
+    epoch: Literal["target", "triplet"] = "target"
     query_frames: int = 1
     target_frames: int = 15
     frame_size: int = 0  # resize frames to this square size before JPEG encoding; 0 keeps them
@@ -103,7 +103,7 @@ class TextSize:
 
 @dataclass
 class ModelConfig:
-    arch: str = "blip2"  # blip2 | blip
+    arch: Literal["blip2", "blip"] = "blip2"
     pretrained: str | None = None  # local directory in the transformers format
     lavis_checkpoint: str | None = None  # LAVIS .pth / CoVR .ckpt, mapped by parameter name
     tokenizer: str | None = None  # local tokenizer directory (default: `pretrained`)
@@ -115,10 +115,8 @@ class ModelConfig:
     ln_vision_eps: float = 1e-5  # LAVIS's ln_vision; transformers builds 1e-6
     freeze_vision: bool = True
     train_target_encoder: bool = False  # True: targets re-encoded each step, EMA feeds the queue
-    combiner: str = "fusion"  # fusion | avg | mlp
-    reduce: str = "mean"  # mean | max (over target tokens)
-    query_frames: int = 1
-    target_frames: int = 15
+    combiner: Literal["fusion", "avg", "mlp", "text", "image"] = "fusion"
+    reduce: Literal["mean", "max"] = "mean"  # over target tokens
     frame_score_temperature: float = 0.1
 
 
@@ -139,7 +137,7 @@ class QueueConfig:
 
 @dataclass
 class SamplerConfig:
-    kind: str = "random"  # random | hns | fs | mix
+    kind: Literal["random", "hns", "fs", "mix"] = "random"
     beta: float = 0.6  # mix: probability of an FS batch
     buffer: int = 1024  # samples held to compose batches from
 
@@ -159,9 +157,9 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 2  # 0 | 1 | 2 | 3
+    zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False  # optimizer state on CPU (DeepSpeed CPU Adam)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16: GPU only
     activation_checkpointing: bool = False  # of the Q-Former / text encoder layers
     timeout_s: int = 600  # collective timeout: a dead rank ends the job within this bound
 
@@ -178,9 +176,9 @@ class TrainConfig:
     ckpt_every: int = 500  # optimizer steps; 0 = only at the end
     keep_checkpoints: int = 2
     seed: int = 1234
-    resume: str = "auto"  # auto: newest complete checkpoint in out_dir | none
+    resume: Literal["auto", "none"] = "auto"  # auto: newest complete checkpoint in out_dir
     init_from: str = ""  # exported model directory to start from (e.g. a pretraining stage)
-    stage: str = "covr"  # covr | itc (image-text contrastive pretraining on target captions)
+    stage: Literal["covr", "itc"] = "covr"  # itc: image-text contrastive pretraining on captions
 
 
 @dataclass
@@ -213,18 +211,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES = {
-    "shards.epoch": ("target", "triplet"),
-    "model.arch": ("blip2", "blip"),
-    "model.combiner": ("fusion", "avg", "mlp", "text", "image"),
-    "model.reduce": ("mean", "max"),
-    "sampler.kind": ("random", "hns", "fs", "mix"),
-    "deepspeed.zero_stage": (0, 1, 2, 3),
-    "deepspeed.precision": ("fp32", "bf16", "fp16"),
-    "train.stage": ("covr", "itc"),
-}
 POSITIVE = ("train.batch_size", "train.grad_accum", "shards.samples_per_shard", "shards.target_frames",
-            "shards.query_frames", "model.query_frames", "model.target_frames", "loss.temperature")  # fmt: skip
+            "shards.query_frames", "loss.temperature")  # fmt: skip
 FRACTIONS = ("data.mining.val_fraction", "data.mining.test_fraction", "sampler.beta")
 
 
@@ -235,10 +223,8 @@ def _get(cfg, dotted: str):
 
 
 def validate(cfg: Config) -> Config:
-    """Value checks the types cannot express; each failure names its key."""
-    for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"key '{key}': {_get(cfg, key)!r} is not one of {list(allowed)}")
+    """Value checks the types cannot express (choices are `Literal` fields, checked by OmegaConf);
+    each failure names its key."""
     for key in POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"key '{key}': must be > 0, got {_get(cfg, key)!r}")

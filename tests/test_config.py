@@ -38,7 +38,10 @@ def test_missing_config_file(tmp_path):
 
 
 def test_bad_values_name_the_key():
-    with pytest.raises(ConfigError, match=r"key 'deepspeed.zero_stage': 5 is not one of"):
+    with pytest.raises(
+        ConfigError,
+        match=r"key 'deepspeed.zero_stage': Invalid value '5', expected one of \[0, 1, 2, 3\]",
+    ):
         load_config(None, ["deepspeed.zero_stage=5"])
     with pytest.raises(ConfigError, match=r"key 'sampler.kind'"):
         load_config(None, ["sampler.kind=hard"])
@@ -46,6 +49,18 @@ def test_bad_values_name_the_key():
         load_config(None, ["train.batch_size=0"])
     with pytest.raises(ConfigError, match=r"key 'sampler.beta'"):
         load_config(None, ["sampler.beta=1.5"])
+    with pytest.raises(ConfigError, match=r"key 'model.reduce': Invalid value 'sum'"):
+        load_config(None, ["model.reduce=sum"])
+
+
+def test_choices_live_on_their_fields(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  stage: pretrain\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: key 'train.stage': .*\['covr', 'itc'\]"):
+        load_config(path)
+    # frame counts have one source, the shards section
+    with pytest.raises(ConfigError, match=r"key 'model.target_frames'"):
+        load_config(None, ["model.target_frames=3"])
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "covr2_blip2.yaml", "covr_blip.yaml"])

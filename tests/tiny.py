@@ -16,7 +16,6 @@ def tiny_model_config(arch: str = "blip2", **overrides) -> ModelConfig:
         num_query_tokens=4,
         embed_dim=16,
         max_text_len=12,
-        target_frames=3,
     )  # fmt: skip
     for key, value in overrides.items():  # model-level fields only
         setattr(cfg, key, value)

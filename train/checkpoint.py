@@ -119,6 +119,8 @@ def load_exported(model_dir: str | Path, **overrides):
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} is not an exported CoVR model (no covr_config.json)")
     raw = json.loads(path.read_text())
+    for dead in ("query_frames", "target_frames"):  # exports before these left the model section
+        raw.pop(dead, None)
     raw["vision"], raw["text"] = VisionSize(**raw["vision"]), TextSize(**raw["text"])
     saved_combiner = raw["combiner"]
     raw.update(pretrained=str(model_dir), **overrides)
@@ -127,5 +129,5 @@ def load_exported(model_dir: str | Path, **overrides):
     model = build_model(cfg, tok)
     combiner = model_dir / "combiner.pt"
     if combiner.is_file() and cfg.combiner == saved_combiner:
-        model.combiner.load_state_dict(torch.load(combiner))
+        model.combiner.load_state_dict(torch.load(combiner, weights_only=True))
     return model, tok
