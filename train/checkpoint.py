@@ -1,36 +1,59 @@
-"""Checkpoints: DeepSpeed's own directory per tag, plus per-rank RNG files and a COMPLETE marker
-written by rank 0 after every rank has saved (a checkpoint without it is ignored on resume),
-and the export of a consolidated fp32 model in the transformers format."""
+"""Checkpoints: DeepSpeed's own directory per tag (model, optimizer, schedule, and the shared
+part of the `TrainState`), the per-rank part of the state (RNG) beside it, and a COMPLETE marker
+written by rank 0 after every rank has saved (a checkpoint without it is ignored on resume);
+the export of a consolidated fp32 model in the transformers format.
+
+Every file is read with `torch.load(weights_only=True)`, DeepSpeed's included: a crafted file
+is refused, never executed."""
 
 from __future__ import annotations
 
 import json
-import random
+import pickle
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from configs.schema import ModelConfig
+from train.state import TrainState
 
 COMPLETE = "COMPLETE"
 
 
-def rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be (safely) loaded; the message names the file."""
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def _deepspeed_globals() -> list:
+    """The plain-data classes DeepSpeed pickles into its optimizer files (no code on load)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_file(path: str | Path, map_location=None):
+    """`torch.load` that cannot run code: tensors, plain types and DeepSpeed's data classes."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((ln.strip() for ln in str(err).splitlines() if "Unsupported" in ln), "")
+        raise CheckpointError(
+            f"{path}: refused to load: it holds more than tensors and plain data ({reason})"
+        ) from None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _rank_file(ckpt_dir: str | Path, tag: str) -> Path:
+    return Path(ckpt_dir) / tag / f"rng_rank{_rank()}.pt"
 
 
 def complete_tags(ckpt_dir: str | Path) -> list[str]:
@@ -40,18 +63,17 @@ def complete_tags(ckpt_dir: str | Path) -> list[str]:
     return sorted(p.parent.name for p in root.glob(f"*/{COMPLETE}"))
 
 
-def save_checkpoint(
-    engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int = 2
-) -> str:
+def save_checkpoint(engine, ckpt_dir: str | Path, state: TrainState, keep: int = 2) -> str:
     """Every rank calls this. Returns the tag."""
-    tag = f"step{step:08d}"
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
-    torch.save(rng_state(), Path(ckpt_dir) / tag / f"rng_rank{rank}.pt")
+    tag = f"step{state.step:08d}"
+    shared = state.state_dict()
+    own = {k: shared.pop(k) for k in TrainState.PER_RANK}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"train_state": shared})
+    torch.save(own, _rank_file(ckpt_dir, tag))
     if dist.is_initialized():
         dist.barrier()
-    if rank == 0:
-        (Path(ckpt_dir) / tag / COMPLETE).write_text(json.dumps({"step": step}))
+    if _rank() == 0:
+        (Path(ckpt_dir) / tag / COMPLETE).write_text(json.dumps({"step": state.step}))
         for old in complete_tags(ckpt_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
     if dist.is_initialized():
@@ -59,16 +81,16 @@ def save_checkpoint(
     return tag
 
 
-def load_checkpoint(engine, ckpt_dir: str | Path, tag: str) -> dict:
-    """Restore engine (model, optimizer, scheduler) and this rank's RNG; returns client state."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+def load_checkpoint(engine, ckpt_dir: str | Path, tag: str, state: TrainState) -> None:
+    """Restore the engine (model, optimizer, schedule) and `state` (with this rank's RNG)."""
+    engine.checkpoint_engine.load = load_file  # DeepSpeed's own loader unpickles anything
     _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if client_state is None:
-        raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} could not be loaded")
-    rng_file = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return client_state
+    if client_state is None or "train_state" not in client_state:
+        raise CheckpointError(f"{Path(ckpt_dir) / tag}: no training state in this checkpoint")
+    own_file = _rank_file(ckpt_dir, tag)
+    if not own_file.is_file():
+        raise CheckpointError(f"{own_file}: missing (this rank's part of the training state)")
+    state.load_state_dict({**client_state["train_state"], **load_file(own_file)})
 
 
 def consolidated_state_dict(engine, ckpt_dir: str | Path, tag: str, zero_stage: int) -> dict:

@@ -1,12 +1,18 @@
-"""The training loop: one function, `train(cfg)`, used by `deepspeed launch/train.py` and by the
-Ray Tune trials. Read it top to bottom: set-up, resume, the step loop, evaluation, checkpoints,
-export."""
+"""The training loop, `train(cfg)`, used by `deepspeed launch/train.py` and by the Ray Tune trials.
+
+Read it top to bottom: `train` is the whole loop; `build` makes the job (processes, model, data,
+engine, the resumed `TrainState`, tracking); `train_epoch` runs micro-steps from the saved
+position; `micro_step` is one forward/backward; `after_step` runs at each optimizer step (EMA,
+log line, validation, checkpoint); `finish` saves, validates, exports and writes the summary.
+Rank 0 speaks for the job on the console."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -31,10 +37,84 @@ from train.models import build_model
 from train.objective import covr_loss, itc_loss
 from train.optim import build_optimizer, build_scheduler
 from train.queue import MomentumEncoder, TargetQueue
+from train.state import TrainState
 from train.tokenizer import load_tokenizer
 from train.tracking import Tracker, default_uri
 
 log = logging.getLogger(__name__)
+
+
+def train(cfg: Config) -> dict | None:
+    """Train, validate and export; returns the summary on rank 0 (None on the other ranks)."""
+    rank, world, _ = init_distributed(cfg.deepspeed.timeout_s)
+    if rank == 0:
+        log.info("building the job: DeepSpeed start-up and its one-time op compile can take "
+                 "about a minute and a half on a first run")  # fmt: skip
+    job = build(cfg, rank, world)
+    meter = Meter()
+    while job.state.step < job.total_steps:
+        train_epoch(job, meter)
+        if job.state.step < job.total_steps:  # the epoch's batches are spent
+            end_epoch(job)
+    return finish(job, meter)
+
+
+@dataclass
+class Job:
+    """What `build` makes and the step functions use."""
+
+    cfg: Config
+    rank: int
+    world: int
+    out: Path
+    engine: object  # deepspeed.DeepSpeedEngine (model, optimizer, schedule)
+    scheduler: object
+    tok: object
+    reader: ShardReader
+    loss_fn: Callable
+    state: TrainState  # step, epoch, batch position, run id, queue, EMA, RNG
+    tracker: Tracker
+    total_steps: int
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def say(self, msg: str, *args) -> None:
+        if self.rank == 0:
+            log.info(msg, *args)
+
+
+class Meter:
+    """What the next log line averages over, and the time-left estimate. The loss is summed on
+    the device and read only when a line is logged (`.item()` waits for the device)."""
+
+    def __init__(self):
+        self.reset()
+        self.since: tuple[int, float] | None = None  # (step, time) after this process's 1st step
+        self.reader_stats: dict = {}
+        self.logged: dict = {}  # the last logged metrics (for the summary)
+
+    def reset(self) -> None:
+        self.loss, self.micro_steps, self.samples, self.data_wait_s = None, 0, 0, 0.0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss = loss if self.loss is None else self.loss + loss
+        self.micro_steps, self.samples = self.micro_steps + 1, self.samples + samples
+
+    def stepped(self, step: int) -> None:
+        if self.since is None:  # the first step carries start-up costs: time from after it
+            self.since = (step, time.perf_counter())
+
+    def seconds_left(self, step: int, total: int) -> float | None:
+        if self.since is None or step <= self.since[0]:
+            return None
+        per_step = (time.perf_counter() - self.since[1]) / (step - self.since[0])
+        return per_step * (total - step)
+
+
+# --- build ---------------------------------------------------------------------------------
 
 
 def split_shards(cfg: Config, split: str) -> tuple[list[str], list[int]]:
@@ -58,19 +138,11 @@ def build_model_and_tokenizer(cfg: Config):
     return build_model(cfg.model, tok), tok
 
 
-def validate(engine_module, tok, cfg: Config, rank: int, world: int) -> Evaluation:
-    """WebVid-CoVR protocol on the val shards (every rank embeds its share)."""
-    settings = EvalSettings(ks=tuple(cfg.eval.ks), reduce=cfg.model.reduce,
-                            batch_size=cfg.eval.batch_size, rank=rank, world=world)  # fmt: skip
-    return webvid_covr(engine_module, tok, Path(cfg.shards.dir) / "val", settings)
-
-
-def train(cfg: Config) -> dict:
-    # --- set-up: processes, model, data, engine -------------------------------------------
-    rank, world, _ = init_distributed(cfg.deepspeed.timeout_s)
+def build(cfg: Config, rank: int, world: int) -> Job:
+    """Model, queue and EMA copy, data, engine; the state restored from the newest complete
+    checkpoint (`train.resume=auto`); the MLflow run (a resumed job continues its run)."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and EMA copy)
     out = Path(cfg.train.out_dir)
-    ckpt_dir = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
 
     model, tok = build_model_and_tokenizer(cfg)
@@ -87,6 +159,7 @@ def train(cfg: Config) -> dict:
     )
     dim = model.hf.config.image_text_hidden_size
     queue = TargetQueue(cfg.queue.size, (tokens, dim)) if cfg.queue.size else None
+    state = TrainState(queue=queue, momentum=momentum)
 
     image_size = model.hf.config.vision_config.image_size
     batch_collate = partial(
@@ -98,8 +171,7 @@ def train(cfg: Config) -> dict:
         sampler=cfg.sampler.kind, sampler_buffer=cfg.sampler.buffer, sampler_beta=cfg.sampler.beta,
         seed=cfg.train.seed, allow_pipe=cfg.shards.allow_pipe, groups=read_groups(Path(cfg.shards.dir) / "train"),
     )  # fmt: skip
-    workers = cfg.shards.loader_workers
-    reader.set_position(0, 0, workers)
+    reader.set_position(0, 0, cfg.shards.loader_workers)
     steps_per_epoch = reader.batches_per_epoch() // cfg.train.grad_accum
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 
@@ -114,137 +186,173 @@ def train(cfg: Config) -> dict:
         deepspeed_config(cfg),
     )  # the engine steps the schedule at each optimizer step and checkpoints it
 
-    # --- resume ---------------------------------------------------------------------------
-    step, epoch, batch_in_epoch, run_id = 0, 0, 0, None
+    ckpt_dir = out / "checkpoints"
     tags = ckpt.complete_tags(ckpt_dir) if cfg.train.resume == "auto" else []
     if tags:
-        state = ckpt.load_checkpoint(engine, ckpt_dir, tags[-1])
-        step, epoch, batch_in_epoch, run_id = (
-            state["step"],
-            state["epoch"],
-            state["batch_in_epoch"],
-            state["run_id"],
-        )
-        if queue is not None:
-            queue.load_state_dict(state["queue"])
-        if momentum is not None:
-            momentum.load_state_dict(state["momentum"])
-        log.info(
-            "resumed from %s: step %d, epoch %d, batch %d", tags[-1], step, epoch, batch_in_epoch
-        )
+        ckpt.load_checkpoint(engine, ckpt_dir, tags[-1], state)
 
     tracker = Tracker(cfg.tracking.uri or default_uri(out), cfg.tracking.experiment, out, cfg.tracking.run_name,
-                      run_id=run_id, enabled=rank == 0, parent_run_id=cfg.tracking.parent_run_id or None)  # fmt: skip
-    if run_id is None:
+                      run_id=state.run_id, enabled=rank == 0, parent_run_id=cfg.tracking.parent_run_id or None)  # fmt: skip
+    if state.run_id is None:
         tracker.log_params(to_dict(cfg))
     if rank == 0:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
-    def save(step_now: int) -> None:
-        state = {
-            "step": step_now, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "run_id": tracker.run_id,
-            "queue": queue.state_dict() if queue is not None else None,
-            "momentum": momentum.state_dict() if momentum is not None else None,
-        }  # fmt: skip
-        ckpt.save_checkpoint(engine, ckpt_dir, step_now, state, cfg.train.keep_checkpoints)
+    job = Job(cfg, rank, world, out, engine, scheduler, tok, reader,
+              itc_loss if cfg.train.stage == "itc" else covr_loss, state, tracker, total_steps)  # fmt: skip
+    if tags:
+        job.say("resumed from %s: step %d, epoch %d, batch %d", ckpt_dir / tags[-1], state.step,
+                state.epoch, state.batch_in_epoch)  # fmt: skip
+    job.say("training %d steps (%d per epoch) on %d rank(s), %d samples per step", total_steps,
+            steps_per_epoch, world, cfg.train.batch_size * cfg.train.grad_accum * world)  # fmt: skip
+    return job
 
-    def log_validation(metrics: dict, at: int) -> None:
-        """MLflow, plus one line in validation.jsonl (what a Tune trial follows)."""
-        tracker.log_metrics(metrics, at)
-        if rank == 0:
-            line = {"step": at, "metrics": metrics, "mlflow_run_id": tracker.run_id}
-            with (out / "validation.jsonl").open("a") as f:
-                f.write(json.dumps(line) + "\n")
 
-    # --- the step loop --------------------------------------------------------------------
-    loss_fn = itc_loss if cfg.train.stage == "itc" else covr_loss
-    last_metrics: dict = {}
+# --- steps ---------------------------------------------------------------------------------
 
-    def fresh_window() -> dict:  # what the next logged line averages over
-        return {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "start": time.perf_counter()}
 
-    window = fresh_window()
-    while step < total_steps:
-        reader.set_position(epoch, batch_in_epoch, workers)
-        # own generator: starting workers must not draw from the global RNG (dropout), or a
-        # resumed run, which starts its loader at another point, would diverge
-        seeded = torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch)
-        loader = DataLoader(reader, batch_size=None, num_workers=workers, generator=seeded)
-        fetch_start = time.perf_counter()
-        for batch in loader:
-            window["wait"] += time.perf_counter() - fetch_start
-            reader_stats = batch.pop("reader_stats")
-            batch.pop("keys")
-            loss, metrics = loss_fn(engine, batch, cfg.loss, queue, momentum)
-            engine.backward(loss)
-            engine.step()
-            batch_in_epoch += 1
-            window["loss"] += metrics["loss"].item()
-            window["n"] += 1
-            window["samples"] += batch["target_ids"].shape[0] * world
-            if engine.global_steps == step:  # inside a gradient accumulation: no optimizer step yet
-                fetch_start = time.perf_counter()
-                continue
-            step = engine.global_steps
-            if momentum is not None:
-                momentum.update()
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window["start"]
-                last_metrics = {
-                    "loss": window["loss"] / window["n"],
-                    "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": window["samples"] / elapsed,
-                    "data_wait_s": window["wait"],
-                    "epoch": epoch + batch_in_epoch / max(1, reader.batches_per_epoch()),
-                    **{f"reader_{k}": v for k, v in reader_stats.items() if k != "worker"},
-                }
-                if "combiner_weights" in metrics:
-                    for name, w in zip(
-                        ("fusion", "image", "text"), metrics["combiner_weights"].mean(0).tolist()
-                    ):
-                        last_metrics[f"combiner_weight_{name}"] = w
-                if queue is not None:
-                    last_metrics["queue_filled"] = queue.filled
-                tracker.log_metrics(last_metrics, step)
-                if rank == 0:
-                    log.info(
-                        "step %d/%d %s",
-                        step,
-                        total_steps,
-                        {k: round(v, 4) for k, v in last_metrics.items()},
-                    )
-                window = fresh_window()
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                log_validation(validate(engine.module, tok, cfg, rank, world).metrics, step)
-            if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < total_steps:
-                save(step)
-            if step >= total_steps:
-                break
-            fetch_start = time.perf_counter()
-        else:  # the epoch ran to its end
-            epoch, batch_in_epoch = epoch + 1, 0
-            if not cfg.train.eval_every:
-                log_validation(validate(engine.module, tok, cfg, rank, world).metrics, step)
-            continue
-        break
+def train_epoch(job: Job, meter: Meter) -> None:
+    """Micro-steps from the state's position until the epoch's batches are spent or the last
+    optimizer step is done."""
+    state, workers = job.state, job.cfg.shards.loader_workers
+    job.reader.set_position(state.epoch, state.batch_in_epoch, workers)
+    # own generator: starting workers must not draw from the global RNG (dropout), or a
+    # resumed run, which starts its loader at another point, would diverge
+    seeded = torch.Generator().manual_seed(job.cfg.train.seed * 1000 + state.epoch)
+    batches = iter(DataLoader(job.reader, batch_size=None, num_workers=workers, generator=seeded))
+    while state.step < job.total_steps:
+        waited = time.perf_counter()
+        batch = next(batches, None)
+        meter.data_wait_s += time.perf_counter() - waited
+        if batch is None:
+            return
+        metrics = micro_step(job, batch, meter)
+        if job.engine.global_steps > state.step:  # the optimizer stepped (every grad_accum)
+            state.step = job.engine.global_steps
+            after_step(job, metrics, meter)
 
-    # --- end: final checkpoint, validation, export ------------------------------------------
-    save(step)
-    evaluation = validate(engine.module, tok, cfg, rank, world)
-    final = evaluation.metrics
-    log_validation(final, step)
-    export_dir = out / "export"
-    tag = ckpt.complete_tags(ckpt_dir)[-1]
-    state_dict = (
-        ckpt.consolidated_state_dict(engine, ckpt_dir, tag, cfg.deepspeed.zero_stage)
-        if rank == 0
-        else None
+
+def micro_step(job: Job, batch: dict, meter: Meter) -> dict:
+    """Forward and backward of one micro-batch; the engine applies the optimizer at the end of
+    each gradient accumulation."""
+    meter.reader_stats = batch.pop("reader_stats")
+    batch.pop("keys")
+    state = job.state
+    loss, metrics = job.loss_fn(job.engine, batch, job.cfg.loss, state.queue, state.momentum)
+    job.engine.backward(loss)
+    job.engine.step()
+    state.batch_in_epoch += 1
+    meter.add(metrics["loss"], batch["target_ids"].shape[0] * job.world)
+    return metrics
+
+
+def after_step(job: Job, metrics: dict, meter: Meter) -> None:
+    """At each optimizer step: EMA update, then (when due) log line, validation, checkpoint."""
+    cfg, step = job.cfg.train, job.state.step
+    meter.stepped(step)
+    if job.state.momentum is not None:
+        job.state.momentum.update()
+    if step % cfg.log_every == 0 or step == job.total_steps:
+        log_progress(job, metrics, meter)
+    if cfg.eval_every and step % cfg.eval_every == 0:
+        log_validation(job, validate(job).metrics)
+    if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < job.total_steps:
+        save(job)
+
+
+def end_epoch(job: Job) -> None:
+    job.state.epoch, job.state.batch_in_epoch = job.state.epoch + 1, 0
+    if not job.cfg.train.eval_every:  # validation after every epoch
+        log_validation(job, validate(job).metrics)
+
+
+# --- what a step reports and keeps ------------------------------------------------------------
+
+
+def log_progress(job: Job, metrics: dict, meter: Meter) -> None:
+    """One MLflow record and one console line per `train.log_every` steps; the window restarts."""
+    state = job.state
+    elapsed = time.perf_counter() - meter.start
+    logged = {
+        "loss": (meter.loss / meter.micro_steps).item(),  # the one device sync of the window
+        "lr": job.scheduler.get_last_lr()[0],
+        "samples_per_s": meter.samples / elapsed,
+        "data_wait_s": meter.data_wait_s,
+        "epoch": state.epoch + state.batch_in_epoch / max(1, job.reader.batches_per_epoch()),
+        **{f"reader_{k}": v for k, v in meter.reader_stats.items() if k != "worker"},
+    }
+    if "combiner_weights" in metrics:
+        weights = metrics["combiner_weights"].mean(0).tolist()
+        for name, w in zip(("fusion", "image", "text"), weights):
+            logged[f"combiner_weight_{name}"] = w
+    if state.queue is not None:
+        logged["queue_filled"] = state.queue.filled
+    job.tracker.log_metrics(logged, state.step)
+    left = meter.seconds_left(state.step, job.total_steps)
+    skipped = {k: v for k, v in meter.reader_stats.items() if k != "worker" and v}
+    job.say("step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.1f samples/s  data wait %.1fs  %s%s",
+            state.step, job.total_steps, logged["epoch"], logged["loss"], logged["lr"],
+            logged["samples_per_s"], logged["data_wait_s"],
+            "left " + _duration(left) if left is not None else "left ?",
+            f"  reader {skipped}" if skipped else "")  # fmt: skip
+    meter.logged = logged
+    meter.reset()
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def validate(job: Job) -> Evaluation:
+    """WebVid-CoVR protocol on the val shards (every rank embeds its share)."""
+    c = job.cfg
+    settings = EvalSettings(ks=tuple(c.eval.ks), reduce=c.model.reduce,
+                            batch_size=c.eval.batch_size, rank=job.rank, world=job.world)  # fmt: skip
+    return webvid_covr(job.engine.module, job.tok, Path(c.shards.dir) / "val", settings)
+
+
+def log_validation(job: Job, metrics: dict) -> None:
+    """MLflow, one line in validation.jsonl (what a Tune trial follows) and on the console."""
+    step = job.state.step
+    job.tracker.log_metrics(metrics, step)
+    if job.rank == 0:
+        line = {"step": step, "metrics": metrics, "mlflow_run_id": job.tracker.run_id}
+        with (job.out / "validation.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
+    job.say(
+        "validation at step %d: %s", step, "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())
     )
+
+
+def save(job: Job) -> str:
+    job.state.run_id = job.tracker.run_id  # created late if the server was away at the start
+    tag = ckpt.save_checkpoint(job.engine, job.ckpt_dir, job.state, job.cfg.train.keep_checkpoints)
+    job.say("checkpoint saved: %s", job.ckpt_dir / tag)
+    return tag
+
+
+# --- end ---------------------------------------------------------------------------------------
+
+
+def finish(job: Job, meter: Meter) -> dict | None:
+    """Final checkpoint and validation, the export (transformers format), the summary and the
+    retrieval report (rank 0)."""
+    cfg, out, rank = job.cfg, job.out, job.rank
+    tag = save(job)
+    evaluation = validate(job)
+    final = evaluation.metrics
+    log_validation(job, final)
+    export_dir = out / "export"
     if rank == 0:
-        ckpt.export_model(state_dict, cfg.model, tok, export_dir)
+        zero = cfg.deepspeed.zero_stage
+        state_dict = ckpt.consolidated_state_dict(job.engine, job.ckpt_dir, tag, zero)
+        ckpt.export_model(state_dict, cfg.model, job.tok, export_dir)
     torch.distributed.barrier()
-    summary = {"steps": step, "val": final, "export": str(export_dir), "mlflow_run_id": tracker.run_id,
-               "mlflow_tracking_uri": tracker.uri, "train": last_metrics}  # fmt: skip
+    tracker = job.tracker
+    summary = {"steps": job.state.step, "val": final, "export": str(export_dir), "mlflow_run_id": tracker.run_id,
+               "mlflow_tracking_uri": tracker.uri, "train": meter.logged}  # fmt: skip
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         tracker.log_artifact(out / "summary.json")
@@ -253,4 +361,4 @@ def train(cfg: Config) -> dict:
             for path in write_report(evaluation, out / "report", n=cfg.eval.report_queries):
                 tracker.log_artifact(path, "report")
     tracker.finish()
-    return summary
+    return summary if rank == 0 else None

@@ -1,0 +1,109 @@
+"""The step loop's shape on stand-ins for the engine, reader and tracker (no DeepSpeed): optimizer
+steps, log windows, the loss read from the device at logging steps only, the time-left estimate."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import IterableDataset
+
+from configs.schema import Config
+from train.loop import Job, Meter, train_epoch
+from train.state import TrainState
+
+
+class Reader(IterableDataset):
+    def __init__(self, n: int):
+        self.n, self.start = n, 0
+
+    def set_position(self, epoch, start_batch, num_workers):
+        self.start = start_batch
+
+    def batches_per_epoch(self):
+        return self.n
+
+    def __iter__(self):
+        for i in range(self.start, self.n):
+            yield {"reader_stats": {"worker": 0, "undecodable": 0}, "keys": [str(i)],
+                   "target_ids": torch.tensor([i, i]), "loss": torch.tensor(float(i))}  # fmt: skip
+
+
+class Engine:
+    """Applies the optimizer every `accum` micro-steps, as DeepSpeed's engine does."""
+
+    def __init__(self, accum: int):
+        self.accum, self.micro, self.global_steps = accum, 0, 0
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        self.micro += 1
+        if self.micro % self.accum == 0:
+            self.global_steps += 1
+
+
+class Tracker:
+    def __init__(self):
+        self.records = []
+
+    def log_metrics(self, metrics, step):
+        self.records.append((step, metrics))
+
+
+class Scheduler:
+    def get_last_lr(self):
+        return [0.5]
+
+
+def _job(total_steps: int, accum: int, log_every: int) -> Job:
+    cfg = Config()
+    cfg.train.grad_accum, cfg.train.log_every = accum, log_every
+    cfg.train.eval_every, cfg.train.ckpt_every, cfg.shards.loader_workers = 0, 0, 0
+
+    def loss_fn(engine, batch, loss_cfg, queue, momentum):
+        return batch["loss"], {"loss": batch["loss"]}
+
+    return Job(cfg, 0, 2, Path("."), Engine(accum), Scheduler(), None, Reader(10), loss_fn,
+               TrainState(), Tracker(), total_steps)  # fmt: skip
+
+
+def test_steps_windows_and_one_device_read_per_log_line(monkeypatch, caplog):
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t.dtype) or item(t))
+    job, meter = _job(total_steps=5, accum=2, log_every=2), Meter()
+    with caplog.at_level(logging.INFO, logger="train.loop"):
+        train_epoch(job, meter)
+    assert (job.state.step, job.state.batch_in_epoch) == (5, 10)
+    steps = [step for step, _ in job.tracker.records]
+    assert steps == [2, 4, 5]  # every log_every steps, and the last
+    # each window averages its micro-batches' losses: 0..3, 4..7, 8..9
+    assert [m["loss"] for _, m in job.tracker.records] == [1.5, 5.5, 8.5]
+    # the loss left the device once per log line, not per micro-step (the int64 read is the
+    # DataLoader's seed draw)
+    assert reads.count(torch.float32) == 3
+    assert job.tracker.records[0][1]["samples_per_s"] > 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 3 and "step 2/5" in lines[0] and "left ?" not in lines[1]
+    assert "left " in lines[1] and "loss 5.5000" in lines[1]
+
+
+def test_the_loop_resumes_inside_an_epoch_and_stops_at_the_last_step():
+    job, meter = _job(total_steps=3, accum=1, log_every=1), Meter()
+    job.state.step, job.state.batch_in_epoch, job.engine.global_steps = 1, 1, 1
+    train_epoch(job, meter)
+    assert (job.state.step, job.state.batch_in_epoch) == (3, 3)
+    assert [m["loss"] for _, m in job.tracker.records] == [1.0, 2.0]
+
+
+def test_time_left_counts_from_after_the_first_step(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("train.loop.time.perf_counter", lambda: now[0])
+    meter = Meter()
+    meter.stepped(1)  # start-up costs are before this point
+    assert meter.seconds_left(1, 11) is None
+    now[0] = 104.0
+    meter.stepped(3)  # only the first call sets the origin
+    assert meter.seconds_left(3, 11) == pytest.approx(16.0)  # 2 s per step, 8 steps left
