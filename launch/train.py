@@ -9,6 +9,7 @@ One process per rank (the deepspeed launcher starts them); every rank reads the 
 import argparse
 import json
 import logging
+import os
 import sys
 
 import _bootstrap  # noqa: F401  (repository root first on sys.path)
@@ -30,14 +31,17 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.exit(2, f"config error: {err}\n")
+    # rank 0 speaks for the job; the other ranks report only warnings and errors
+    rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
     from train.loop import train
 
     summary = train(cfg)
-    if summary is not None:
+    if summary is not None:  # rank 0 only
         print(json.dumps(summary, indent=1))
     return 0
 

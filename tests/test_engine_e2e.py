@@ -62,6 +62,7 @@ def launch(config, out_dir, *overrides, ranks=2, wait=True):
         return proc
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
+    (Path(out_dir) / "console.log").write_text(out)
     return json.loads((Path(out_dir) / "summary.json").read_text())
 
 
@@ -94,6 +95,15 @@ def test_zero_stages_train_checkpoint_export_and_track(setup, tmp_path, stage):
     assert "samples_per_s" in run.data.metrics and "data_wait_s" in run.data.metrics
     report = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert {"report/retrievals.png", "report/index.html", "report/recall.png"} <= report
+    # the console: rank 0 speaks for the job, once
+    console = (out / "console.log").read_text()
+    assert "one-time op compile" in console and console.count("building the job") == 1
+    assert console.count('"mlflow_run_id"') == 1  # the summary, printed by rank 0 only
+    assert f"step {summary['steps']}/{summary['steps']}" in console and " left " in console
+    assert console.count("validation at step") == len(
+        client.get_metric_history(run.info.run_id, "recall_at_1")
+    )
+    assert "checkpoint saved: " in console and "R@1 " in console
 
 
 def test_kill_and_resume_reaches_the_same_weights(setup, tmp_path):
