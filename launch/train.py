@@ -38,9 +38,14 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
+    from train.checkpoint import CheckpointError
     from train.loop import train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except CheckpointError as err:  # names the file; the launcher then stops the other ranks
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
     if summary is not None:  # rank 0 only
         print(json.dumps(summary, indent=1))
     return 0
