@@ -187,6 +187,7 @@ class TrackingConfig:
     experiment: str = "covr-train"
     run_name: str = ""
     parent_run_id: str = ""  # a sweep's run: this run becomes its child
+    artifact_location: str = ""  # new experiment's artifacts; "" = <store dir>/mlartifacts (SQLite)
 
 
 @dataclass

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from eval.run import EvalJob, evaluate
     from sharding.pack import pack_splits
     from train.engine import free_port
-    from train.tracking import Tracker
+    from train.tracking import Tracker, ui_command
 
     start = time.perf_counter()
     print(f"[1/4] synthetic corpus -> {cfg.data.root}", flush=True)
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     )
     print(f"  chance R@1 {100 / test['gallery_size']:.2f}")
     print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}")
-    print(f"  open the UI: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+    print(f"  open the UI: {ui_command(summary['mlflow_tracking_uri'])}")
     print(f"wrote {out / 'results.json'} ({results['seconds']} s)")
     return 0
 

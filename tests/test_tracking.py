@@ -1,13 +1,34 @@
+import json
+import logging
+import shlex
 import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
+import requests
 from mlflow import MlflowClient
+from PIL import Image
 
 from tests.multirank import free_port
-from train.tracking import Tracker, flatten, metric_name
+from train.tracking import (
+    Tracker,
+    default_artifact_location,
+    default_uri,
+    flatten,
+    metric_name,
+    ui_command,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module (creating one costs seconds): <root>/run/mlflow.db."""
+    root = tmp_path_factory.mktemp("store")
+    (root / "run").mkdir()
+    return SimpleNamespace(root=root, dir=root / "run", uri=f"sqlite:///{root}/run/mlflow.db")
 
 
 def test_names_and_flattening():
@@ -15,8 +36,8 @@ def test_names_and_flattening():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
 
 
-def test_sqlite_store_round_trip(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_sqlite_store_round_trip(store, tmp_path):
+    uri = store.uri
     t = Tracker(uri, "exp", tmp_path, run_name="r1")
     t.log_params({"model": {"arch": "blip2"}, "optim": {"lr": 1e-4}})
     for step in range(3):
@@ -32,7 +53,128 @@ def test_sqlite_store_round_trip(tmp_path):
     ]
 
 
-def _wait_port(port, timeout=60):
+def _history(uri, run_id, key="loss"):
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def _messages(caplog, needle):
+    return [r.getMessage() for r in caplog.records if needle in r.getMessage()]
+
+
+# --- artifacts stay with the store --------------------------------------------------------------
+def test_artifact_location_rules(tmp_path):
+    out = tmp_path / "out"
+    assert default_artifact_location(f"sqlite:///{out}/mlflow.db", out) == str(out / "mlartifacts")
+    assert default_artifact_location("sqlite:///rel/x.db?timeout=5", out).endswith(
+        "/rel/mlartifacts"
+    )
+    assert default_artifact_location("postgresql+psycopg2://u@h/db", out) == str(
+        out / "mlartifacts"
+    )
+    assert default_artifact_location("http://127.0.0.1:5000", out) is None  # the server decides
+    assert default_artifact_location(f"file://{out}/mlruns", out) is None  # inside the file store
+    hint = ui_command(f"sqlite:///{out}/mlflow.db")
+    assert f"--backend-store-uri sqlite:///{out}/mlflow.db" in hint and "--host 127.0.0.1" in hint
+    assert ui_command("http://h:5000").startswith("open http://h:5000")
+
+
+def test_another_cwd_gets_nothing(store, tmp_path, monkeypatch):
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)  # else sqlite:///<out>/mlflow.db
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "index.html").write_text("<p>report</p>")
+    (out / "summary.json").write_text("{}")
+    t = Tracker(default_uri(out), "cwd", out)
+    t.log_metrics({"loss": 1.0}, 1)
+    t.log_artifact(out / "summary.json")
+    t.log_artifact(out / "report")
+    t.finish()
+    assert list(cwd.iterdir()) == []
+    stored = MlflowClient(store.uri).get_run(t.run_id).info.artifact_uri
+    assert stored.removeprefix("file://").startswith(str(store.dir / "mlartifacts"))
+    files = sorted(
+        p.relative_to(store.dir).parts[-2:]
+        for p in (store.dir / "mlartifacts").rglob(f"{t.run_id}/**/*.*")
+    )
+    assert files == [("artifacts", "summary.json"), ("report", "index.html")]
+    # the config key wins for a new experiment
+    t = Tracker(default_uri(out), "cwd2", out, artifact_location=str(tmp_path / "elsewhere"))
+    t.log_artifact(out / "summary.json")
+    t.finish()
+    assert len(list((tmp_path / "elsewhere").rglob("summary.json"))) == 1
+    assert list(cwd.iterdir()) == []
+
+
+# --- resume, refused records, the buffer --------------------------------------------------------
+def test_resume_logs_each_point_once_and_unknown_run_starts_anew(store, tmp_path, caplog):
+    uri = store.uri
+    first = Tracker(uri, "exp", tmp_path)
+    first.log_params({"optim": {"lr": 1e-4}})
+    for step in range(1, 5):
+        first.log_metrics({"loss": float(step)}, step)  # killed after step 4, checkpoint at 2
+    resumed = Tracker(uri, "exp", tmp_path, run_id=first.run_id)
+    resumed.log_params({"optim": {"lr": 1e-4}, "train": {"max_steps": 6}})
+    for step in range(3, 7):
+        resumed.log_metrics({"loss": 10.0 * step}, step)
+    resumed.finish()
+    assert _history(uri, first.run_id) == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 4.0),
+        (5, 50.0),
+        (6, 60.0),
+    ]
+    assert resumed.skipped_points == 2
+    assert MlflowClient(uri).get_run(first.run_id).data.params == {
+        "optim.lr": "0.0001",
+        "train.max_steps": "6",
+    }
+    with caplog.at_level(logging.WARNING, "train.tracking"):
+        other = Tracker(uri, "exp", tmp_path, run_id="0" * 32)  # e.g. another tracking uri
+    assert other.run_id not in (None, "0" * 32) and _messages(caplog, "starting a new run")
+
+
+def test_refused_item_is_reported_once_and_the_rest_flows(store, tmp_path, caplog):
+    uri = store.uri
+    t = Tracker(uri, "exp", tmp_path)
+    with caplog.at_level(logging.WARNING, "train.tracking"):
+        for step in (1, 2):
+            t.log_metrics({"loss": float(step), "bad%name": 1.0}, step)  # MLflow refuses the name
+    t.finish()
+    assert _history(uri, t.run_id) == [(1, 1.0), (2, 2.0)]
+    assert t.refused == {"bad%name": 2} and not t.buffer.exists()
+    assert len(_messages(caplog, "refused metric 'bad%name'")) == 1
+    assert not _messages(caplog, "did not answer")
+    assert MlflowClient(uri).get_run(t.run_id).info.status == "FINISHED"
+
+
+def test_truncated_buffer_line_is_skipped_and_later_appends_survive(store, tmp_path, caplog):
+    out = tmp_path / "out"
+    away = Tracker(f"http://127.0.0.1:{free_port()}", "exp", out)  # nothing listens there
+    away.log_metrics({"loss": 3.0}, 1)
+    with away.buffer.open("a") as f:
+        f.write('{"metrics": [["loss", 2.5, 17')  # the process was killed mid-append
+    away.log_metrics({"loss": 2.0}, 2)  # the failed replay rewrote the buffer without it
+    lines = away.buffer.read_text().splitlines()
+    assert away.bad_lines == 1 and [json.loads(line)["metrics"][0][3] for line in lines] == [1, 2]
+    with away.buffer.open("a") as f:
+        f.write('{"tags": [["a", "b"')  # killed mid-append again, now the last line
+    uri = store.uri
+    with caplog.at_level(logging.WARNING, "train.tracking"):
+        back = Tracker(uri, "exp", out)  # same run directory, the store answers
+        back.log_metrics({"loss": 1.0}, 3)
+    back.finish()
+    assert _history(uri, back.run_id) == [(1, 3.0), (2, 2.0), (3, 1.0)]
+    assert back.bad_lines == 1 and not back.buffer.exists()
+    assert _messages(caplog, "skipped 1 unreadable line(s)") and _messages(caplog, "lines 2")
+    assert MlflowClient(uri).get_run(back.run_id).info.status == "FINISHED"
+
+
+# --- a real server, started the way the printed hint says ----------------------------------------
+def _wait_port(port, timeout=90):
     deadline = time.time() + timeout
     while time.time() < deadline:
         with socket.socket() as s:
@@ -42,13 +184,91 @@ def _wait_port(port, timeout=60):
     raise TimeoutError(f"mlflow server did not open port {port}")
 
 
-def _server(tmp_path, port):
-    return subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "art"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+def _start(cmd, port, cwd):
+    argv = [sys.executable, "-m", *shlex.split(cmd)]  # "mlflow ui ..." -> python -m mlflow ui ...
+    argv[argv.index("--port") + 1] = str(port)
+    return subprocess.Popen(argv + ["--workers", "1"], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ui(store):
+    """A finished training run in <out>/mlflow.db, then `mlflow ui` on it as the hint says."""
+    root, out, uri = store.root, store.dir, store.uri
+    cwd = root / "cwd"
+    (out / "report").mkdir(parents=True)
+    cwd.mkdir()
+    Image.new("RGB", (64, 32), (200, 40, 40)).save(out / "report" / "retrievals.png")
+    (out / "report" / "index.html").write_text('<img src="retrievals.png">')
+    Image.new("RGB", (48, 48), (40, 40, 200)).save(out / "learning_curves.png")
+    (out / "results.json").write_text(json.dumps({"R@1": 61.0}))
+    t = Tracker(uri, "covr-train", out, run_name="demo")
+    t.log_params({"optim": {"lr": 2e-3}})
+    t.log_metrics({"loss": 1.0, "R@1": 61.0}, 10)
+    for path in sorted((out / "report").iterdir()):
+        t.log_artifact(path, "report")
+    t.log_artifact(out / "learning_curves.png")
+    t.log_artifact(out / "results.json")
+    t.finish()
+    port = free_port()
+    server = _start(ui_command(uri), port, cwd)
+    try:
+        _wait_port(port)
+        yield SimpleNamespace(http=f"http://127.0.0.1:{port}", sqlite=uri, run_id=t.run_id, out=out,
+                              cwd=cwd, root=root)  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.e2e
+def test_ui_lists_and_serves_the_artifacts(ui):
+    files = {}
+    for path in ("", "report"):
+        r = requests.get(f"{ui.http}/ajax-api/2.0/mlflow/artifacts/list",
+                         params={"run_id": ui.run_id, "path": path}, timeout=30)  # fmt: skip
+        r.raise_for_status()
+        files.update({f["path"]: f for f in r.json()["files"]})
+    assert {"report", "report/retrievals.png", "report/index.html", "learning_curves.png",
+            "results.json"} <= set(files)  # fmt: skip
+    for name in ("report/retrievals.png", "learning_curves.png", "results.json"):
+        r = requests.get(f"{ui.http}/get-artifact", params={"path": name, "run_uuid": ui.run_id},
+                         timeout=30)  # fmt: skip
+        r.raise_for_status()
+        assert r.content == (ui.out / name).read_bytes(), name
+    assert list((ui.out / "mlartifacts").rglob("retrievals.png"))  # beside the store
+    assert not (ui.root / "mlruns").exists() and not list(ui.cwd.iterdir())
+
+
+@pytest.mark.e2e
+def test_server_refusals_on_resume_do_not_block(ui, tmp_path, caplog):
+    out = tmp_path / "trial"
+    first = Tracker(ui.http, "resume", out)
+    first.log_params({"optim": {"lr": 1e-4}, "seed": 1})
+    first.log_metrics({"loss": 3.0}, 1)  # then killed: no finish
+    with caplog.at_level(logging.WARNING, "train.tracking"):
+        resumed = Tracker(ui.http, "resume", out, run_id=first.run_id)
+        resumed.log_params(
+            {"optim": {"lr": 2e-3}, "seed": 1, "extra": "x"}
+        )  # compared, not re-sent
+        resumed.log_metrics({"loss": 9.0}, 1)  # recomputed after the resume: already there
+        resumed.log_metrics({"loss": 2.0}, 2)
+        # what an outage before a kill leaves: a params record the server will refuse, a metric
+        out.mkdir(parents=True, exist_ok=True)
+        with resumed.buffer.open("a") as f:
+            f.write(json.dumps({"params": [["optim.lr", "5e-3"], ["late", "y"]]}) + "\n")
+            f.write(json.dumps({"metrics": [["loss", 1.0, int(time.time() * 1000), 3]]}) + "\n")
+        resumed.log_metrics({"loss": 0.5}, 4)
+        resumed.finish()
+    run = MlflowClient(ui.http).get_run(first.run_id)
+    assert run.info.status == "FINISHED" and not resumed.buffer.exists()
+    assert run.data.params == {"optim.lr": "0.0001", "seed": "1", "extra": "x", "late": "y"}
+    assert _history(ui.http, first.run_id) == [(1, 3.0), (2, 2.0), (3, 1.0), (4, 0.5)]
+    assert len(_messages(caplog, "param optim.lr of resumed run")) == 1
+    assert len(_messages(caplog, "refused param 'optim.lr'")) == 1 and resumed.refused == {
+        "optim.lr": 1
+    }
+    assert not _messages(caplog, "did not answer")
 
 
 @pytest.mark.e2e
@@ -60,14 +280,18 @@ def test_real_server_outage_buffers_and_resends(tmp_path):
     t.log_metrics({"loss": 3.0}, 1)
     t.log_metrics({"loss": 2.0}, 2)
     assert (tmp_path / "out" / "mlflow_buffer.jsonl").is_file()
-    server = _server(tmp_path, port)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "art"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
         _wait_port(port)
         t.log_metrics({"loss": 1.0}, 3)  # reaches the server: buffered records go first
         assert not (tmp_path / "out" / "mlflow_buffer.jsonl").exists()
         t.finish()
-        history = MlflowClient(uri).get_metric_history(t.run_id, "loss")
-        assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.0), (3, 1.0)]
+        assert _history(uri, t.run_id) == [(1, 3.0), (2, 2.0), (3, 1.0)]
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -192,9 +192,9 @@ def build(cfg: Config, rank: int, world: int) -> Job:
         ckpt.load_checkpoint(engine, ckpt_dir, tags[-1], state)
 
     tracker = Tracker(cfg.tracking.uri or default_uri(out), cfg.tracking.experiment, out, cfg.tracking.run_name,
-                      run_id=state.run_id, enabled=rank == 0, parent_run_id=cfg.tracking.parent_run_id or None)  # fmt: skip
-    if state.run_id is None:
-        tracker.log_params(to_dict(cfg))
+                      run_id=state.run_id, enabled=rank == 0, parent_run_id=cfg.tracking.parent_run_id or None,
+                      artifact_location=cfg.tracking.artifact_location or None)  # fmt: skip
+    tracker.log_params(to_dict(cfg))  # a resumed run: compared with the run's, new keys only
     if rank == 0:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 

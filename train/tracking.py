@@ -1,9 +1,18 @@
-"""MLflow tracking from rank 0, robust to an unreachable server.
+"""MLflow tracking from rank 0: training never waits on it, and no record is lost silently.
 
-Metrics are sent as they come; when the tracking server does not answer, they are appended to
-`<out_dir>/mlflow_buffer.jsonl` and re-sent (in order, then removed from the buffer) at the next
-call that reaches the server, at the end of the run, or later with `flush_buffer`. Training
-never waits on MLflow longer than one short request timeout.
+- Params, metrics and tags go out as `log_batch` records. When the server does not answer
+  (connection error, timeout, 5xx), the record is appended to `<out_dir>/mlflow_buffer.jsonl` and
+  replayed, in order, at the next call that reaches the server, at `finish`, or by `flush_buffer`.
+- A record the server answers with a refusal (4xx: a param whose value changed, an invalid key)
+  is not an outage: it is retried item by item, each refused key is reported once and dropped,
+  and everything else goes on.
+- A buffer line cut short by a kill is skipped and counted; the next append starts a new line.
+- A resumed run (`run_id` given) compares params with those on the run instead of re-logging
+  them (MLflow keeps the first value; a changed one is reported), and skips metric points at or
+  before the step the run already has for that key (a run resumed from an earlier checkpoint
+  computes them again).
+- A new experiment keeps its artifacts beside a SQLite store (`<store dir>/mlartifacts`), not in
+  `./mlruns` of whatever directory the command ran in; a tracking server decides for itself.
 """
 
 from __future__ import annotations
@@ -11,14 +20,42 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
+
+KINDS = ("params", "metrics", "tags")
+# 4xx answers that are not about the record itself: keep the record and replay it later
+NOT_A_REFUSAL = {"UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "PERMISSION_DENIED",
+                 "ENDPOINT_NOT_FOUND", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}  # fmt: skip
+DATABASES = {"sqlite", "postgresql", "mysql", "mssql"}
 
 
 def default_uri(out_dir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out_dir).resolve()}/mlflow.db"
+
+
+def default_artifact_location(uri: str, out_dir: str | Path) -> str | None:
+    """Where a new experiment's artifacts go when nobody says: beside a SQLite file, in the run
+    directory for another database; None (the store's or server's own choice) otherwise."""
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme not in DATABASES:
+        return None  # file store: artifacts inside it; http: the server's artifact root
+    if scheme == "sqlite":
+        path = uri.split("://", 1)[1][1:].split("?")[0]  # sqlite:///rel/x.db, sqlite:////abs/x.db
+        if path and path != ":memory:":
+            return str(Path(path).resolve().parent / "mlartifacts")
+    return str(Path(out_dir).resolve() / "mlartifacts")
+
+
+def ui_command(uri: str) -> str:
+    """What a user runs to see the runs of `uri`; a local UI listens on 127.0.0.1 only."""
+    if urlparse(uri).scheme in ("http", "https"):
+        return f"open {uri} (the tracking server serves the UI)"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -37,15 +74,49 @@ def metric_name(name: str) -> str:
     return name.replace("R@", "recall_at_").replace("@", "_at_")
 
 
+def is_refusal(err: Exception) -> bool:
+    """The server answered and refused the record (retrying cannot help), as opposed to not
+    answering (connection error, timeout, 5xx: worth buffering)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(err, MlflowException):
+        return False
+    return 400 <= err.get_http_status_code() < 500 and err.error_code not in NOT_A_REFUSAL
+
+
+def _entities(record: dict) -> dict:
+    """A buffered record as MLflow entities; raises ValueError/TypeError on a malformed one."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    if not isinstance(record, dict) or not set(record) <= set(KINDS):
+        raise ValueError(f"not a record: {record!r:.80}")
+    return {
+        "metrics": [Metric(k, float(v), int(ts), int(s)) for k, v, ts, s in record.get("metrics", [])],
+        "params": [Param(str(k), str(v)) for k, v in record.get("params", [])],
+        "tags": [RunTag(str(k), str(v)) for k, v in record.get("tags", [])],
+    }  # fmt: skip
+
+
 class Tracker:
-    """One MLflow run. `enabled=False` (ranks other than 0) makes every call a no-op."""
+    """One MLflow run. `enabled=False` (ranks other than 0) makes every call a no-op.
+
+    `run_id` continues that run (a resume); `artifact_location` applies to an experiment this
+    tracker creates (default: `default_artifact_location`)."""
 
     def __init__(self, uri: str, experiment: str, out_dir: str | Path, run_name: str = "",
-                 run_id: str | None = None, enabled: bool = True, parent_run_id: str | None = None):  # fmt: skip
+                 run_id: str | None = None, enabled: bool = True, parent_run_id: str | None = None,
+                 artifact_location: str | None = None):  # fmt: skip
         self.enabled = enabled
         self.uri = uri
         self.run_id = run_id
-        self.buffer = Path(out_dir) / "mlflow_buffer.jsonl"
+        self.out_dir = Path(out_dir)
+        self.buffer = self.out_dir / "mlflow_buffer.jsonl"
+        self.refused: dict[str, int] = {}  # key -> records refused by the server
+        self.bad_lines = 0  # unreadable buffer lines skipped
+        self.skipped_points = 0  # metric points a resumed run already had
+        self.known_params: dict[str, str] | None = None  # on the run already (resume)
+        self.last_step: dict[str, int] = {}  # newest step per metric on the run (resume)
+        self.outage = False
         if not enabled:
             return
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -54,38 +125,84 @@ class Tracker:
 
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment, self.run_name, self.parent_run_id = experiment, run_name, parent_run_id
+        self.artifact_location = artifact_location or default_artifact_location(uri, out_dir)
+        self.explicit_location = bool(artifact_location)
         try:
+            if run_id is not None:
+                self._read_resumed_run()
             self._ensure_run()
         except Exception as err:  # the server is away: the run is created when it answers
-            log.warning(
-                "mlflow unreachable at start (%s); buffering to %s", type(err).__name__, self.buffer
-            )
+            self._went_away(err)
+
+    # --- the run ---------------------------------------------------------------------------
+    def _read_resumed_run(self) -> None:
+        """What the resumed run holds already; a run this store does not have starts anew."""
+        try:
+            run = self.client.get_run(self.run_id)
+        except Exception as err:
+            if not is_refusal(err):
+                raise
+            run = None
+        if run is None or run.info.lifecycle_stage == "deleted":
+            log.warning("mlflow: run %s to resume is not in %s (or deleted); starting a new run",
+                        self.run_id, self.uri)  # fmt: skip
+            self.run_id = None
+            return
+        self.known_params = dict(run.data.params)
+        # the run's latest metrics carry their step (the newest one per key)
+        self.last_step = {m.key: m.step for m in run.data._metric_objs}
 
     def _ensure_run(self) -> None:
         if self.run_id is not None:
             return
         exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        if exp is None:
+            exp_id = self.client.create_experiment(self.experiment, self.artifact_location)
+        else:
+            exp_id = exp.experiment_id
+            if self.explicit_location and self.artifact_location not in exp.artifact_location:
+                log.warning("mlflow: experiment %r keeps its artifacts in %s (set when it was "
+                            "created); tracking.artifact_location=%s is not used",
+                            self.experiment, exp.artifact_location, self.artifact_location)  # fmt: skip
+                self.explicit_location = False
         tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
         self.run_id = self.client.create_run(
             exp_id, run_name=self.run_name or None, tags=tags
         ).info.run_id
 
+    # --- logging ---------------------------------------------------------------------------
     def log_params(self, params: dict) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Param
-
-        flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
-        for i in range(0, len(flat), 100):
-            self._send({"params": [(p.key, p.value) for p in flat[i : i + 100]]})
+        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        if self.known_params is not None:  # resumed: MLflow params cannot change
+            for k, v in flat.items():
+                if k in self.known_params and self.known_params[k] != v:
+                    log.warning("mlflow: param %s of resumed run %s is %r now but stays %r "
+                                "in MLflow (params cannot change)",
+                                k, self.run_id, v, self.known_params[k])  # fmt: skip
+            flat = {k: v for k, v in flat.items() if k not in self.known_params}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            self._send({"params": items[i : i + 100]})
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         if not self.enabled:
             return
         now = int(time.time() * 1000)
         items = [(metric_name(k), float(v), now, step) for k, v in metrics.items()]
-        self._send({"metrics": items})
+        fresh = [m for m in items if step > self.last_step.get(m[0], -(2**62))]
+        if len(fresh) < len(items):
+            if not self.skipped_points:
+                log.info("mlflow: resumed run %s already has step %d of %s; not logged again",
+                         self.run_id, step, items[0][0])  # fmt: skip
+            self.skipped_points += len(items) - len(fresh)
+        if fresh:
+            self._send({"metrics": fresh})
+
+    def set_tags(self, tags: dict) -> None:
+        if self.enabled:
+            self._send({"tags": list(tags.items())})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
@@ -100,58 +217,120 @@ class Tracker:
             except Exception as err:  # artifacts are files on disk already: say so, go on
                 log.warning("mlflow: could not upload %s (%s); it stays at that path", path, err)
 
-    def set_tags(self, tags: dict) -> None:
-        if self.enabled:
-            self._send({"tags": list(tags.items())})
-
-    def _post(self, record: dict) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
-        self._ensure_run()
-        self.client.log_batch(
-            self.run_id,
-            metrics=[Metric(k, v, ts, s) for k, v, ts, s in record.get("metrics", [])],
-            params=[Param(k, v) for k, v in record.get("params", [])],
-            tags=[RunTag(k, str(v)) for k, v in record.get("tags", [])],
-        )
-
+    # --- delivery --------------------------------------------------------------------------
     def _send(self, record: dict) -> None:
         try:
-            self.flush_buffer()
-            self._post(record)
+            self._replay()
+            self._deliver(record)
         except Exception as err:
-            log.warning("mlflow unreachable (%s); buffering to %s", type(err).__name__, self.buffer)
-            self.buffer.parent.mkdir(parents=True, exist_ok=True)
-            with self.buffer.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._went_away(err)
+            self._append(record)
+            return
+        self._answered()
 
-    def flush_buffer(self) -> int:
-        """Send buffered records; raises (keeping the unsent ones) if the server is still away."""
-        if not self.enabled or not self.buffer.is_file():
+    def _deliver(self, record: dict) -> None:
+        """Post one record; a refused one is split into items and the refused items dropped.
+        Raises only when the server did not answer."""
+        self._ensure_run()
+        try:
+            self.client.log_batch(self.run_id, **_entities(record))
+        except Exception as err:
+            if not is_refusal(err):
+                raise
+            items = [(kind, item) for kind in KINDS for item in record.get(kind, [])]
+            if len(items) > 1:
+                for kind, item in items:
+                    self._deliver({kind: [item]})
+            elif items:
+                self._refused(items[0], err)
+
+    def _refused(self, item: tuple, err: Exception) -> None:
+        kind, (key, value, *_) = item
+        if key not in self.refused:
+            reason = str(err).splitlines()[0][:300]
+            log.warning("mlflow refused %s %r = %r of run %s (%s); dropped, logging goes on",
+                        kind[:-1], key, value, self.run_id, reason)  # fmt: skip
+        self.refused[key] = self.refused.get(key, 0) + 1
+
+    def _went_away(self, err: Exception) -> None:
+        """Said once per outage, not at every step."""
+        if not self.outage:
+            reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            what = "refused to start the run" if is_refusal(err) else "did not answer"
+            log.warning("mlflow: %s %s (%s); buffering to %s and retrying at each call",
+                        self.uri, what, reason, self.buffer)  # fmt: skip
+        self.outage = True
+
+    def _answered(self) -> None:
+        if self.outage:
+            log.warning("mlflow: %s answers again; buffered records sent", self.uri)
+        self.outage = False
+
+    # --- the buffer ------------------------------------------------------------------------
+    def _append(self, record: dict) -> None:
+        self.buffer.parent.mkdir(parents=True, exist_ok=True)
+        with self.buffer.open("a+b") as f:
+            if f.seek(0, os.SEEK_END):  # a line cut by a kill must not swallow this one
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write(json.dumps(record).encode() + b"\n")
+
+    def _read_buffer(self) -> list[dict]:
+        records, bad = [], []
+        for n, line in enumerate(self.buffer.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                _entities(record)
+                records.append(record)
+            except (ValueError, TypeError):
+                bad.append(n)
+        if bad:
+            self.bad_lines += len(bad)
+            log.warning("mlflow: skipped %d unreadable line(s) of %s (lines %s; cut by a kill?)",
+                        len(bad), self.buffer, ", ".join(map(str, bad[:10])))  # fmt: skip
+        return records
+
+    def _replay(self) -> int:
+        """Send buffered records in order; raises (keeping the unsent ones) if still no answer."""
+        if not self.buffer.is_file():
             return 0
-        records = [
-            json.loads(line) for line in self.buffer.read_text().splitlines() if line.strip()
-        ]
+        records = self._read_buffer()
         for i, record in enumerate(records):
             try:
-                self._post(record)
+                self._deliver(record)
             except Exception:
-                self.buffer.write_text("".join(json.dumps(r) + "\n" for r in records[i:]))
+                tmp = self.buffer.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in records[i:]))
+                os.replace(tmp, self.buffer)  # a kill here leaves the old buffer, not half a one
                 raise
         self.buffer.unlink()
         return len(records)
+
+    def flush_buffer(self) -> int:
+        """Send what is buffered; returns how many records went out (0 if the server is away)."""
+        if not self.enabled:
+            return 0
+        try:
+            sent = self._replay()
+        except Exception as err:
+            self._went_away(err)
+            return 0
+        self._answered()
+        return sent
 
     def finish(self, status: str = "FINISHED") -> None:
         if not self.enabled:
             return
         try:
-            self.flush_buffer()
+            self._replay()
             self._ensure_run()
             self.client.set_terminated(self.run_id, status)
         except Exception as err:
-            log.warning(
-                "mlflow: run %s not closed (%s); buffered metrics stay in %s",
-                self.run_id,
-                err,
-                self.buffer,
-            )
+            log.warning("mlflow: run %s not closed (%s); buffered records stay in %s",
+                        self.run_id, err, self.buffer)  # fmt: skip
+        if self.refused:
+            log.warning("mlflow refused %d record(s) of run %s: %s", sum(self.refused.values()),
+                        self.run_id, ", ".join(sorted(self.refused)))  # fmt: skip
