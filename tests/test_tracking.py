@@ -173,6 +173,24 @@ def test_truncated_buffer_line_is_skipped_and_later_appends_survive(store, tmp_p
     assert MlflowClient(uri).get_run(back.run_id).info.status == "FINISHED"
 
 
+def test_store_away_at_start_buffers_then_creates_the_run_late(store, tmp_path, caplog):
+    blocker = tmp_path / "mnt"
+    blocker.write_text("")  # the store's directory cannot be made: e.g. a share not mounted yet
+    uri = f"sqlite:///{blocker}/mlflow.db"
+    with caplog.at_level(logging.WARNING, "train.tracking"):
+        t = Tracker(uri, "late", tmp_path / "out")
+        t.log_metrics({"loss": 3.0}, 1)
+        t.log_metrics({"loss": 2.0}, 2)
+        assert t.run_id is None and len(t.buffer.read_text().splitlines()) == 2
+        blocker.unlink()
+        blocker.symlink_to(store.dir)  # mounted: the store answers
+        t.log_metrics({"loss": 1.0}, 3)  # buffered records go first
+        t.finish()
+    assert not t.buffer.exists() and _history(uri, t.run_id) == [(1, 3.0), (2, 2.0), (3, 1.0)]
+    assert len(_messages(caplog, "did not answer")) == 1 and _messages(caplog, "answers again")
+    assert MlflowClient(uri).get_run(t.run_id).info.status == "FINISHED"
+
+
 # --- a real server, started the way the printed hint says ----------------------------------------
 def _wait_port(port, timeout=90):
     deadline = time.time() + timeout
@@ -269,29 +287,3 @@ def test_server_refusals_on_resume_do_not_block(ui, tmp_path, caplog):
         "optim.lr": 1
     }
     assert not _messages(caplog, "did not answer")
-
-
-@pytest.mark.e2e
-def test_real_server_outage_buffers_and_resends(tmp_path):
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    t = Tracker(uri, "exp", tmp_path / "out")  # server not started yet: nothing reachable
-    assert t.run_id is None
-    t.log_metrics({"loss": 3.0}, 1)
-    t.log_metrics({"loss": 2.0}, 2)
-    assert (tmp_path / "out" / "mlflow_buffer.jsonl").is_file()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "art"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        _wait_port(port)
-        t.log_metrics({"loss": 1.0}, 3)  # reaches the server: buffered records go first
-        assert not (tmp_path / "out" / "mlflow_buffer.jsonl").exists()
-        t.finish()
-        assert _history(uri, t.run_id) == [(1, 3.0), (2, 2.0), (3, 1.0)]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -117,21 +117,18 @@ class Tracker:
         self.known_params: dict[str, str] | None = None  # on the run already (resume)
         self.last_step: dict[str, int] = {}  # newest step per metric on the run (resume)
         self.outage = False
+        self.client = None  # made at the first call that works (a database store connects then)
+        self.to_read = run_id is not None  # a resumed run not read yet
         if not enabled:
             return
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=uri)
         self.experiment, self.run_name, self.parent_run_id = experiment, run_name, parent_run_id
         self.artifact_location = artifact_location or default_artifact_location(uri, out_dir)
         self.explicit_location = bool(artifact_location)
         try:
-            if run_id is not None:
-                self._read_resumed_run()
             self._ensure_run()
-        except Exception as err:  # the server is away: the run is created when it answers
+        except Exception as err:  # the store is away: the run is created when it answers
             self._went_away(err)
 
     # --- the run ---------------------------------------------------------------------------
@@ -153,6 +150,13 @@ class Tracker:
         self.last_step = {m.key: m.step for m in run.data._metric_objs}
 
     def _ensure_run(self) -> None:
+        if self.client is None:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=self.uri)
+        if self.to_read:
+            self._read_resumed_run()
+            self.to_read = False
         if self.run_id is not None:
             return
         exp = self.client.get_experiment_by_name(self.experiment)
