@@ -109,8 +109,7 @@ class Tracker:
         self.enabled = enabled
         self.uri = uri
         self.run_id = run_id
-        self.out_dir = Path(out_dir)
-        self.buffer = self.out_dir / "mlflow_buffer.jsonl"
+        self.buffer = Path(out_dir) / "mlflow_buffer.jsonl"
         self.refused: dict[str, int] = {}  # key -> records refused by the server
         self.bad_lines = 0  # unreadable buffer lines skipped
         self.skipped_points = 0  # metric points a resumed run already had
