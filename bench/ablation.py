@@ -24,7 +24,7 @@ from data.corpus import build_synthetic  # noqa: E402
 from data.video import load_frames  # noqa: E402
 from data.webvid_covr import read_annotations, video_path  # noqa: E402
 from eval.metrics import recall_at_k  # noqa: E402
-from sharding.pack import masked_caption_group  # noqa: E402
+from sharding.records import masked_caption_group  # noqa: E402
 from train.batch import collate  # noqa: E402
 from train.models import build_model, similarity  # noqa: E402
 from train.objective import covr_loss  # noqa: E402

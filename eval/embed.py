@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm import tqdm
 
 from data.video import to_model_input
+from sharding.format import ImageDecodeError, decode_rgb
 
 
 def distributed_embed(
@@ -56,10 +55,9 @@ def distributed_embed(
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """An image file -> (3, size, size), normalised as the video frames are."""
     try:
-        with Image.open(path) as im:
-            pixels = np.asarray(im.convert("RGB"))[None]
-    except (OSError, ValueError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from None
+        pixels = decode_rgb(path)[None]
+    except ImageDecodeError as err:
+        raise ImageDecodeError(f"{path}: {err}") from None
     return to_model_input(pixels, size)[0]
 
 

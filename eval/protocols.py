@@ -10,7 +10,6 @@ All search through `eval.search.retrieve` (FAISS); every rank embeds its share o
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from data.benchmarks import (
     FASHIONIQ_CATEGORIES,
@@ -31,13 +29,9 @@ from data.benchmarks import (
 from eval.embed import embed_image_queries, embed_images
 from eval.metrics import map_at_k, positive_ranks
 from eval.search import IndexSpec, recall_from_topk, retrieve
+from sharding.format import decode_rgb
 
 PROTOCOLS = ("webvid-covr", "cirr", "fashioniq", "circo")
-
-
-def _read_rgb(path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 @dataclass
@@ -122,8 +116,8 @@ def _evaluation(protocol, metrics, queries, found, gallery) -> Evaluation:
         edits=[q.caption for q in queries], references=[q.reference for q in queries],
         positives=[q.targets for q in queries], top_ids=top_ids, top_scores=scores,
         gallery_ids=ids, query_emb=query_emb, gallery_emb=gallery_emb,
-        query_image=lambda i: _read_rgb(gallery[queries[i].reference]),
-        gallery_image=lambda g: _read_rgb(gallery[g]),
+        query_image=lambda i: decode_rgb(gallery[queries[i].reference]),
+        gallery_image=lambda g: decode_rgb(gallery[g]),
     )  # fmt: skip
 
 
@@ -275,16 +269,13 @@ def _webvid_images(urls: list[str]):
                 queries.append(record[min(k for k in record if k.startswith(f"q{j:03d}_"))])
         cache.update(queries=queries, targets=targets)
 
-    def decode(blob: bytes) -> np.ndarray:
-        return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
-
     def query_image(i: int) -> np.ndarray:
         fill()
-        return decode(cache["queries"][i])
+        return decode_rgb(cache["queries"][i])
 
     def gallery_image(g: str) -> np.ndarray:
         fill()
-        return decode(cache["targets"][g])
+        return decode_rgb(cache["targets"][g])
 
     return query_image, gallery_image
 
@@ -293,7 +284,7 @@ def webvid_covr(model, tokenizer, shard_dir, settings: EvalSettings | None = Non
     from functools import partial
 
     from eval.retrieval import embed_split, webvid_topk
-    from sharding.pack import read_manifest
+    from sharding.manifest import read_manifest
     from sharding.reader import shard_urls
     from train.batch import collate
 

@@ -8,14 +8,13 @@ embeddings are gathered in record order.
 
 from __future__ import annotations
 
-import json
-
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from eval.search import IndexSpec, retrieve
-from sharding.reader import decode_sample, iter_records, record_triplet
+from sharding import format as fmt
+from sharding.reader import iter_records
 
 
 def _gather_objects(obj, world: int) -> list:
@@ -29,19 +28,21 @@ def _gather_objects(obj, world: int) -> list:
 @torch.no_grad()
 def embed_split(model, urls: list[str], collate, batch_size: int = 64, rank: int = 0, world: int = 1,
                 progress: bool = False) -> dict:  # fmt: skip
-    """{"query": (Q, Tq, D), "gallery": (G, Tg, D), "positives", "query_refs", "gallery_ids"}"""
+    """{"query": (Q, Tq, D), "gallery": (G, Tg, D), "positives", "query_refs", "edits",
+    "query_sources", "gallery_ids"}. Rows are in record order whatever the world size: query row
+    n is triplet `query_sources[n][1]` of the record keyed `query_sources[n][0]`."""
     was_training = model.training
     model.eval()
     mine = [(i, r) for i, r in enumerate(iter_records(urls)) if i % world == rank]
-    samples, owners = [], []
+    samples, sources = [], []  # sources: (record index, record key, triplet)
     for i, record in mine:
-        meta = json.loads(record["json"])
+        meta = fmt.record_meta(record)
         for j in range(len(meta["triplets"])):
-            samples.append(decode_sample(record_triplet(record, j, meta)))
-            owners.append(i)
+            samples.append(fmt.decode_sample(fmt.raw_triplet(record, j, meta)))
+            sources.append((i, record["__key__"], j))
     queries, targets = [], []
     gallery_samples = {}
-    for s, owner in zip(samples, owners):
+    for s, (owner, _, _) in zip(samples, sources):
         gallery_samples.setdefault(owner, s)
     gallery_order = sorted(gallery_samples)
     bar = tqdm(
@@ -67,7 +68,7 @@ def embed_split(model, urls: list[str], collate, batch_size: int = 64, rank: int
     local = {
         "query": torch.cat(queries) if queries else None,
         "gallery": torch.cat(targets) if targets else None,
-        "query_owner": owners,
+        "query_sources": sources,
         "query_refs": [s["pth1"] for s in samples],
         "edits": [s["edit"] for s in samples],
         "gallery_index": gallery_order,
@@ -76,17 +77,26 @@ def embed_split(model, urls: list[str], collate, batch_size: int = 64, rank: int
     if was_training:
         model.train()
     parts = _gather_objects(local, world)
+    # ranks hold records r, r + world, ...: put gallery and queries back in record order
     gallery_index = [i for p in parts for i in p["gallery_index"]]
     order = sorted(range(len(gallery_index)), key=gallery_index.__getitem__)
     position = {gallery_index[o]: n for n, o in enumerate(order)}
     gallery = torch.cat([p["gallery"] for p in parts if p["gallery"] is not None])[order]
     gallery_ids = [i for p in parts for i in p["gallery_ids"]]
+    sources = [s for p in parts for s in p["query_sources"]]
+    rows = sorted(range(len(sources)), key=lambda n: (sources[n][0], sources[n][2]))
+    query = torch.cat([p["query"] for p in parts if p["query"] is not None])[rows]
+    refs, edits = (
+        [r for p in parts for r in p["query_refs"]],
+        [e for p in parts for e in p["edits"]],
+    )
     return {
-        "query": torch.cat([p["query"] for p in parts if p["query"] is not None]),
+        "query": query,
         "gallery": gallery,
-        "positives": [position[o] for p in parts for o in p["query_owner"]],
-        "query_refs": [r for p in parts for r in p["query_refs"]],
-        "edits": [e for p in parts for e in p["edits"]],
+        "positives": [position[sources[n][0]] for n in rows],
+        "query_refs": [refs[n] for n in rows],
+        "edits": [edits[n] for n in rows],
+        "query_sources": [sources[n][1:] for n in rows],
         "gallery_ids": [gallery_ids[o] for o in order],
     }
 

@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     from data.corpus import build_synthetic
     from eval.run import EvalJob, evaluate
     from sharding.pack import pack_splits
+    from train.embedder import target_embedder
     from train.engine import free_port
     from train.tracking import Tracker, ui_command
 
@@ -54,8 +55,9 @@ def main(argv=None) -> int:
     corpus = build_synthetic(cfg.data.root, cfg.data.synth, cfg.data.mining, progress=True)
 
     print(f"[2/4] shards -> {cfg.shards.dir}", flush=True)
+    embed = target_embedder(cfg.shards.embed_model)
     for split, manifest in pack_splits(
-        cfg.data.root, cfg.shards.dir, cfg.shards, progress=True
+        cfg.data.root, cfg.shards.dir, cfg.shards, progress=True, embed=embed
     ).items():
         print(f"      {split}: {manifest['totals']}", flush=True)
 

@@ -55,8 +55,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from sharding import pack
-
     if args.command == "groups":
         from sharding.groups import kmeans_groups
 
@@ -66,7 +64,9 @@ def main(argv=None) -> int:
         )
         return 0
     if args.command == "verify":
-        report = pack.verify(args.dir)
+        from sharding.manifest import verify
+
+        report = verify(args.dir)
         print(json.dumps(report, indent=2))
         return 1 if report["corrupt"] else 0
     overrides = list(args.overrides) + ([f"shards.workers={args.workers}"] if args.workers else [])
@@ -74,22 +74,18 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
         parser.exit(2, f"config error: {err}\n")
+    from sharding.pack import pack, pack_cirr
+    from train.embedder import target_embedder
+
+    embed = target_embedder(cfg.shards.embed_model)  # the frozen target encoder, if asked for
     if args.command == "pack-cirr":
-        manifest = pack.pack_cirr(
-            args.cirr_root, args.split, args.out, cfg.shards, args.image_root, progress=True
-        )
+        manifest = pack_cirr(args.cirr_root, args.split, args.out, cfg.shards, args.image_root,
+                             progress=True, embed=embed)  # fmt: skip
         print(json.dumps(manifest["totals"], indent=2))
         return 0
     backend = "ray" if (args.ray or args.address) else "local"
-    manifest = pack.pack(
-        args.annotations,
-        args.video_root,
-        args.out,
-        cfg.shards,
-        backend,
-        args.address,
-        progress=True,
-    )
+    manifest = pack(args.annotations, args.video_root, args.out, cfg.shards, backend, args.address,
+                    progress=True, embed=embed)  # fmt: skip
     print(json.dumps({**manifest["totals"], "seconds": manifest["seconds_this_run"]}, indent=2))
     for item in manifest["skipped"][:10]:
         print(f"skipped {item['key']}: {item['reason']}")

@@ -5,13 +5,13 @@ uses the file instead of the masked-caption group written at packing time when i
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
-from sharding.pack import read_manifest
+from sharding import format as fmt
+from sharding.manifest import read_manifest
 from sharding.reader import iter_records, shard_urls
 
 GROUPS = "groups.json"
@@ -25,13 +25,13 @@ def kmeans_groups(
     urls, _ = shard_urls(shard_dir, read_manifest(shard_dir))
     ids, vectors = [], []
     for record in iter_records(urls):
-        if "target.npy" not in record:
+        if fmt.EMBEDDINGS not in record:
             raise ValueError(
                 f"{record['__url__']}: no packed embeddings (pack with shards.embed_model)"
             )
-        emb = np.load(io.BytesIO(record["target.npy"])).astype(np.float32)  # (Ft, Q, D)
+        emb = fmt.decode_npy(record[fmt.EMBEDDINGS]).astype(np.float32)  # (Ft, Q, D)
         vectors.append(emb.reshape(-1, emb.shape[-1]).mean(0))
-        ids.append(json.loads(record["json"])["target_id"])
+        ids.append(fmt.record_meta(record)["target_id"])
     x = np.stack(vectors)
     x -= x.mean(0)  # centred: what is common to every target says nothing about likeness
     x = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)

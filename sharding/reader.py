@@ -20,8 +20,6 @@ Evaluation (`iter_records`): shards in manifest order, every record exactly once
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import random
 import subprocess
@@ -30,11 +28,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from sharding import format as fmt
 from train.samplers import BatchComposer
 
 log = logging.getLogger(__name__)
@@ -42,10 +39,6 @@ log = logging.getLogger(__name__)
 
 class ShardURLError(ValueError):
     """A shard URL the reader will not open."""
-
-
-class SampleDecodeError(ValueError):
-    pass
 
 
 def open_shard(url: str, allow_pipe: bool = False):
@@ -93,56 +86,10 @@ def shard_urls(shard_dir: str | Path, manifest: dict) -> tuple[list[str], list[i
     ]
 
 
-def _jpegs(record: dict, prefix: str) -> list[bytes]:
-    return [
-        record[k] for k in sorted(k for k in record if k.startswith(prefix) and k.endswith(".jpg"))
-    ]
-
-
-def _decode_images(blobs: list[bytes]) -> np.ndarray:
-    try:
-        return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
-    except Exception as err:
-        raise SampleDecodeError(str(err)) from None
-
-
-def decode_sample(raw: dict) -> dict:
-    """Raw drawn sample -> the dict `train.batch.collate` takes."""
-    sample = {
-        k: raw[k]
-        for k in ("edit", "scores", "target_id", "group", "caption", "key", "pth1", "target")
-    }
-    sample["query_frames"] = _decode_images(raw["query_jpegs"])
-    if raw.get("target_npy") is not None:
-        sample["target_embeddings"] = np.load(io.BytesIO(raw["target_npy"]))
-    else:
-        sample["target_frames"] = _decode_images(raw["target_jpegs"])
-    return sample
-
-
-def record_triplet(record: dict, j: int, meta: dict | None = None) -> dict:
-    """Triplet `j` of a record as a raw sample (bytes not yet decoded)."""
-    meta = meta if meta is not None else json.loads(record["json"])
-    trip = meta["triplets"][j]
-    return {
-        "key": record["__key__"],
-        "target": meta["target"],
-        "target_id": meta["target_id"],
-        "pth1": trip["pth1"],
-        "edit": trip["edit"],
-        "scores": trip["scores"],
-        "group": trip["group"],
-        "caption": trip["txt2"],
-        "query_jpegs": _jpegs(record, f"q{j:03d}_"),
-        "target_jpegs": _jpegs(record, "t"),
-        "target_npy": record.get("target.npy"),
-    }
-
-
 def draw_triplet(record: dict, rng: random.Random, groups: dict[int, int] | None = None) -> dict:
     """One training sample from a record: a random triplet (target mode: one per epoch)."""
-    meta = json.loads(record["json"])
-    sample = record_triplet(record, rng.randrange(len(meta["triplets"])), meta)
+    meta = fmt.record_meta(record)
+    sample = fmt.raw_triplet(record, rng.randrange(len(meta["triplets"])), meta)
     if groups is not None:
         sample["group"] = f"cluster{groups[meta['target_id']]}"
     return sample
@@ -297,8 +244,8 @@ class ShardReader(IterableDataset):
             samples = []
             for raw in raw_batch:
                 try:
-                    samples.append(decode_sample(raw))
-                except SampleDecodeError as err:
+                    samples.append(fmt.decode_sample(raw))
+                except fmt.ImageDecodeError as err:
                     counts.undecodable += 1
                     counts.report("undecodable sample", f"{raw['key']}: {err}")
             if not samples:

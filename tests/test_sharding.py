@@ -12,8 +12,10 @@ from torch.utils.data import DataLoader
 
 from configs.schema import ShardConfig
 from data.webvid_covr import read_annotations
-from sharding.pack import masked_caption_group, pack, read_manifest, verify
+from sharding.manifest import read_manifest, verify
+from sharding.pack import pack
 from sharding.reader import ShardReader, ShardURLError, iter_records, shard_urls
+from sharding.records import masked_caption_group
 from tests.conftest import ROOT
 from train.batch import collate
 
@@ -36,6 +38,55 @@ def _keys(shard_dir):
 def test_group_key_masks_the_edited_word():
     assert masked_caption_group("a red circle", "a blue circle") == "a _ circle"
     assert masked_caption_group("A red circle", "a red square box") == "a red square box"
+
+
+def test_a_packed_record_decodes_back_through_the_format(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sharding import format as fmt
+    from sharding.pack import pack_records
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 60, 16)[None, :, None]  # smooth pictures of distinct colours
+    pictures = {
+        n: (rng.integers(0, 190, 3) + ramp + np.zeros((12, 1, 1))).astype(np.uint8) for n in "abc"
+    }
+    for name, pixels in pictures.items():
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+    trips = [{"row": r, "pth1": q, "txt1": "x", "txt2": "y", "edit": f"edit {q}", "scores": [0.5],
+              "group": "g", "query_file": str(tmp_path / f"{q}.png")} for r, q in enumerate("ab")]  # fmt: skip
+    record = {"key": "v000000007", "target": "c", "target_id": 7, "target_file": str(tmp_path / "c.png"),
+              "triplets": trips}  # fmt: skip
+    manifest = pack_records([record], "fp", tmp_path, tmp_path, tmp_path / "out", CFG)
+    (packed_record,) = iter_records(shard_urls(tmp_path / "out", manifest)[0])
+    assert packed_record["__key__"] == "v000000007"
+    assert fmt.record_meta(packed_record) == {
+        "target": "c", "target_id": 7, "triplets": [{k: v for k, v in t.items() if k != "query_file"} for t in trips]
+    }  # fmt: skip
+    for j, q in enumerate("ab"):
+        sample = fmt.decode_sample(fmt.raw_triplet(packed_record, j))
+        assert (sample["edit"], sample["pth1"], sample["target_id"]) == (f"edit {q}", q, 7)
+        for got, original in (
+            (sample["query_frames"], pictures[q]),
+            (sample["target_frames"], pictures["c"]),
+        ):
+            assert got.shape == (1, 12, 16, 3) and got.dtype == np.uint8
+            assert np.array_equal(
+                got[0], fmt.decode_rgb(fmt.encode_jpeg(original, 0, CFG.jpeg_quality))
+            )
+            assert np.abs(got[0].astype(int) - original).mean() < 4  # JPEG-close to its own picture
+    assert not np.array_equal(fmt.decode_rgb(fmt.query_jpegs(packed_record, 0)[0]),
+                              fmt.decode_rgb(fmt.query_jpegs(packed_record, 1)[0]))  # fmt: skip
+    # packed embeddings instead of target frames come back exactly
+    emb = rng.standard_normal((3, 4, 8)).astype(np.float16)
+    sample = fmt.encode_record("k", {"target": "c", "target_id": 1, "triplets": trips[:1]}, emb,
+                               [pictures["a"][None]], embedded=True)  # fmt: skip
+    assert fmt.EMBEDDINGS in sample and not fmt.target_jpegs(sample)
+    decoded = fmt.decode_sample(fmt.raw_triplet(sample, 0))
+    assert np.array_equal(decoded["target_embeddings"], emb) and "target_frames" not in decoded
+    with pytest.raises(fmt.ImageDecodeError):
+        fmt.decode_rgb(b"not an image")
 
 
 def test_pack_manifest_and_verify(packed):
@@ -244,14 +295,15 @@ def test_embedding_packing_and_kmeans_groups(small_corpus, tok, tmp_path):
     from sharding.groups import kmeans_groups, read_groups
     from tests.tiny import tiny_model
     from train.checkpoint import export_model
+    from train.embedder import TargetEmbedder
 
     root, _ = small_corpus
     model, model_tok = tiny_model(tmp_path)
     export_model(model.state_dict(), model.cfg, model_tok, tmp_path / "frozen")
     out = tmp_path / "emb"
-    manifest = pack(
-        root / "train.csv", root / "videos", out, replace(CFG, embed_model=str(tmp_path / "frozen"))
-    )
+    frozen = str(tmp_path / "frozen")
+    manifest = pack(root / "train.csv", root / "videos", out, replace(CFG, embed_model=frozen),
+                    embed=TargetEmbedder(frozen))  # fmt: skip
     records = list(iter_records(shard_urls(out, manifest)[0]))
     assert "target.npy" in records[0] and not any(
         k.endswith(".jpg") and k.startswith("t") for k in records[0]

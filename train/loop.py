@@ -23,7 +23,7 @@ from configs.schema import Config, to_dict
 from eval.protocols import EvalSettings, Evaluation, webvid_covr
 from eval.report import write_report
 from sharding.groups import read_groups
-from sharding.pack import read_manifest
+from sharding.manifest import read_manifest
 from sharding.reader import ShardReader, shard_urls
 from train import checkpoint as ckpt
 from train.batch import collate

@@ -1,0 +1,169 @@
+"""The shard record format, in one place: packing writes it, the reader, evaluation and reports
+read it through these functions.
+
+A record is one WebDataset sample, one tar member per field (readable by any WebDataset reader):
+  KEY.json          {"target", "target_id", "triplets": [{"row", "pth1", "txt1", "txt2", "edit",
+                     "scores", "group"}, ...]}
+  KEY.t00.jpg ...   target frames (centres of `target_frames` equal intervals), or
+  KEY.target.npy    (Ft, Q, D) float16 target frame embeddings (packed with a frozen encoder)
+  KEY.q000_0.jpg    query frame(s) of triplet 0 (`q{triplet}_{frame}`)
+
+`decode_rgb` is the one image decoder (JPEG bytes from a record, or an image file).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from itertools import count
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FORMAT = "covr-webdataset/1"
+META = "json"
+EMBEDDINGS = "target.npy"
+
+
+class ImageDecodeError(ValueError):
+    """Bytes or a file that do not decode to an image."""
+
+
+def target_member(frame: int) -> str:
+    return f"t{frame:02d}.jpg"
+
+
+def query_member(triplet: int, frame: int) -> str:
+    return f"q{triplet:03d}_{frame}.jpg"
+
+
+def record_key(member: str) -> str:
+    """The record a tar member belongs to: `KEY.t00.jpg` -> `KEY`."""
+    return member.split(".", 1)[0]
+
+
+# --- encoding ----------------------------------------------------------------------------------
+
+
+def encode_jpeg(frame: np.ndarray, size: int = 0, quality: int = 90) -> bytes:
+    """uint8 (H, W, 3) -> JPEG bytes, resized to (size, size) first when size > 0."""
+    image = Image.fromarray(frame)
+    if size:
+        image = image.resize((size, size), Image.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def encode_record(key: str, meta: dict, target: np.ndarray, queries: list[np.ndarray],
+                  size: int = 0, quality: int = 90, embedded: bool = False) -> dict:  # fmt: skip
+    """A WebDataset sample. `target`: (Ft, H, W, 3) uint8 frames, or with `embedded` the (Ft, Q, D)
+    float16 embeddings; `queries[j]`: the (Fq, H, W, 3) frames of `meta["triplets"][j]`."""
+    sample = {"__key__": key}
+    if embedded:
+        sample[EMBEDDINGS] = encode_npy(target)
+    else:
+        for f, frame in enumerate(target):
+            sample[target_member(f)] = encode_jpeg(frame, size, quality)
+    for j, frames in enumerate(queries):
+        for f, frame in enumerate(frames):
+            sample[query_member(j, f)] = encode_jpeg(frame, size, quality)
+    sample[META] = json.dumps(meta, sort_keys=True).encode("utf-8")
+    return sample
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+
+def decode_rgb(source: bytes | str | Path) -> np.ndarray:
+    """Encoded image bytes or an image file -> uint8 (H, W, 3)."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            return np.asarray(image.convert("RGB"))
+    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, ... on bad data
+        raise ImageDecodeError(f"cannot read image: {err}") from None
+
+
+def decode_frames(blobs: list[bytes]) -> np.ndarray:
+    """(N, H, W, 3) uint8 from N encoded frames."""
+    return np.stack([decode_rgb(b) for b in blobs])
+
+
+def decode_npy(blob: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(blob))
+
+
+def record_meta(record: dict) -> dict:
+    return json.loads(record[META])
+
+
+def target_jpegs(record: dict) -> list[bytes]:
+    """The target's frames in order ([] when the record holds embeddings)."""
+    return _frames(record, target_member)
+
+
+def query_jpegs(record: dict, triplet: int) -> list[bytes]:
+    return _frames(record, lambda f: query_member(triplet, f))
+
+
+def _frames(record: dict, member) -> list[bytes]:
+    out = []
+    for f in count():
+        if member(f) not in record:
+            return out
+        out.append(record[member(f)])
+
+
+def raw_triplet(record: dict, j: int, meta: dict | None = None) -> dict:
+    """Triplet `j` of a record as a sample whose frames are still encoded (the reader composes
+    batches before it decodes)."""
+    meta = meta if meta is not None else record_meta(record)
+    trip = meta["triplets"][j]
+    return {
+        "key": record["__key__"],
+        "target": meta["target"],
+        "target_id": meta["target_id"],
+        "pth1": trip["pth1"],
+        "edit": trip["edit"],
+        "scores": trip["scores"],
+        "group": trip["group"],
+        "caption": trip["txt2"],
+        "query_jpegs": query_jpegs(record, j),
+        "target_jpegs": target_jpegs(record),
+        "target_npy": record.get(EMBEDDINGS),
+    }
+
+
+def decode_sample(raw: dict) -> dict:
+    """A `raw_triplet` -> the sample dict `sharding.batch.collate` takes. Raises
+    `ImageDecodeError` when a frame does not decode."""
+    sample = {
+        k: raw[k]
+        for k in ("edit", "scores", "target_id", "group", "caption", "key", "pth1", "target")
+    }
+    sample["query_frames"] = decode_frames(raw["query_jpegs"])
+    if raw.get("target_npy") is not None:
+        sample["target_embeddings"] = decode_npy(raw["target_npy"])
+    else:
+        sample["target_frames"] = decode_frames(raw["target_jpegs"])
+    return sample
+
+
+def query_image(record: dict, triplet: int) -> np.ndarray:
+    """The first query frame of a triplet (what a report shows for the query)."""
+    return decode_rgb(query_jpegs(record, triplet)[0])
+
+
+def target_image(record: dict) -> np.ndarray:
+    """The middle target frame (what a report shows for the target)."""
+    frames = target_jpegs(record)
+    if not frames:
+        raise ImageDecodeError(f"record {record['__key__']} holds target embeddings, no frames")
+    return decode_rgb(frames[len(frames) // 2])

@@ -1,0 +1,84 @@
+"""`manifest.json` beside the shards (what was packed from what, with counts, sizes, checksums and
+skipped samples) and `verify`, which re-reads every shard against it."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from configs.schema import ShardConfig
+from sharding import format as fmt
+from sharding.writer import ShardStats
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(out_dir: str | Path, shards: list[ShardStats], source: str | Path,
+                   media_root: str | Path, cfg: ShardConfig, fingerprint: str, start: float) -> dict:  # fmt: skip
+    """Write `out_dir/manifest.json` atomically; `start` is the run's perf_counter start."""
+    manifest = {
+        "format": fmt.FORMAT,
+        "annotations": str(Path(source).resolve()),
+        "media_root": str(Path(media_root).resolve()),
+        "config": asdict(cfg),
+        "fingerprint": fingerprint,
+        "shards": [
+            {k: getattr(s, k) for k in ("name", "samples", "triplets", "bytes", "sha256")}
+            for s in shards
+        ],
+        "totals": {
+            "shards": len(shards),
+            "samples": sum(s.samples for s in shards),
+            "triplets": sum(s.triplets for s in shards),
+            "bytes": sum(s.bytes for s in shards),
+            "skipped": sum(len(s.skipped) for s in shards),
+        },
+        "skipped": [item for s in shards for item in s.skipped],
+        "seconds_this_run": round(time.perf_counter() - start, 2),
+    }
+    tmp = Path(out_dir) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(Path(out_dir) / MANIFEST)
+    return manifest
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST} in {shard_dir}: pack the shards first (launch/shard.py pack)"
+        )
+    return json.loads(path.read_text())
+
+
+def verify(shard_dir: str | Path) -> dict:
+    """Re-read every shard: checksum, readable tar, record count against the manifest."""
+    manifest = read_manifest(shard_dir)
+    report = {"shards": len(manifest["shards"]), "ok": 0, "corrupt": []}
+    for entry in manifest["shards"]:
+        path = Path(shard_dir) / f"{entry['name']}.tar"
+        problem = None
+        if not path.is_file():
+            problem = "missing"
+        else:
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                problem = f"checksum mismatch ({len(data)} bytes, manifest {entry['bytes']})"
+            else:
+                try:
+                    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                        keys = {fmt.record_key(m.name) for m in tar.getmembers()}
+                    if len(keys) != entry["samples"]:
+                        problem = f"{len(keys)} records, manifest says {entry['samples']}"
+                except tarfile.TarError as err:
+                    problem = f"unreadable tar: {err}"
+        if problem:
+            report["corrupt"].append({"shard": entry["name"], "problem": problem})
+        else:
+            report["ok"] += 1
+    return report

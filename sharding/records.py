@@ -1,0 +1,71 @@
+"""Records to pack, from annotation sources: WebVid-CoVR triplets (one record per target video,
+or per triplet) and CIRR triplets (images as single frames). A record is a plain dict:
+{"key", "target", "target_id", "triplets": [{"row", "pth1", "txt1", "txt2", "edit", "scores",
+"group"}, ...]}, plus "target_file" / "query_file" where a media path is not derived from a name.
+In `target` epoch mode a record holds every triplet of one target video (the reader draws one
+per epoch, the reference recipe); in `triplet` mode one triplet per record."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from data.webvid_covr import Triplet
+
+
+def masked_caption_group(txt1: str, txt2: str) -> str:
+    """The target caption with the word(s) that differ from the query caption masked: triplets
+    of one-word variants of a caption share it (they are each other's hardest negatives)."""
+    a, b = txt1.lower().split(), txt2.lower().split()
+    if len(a) != len(b):
+        return " ".join(b)
+    return " ".join("_" if x != y else y for x, y in zip(a, b))
+
+
+def build_records(rows: list[Triplet], epoch: str) -> list[dict]:
+    """Deterministic records (sorted by key) from annotation rows."""
+    target_ids = {p: i for i, p in enumerate(sorted({t.pth2 for t in rows}))}
+
+    def triplet(row: int, t: Triplet) -> dict:
+        return {
+            "row": row, "pth1": t.pth1, "txt1": t.txt1, "txt2": t.txt2, "edit": t.edit,
+            "scores": t.scores, "group": masked_caption_group(t.txt1, t.txt2),
+        }  # fmt: skip
+
+    if epoch == "triplet":
+        return [
+            {
+                "key": f"r{row:09d}",
+                "target": t.pth2,
+                "target_id": target_ids[t.pth2],
+                "triplets": [triplet(row, t)],
+            }
+            for row, t in enumerate(rows)
+        ]
+    if epoch != "target":
+        raise ValueError(f"unknown shards.epoch {epoch!r} (target or triplet)")
+    by_target: dict[str, list[dict]] = defaultdict(list)
+    for row, t in enumerate(rows):
+        by_target[t.pth2].append(triplet(row, t))
+    return [
+        {"key": f"v{target_ids[p]:09d}", "target": p, "target_id": target_ids[p], "triplets": trips}
+        for p, trips in sorted(by_target.items(), key=lambda kv: target_ids[kv[0]])
+    ]
+
+
+def cirr_records(root: str | Path, split: str, image_root: str | Path | None = None) -> list[dict]:
+    """CIRR triplets as records (one per query): the reference and target images as single
+    frames, the modification text as the edit, the image set as the sampler group."""
+    from data.benchmarks import read_cirr
+
+    queries, gallery = read_cirr(root, split, image_root)
+    ids = {name: i for i, name in enumerate(sorted(gallery))}
+    records = []
+    for q in queries:
+        if q.target is None:
+            raise ValueError(f"CIRR {split} has no targets: pack the train or val split")
+        triplet = {"row": int(q.query_id), "pth1": q.reference, "txt1": "", "txt2": "", "edit": q.caption,
+                   "scores": [], "group": f"set{q.extra['set_id']}", "query_file": str(gallery[q.reference])}  # fmt: skip
+        records.append({"key": f"c{int(q.query_id):09d}", "target": q.target, "target_id": ids[q.target],
+                        "target_file": str(gallery[q.target]), "triplets": [triplet]})  # fmt: skip
+    return records
