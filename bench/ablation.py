@@ -21,15 +21,16 @@ import torch  # noqa: E402
 
 from configs.schema import LossConfig, MiningConfig, ModelConfig, SynthConfig, TextSize, VisionSize  # noqa: E402
 from data.corpus import build_synthetic  # noqa: E402
+from data.tokenizer import build_vocab_tokenizer  # noqa: E402
 from data.video import load_frames  # noqa: E402
 from data.webvid_covr import read_annotations, video_path  # noqa: E402
 from eval.metrics import recall_at_k  # noqa: E402
+from eval.similarity import similarity  # noqa: E402
+from sharding.batch import collate  # noqa: E402
 from sharding.records import masked_caption_group  # noqa: E402
-from train.batch import collate  # noqa: E402
-from train.models import build_model, similarity  # noqa: E402
+from sharding.samplers import BatchComposer  # noqa: E402
+from train.models import build_model  # noqa: E402
 from train.objective import covr_loss  # noqa: E402
-from train.samplers import BatchComposer  # noqa: E402
-from train.tokenizer import build_vocab_tokenizer  # noqa: E402
 
 TARGET_FRAMES = 4
 

@@ -24,14 +24,14 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from configs.schema import MiningConfig, ShardConfig, SynthConfig  # noqa: E402
 from data.corpus import build_synthetic  # noqa: E402
+from data.tokenizer import load_tokenizer  # noqa: E402
 from data.video import load_frames  # noqa: E402
 from data.webvid_covr import read_annotations, video_path  # noqa: E402
+from sharding.batch import collate  # noqa: E402
 from sharding.manifest import read_manifest  # noqa: E402
 from sharding.pack import pack  # noqa: E402
 from sharding.reader import ShardReader, shard_urls  # noqa: E402
 from sharding.records import build_records  # noqa: E402
-from train.batch import collate  # noqa: E402
-from train.tokenizer import load_tokenizer  # noqa: E402
 
 
 def decode_only(root: Path, rows, cfg: ShardConfig) -> float:

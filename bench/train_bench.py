@@ -23,11 +23,11 @@ from configs.schema import (  # noqa: E402
     TextSize,
     VisionSize,
 )
+from data.tokenizer import build_vocab_tokenizer  # noqa: E402
 from tests.tiny import WORDS, tiny_model_config  # noqa: E402
 from train.models import build_model  # noqa: E402
 from train.objective import covr_loss  # noqa: E402
 from train.queue import TargetQueue  # noqa: E402
-from train.tokenizer import build_vocab_tokenizer  # noqa: E402
 
 SIZES = {  # tiny: the unit-test model; base: ViT and Q-Former of BERT-base width, 4 layers each
     "tiny": {},

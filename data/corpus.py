@@ -78,8 +78,8 @@ def write_tokenizer(corpus_dir: str | Path) -> Path:
     """A word-level BERT tokenizer over the corpus's captions and edits, in `tokenizer/` (the
     offline stand-in for the BERT vocabulary shipped with real model weights)."""
     from data.captions import read_caption_table
+    from data.tokenizer import build_vocab_tokenizer
     from data.webvid_covr import read_annotations
-    from train.tokenizer import build_vocab_tokenizer
 
     corpus = Path(corpus_dir)
     texts = [v.caption for v in read_caption_table(corpus / "captions.csv")]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.models import Blip2CoVR, similarity
+from eval.similarity import similarity
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Explanation:
 
 def _attention_modules(model):
     """(cross-attention modules, self-attention modules) of the fusion encoder."""
-    if isinstance(model, Blip2CoVR):
+    if model.cfg.arch == "blip2":
         layers = model.hf.qformer.encoder.layer
         cross = [
             lyr.crossattention.attention
@@ -49,9 +49,7 @@ def _attention_modules(model):
 
 @contextlib.contextmanager
 def _eager_attention(model):
-    config = (
-        model.hf.qformer.config if isinstance(model, Blip2CoVR) else model.hf.text_encoder.config
-    )
+    config = model.hf.qformer.config if model.cfg.arch == "blip2" else model.hf.text_encoder.config
     before = config._attn_implementation
     config._attn_implementation = "eager"
     try:
@@ -116,7 +114,7 @@ def explain(
     grid = vision.image_size // vision.patch_size
     patches = slice(1, 1 + grid * grid)  # the first frame's patches (token 0 is CLS)
     n_words = int(text.attention_mask.sum())
-    if isinstance(model, Blip2CoVR):  # the query tokens read the frame and the edit
+    if model.cfg.arch == "blip2":  # the query tokens read the frame and the edit
         q = model.num_query_tokens
         cross_rows, word_rows, words = slice(0, q), slice(0, q), slice(q, q + n_words)
     else:  # the edit's tokens read the frame; [ENC] (whose output is the embedding) reads words

@@ -29,6 +29,7 @@ from data.benchmarks import (
 from eval.embed import embed_image_queries, embed_images
 from eval.metrics import map_at_k, positive_ranks
 from eval.search import IndexSpec, recall_from_topk, retrieve
+from eval.similarity import similarity
 from sharding.format import decode_rgb
 
 PROTOCOLS = ("webvid-covr", "cirr", "fashioniq", "circo")
@@ -126,8 +127,6 @@ def _evaluation(protocol, metrics, queries, found, gallery) -> Evaluation:
 
 def subset_scores(query_emb, gallery_emb, position: dict, members: list[str], reduce: str):
     """Scores of the query against `members` (its image set minus the reference), in order."""
-    from train.models import similarity
-
     rows = torch.tensor([position[m] for m in members])
     return similarity(query_emb[None], gallery_emb[rows], reduce)[0]
 
@@ -284,9 +283,9 @@ def webvid_covr(model, tokenizer, shard_dir, settings: EvalSettings | None = Non
     from functools import partial
 
     from eval.retrieval import embed_split, webvid_topk
+    from sharding.batch import collate
     from sharding.manifest import read_manifest
     from sharding.reader import shard_urls
-    from train.batch import collate
 
     s = settings or EvalSettings()
     urls, _ = shard_urls(shard_dir, read_manifest(shard_dir))

@@ -1,13 +1,13 @@
-"""One evaluation job, as `launch/eval.py` runs it: load an exported model, run a protocol
-(split across ranks when launched with several), then on rank 0 write the results JSON, the
-optional report and explanations, and log everything to MLflow (a new run tagged with the
-checkpoint and the training run it came from, or an existing run given by id)."""
+"""One evaluation job, as `launch/eval.py` and `launch/demo.py` run it: with the exported model and
+the MLflow tracker they give, run a protocol (split across ranks when launched with several),
+then on rank 0 write the results JSON, the optional report and explanations, and log everything
+(into a new run tagged with the checkpoint and the training run it came from, or an existing run
+given by id)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -121,18 +121,11 @@ def approximate_search_loss(evaluation: Evaluation, job: EvalJob, reduce: str) -
     return {f"search_{job.index.kind}_top10_agreement": topk_agreement(exact, approx, 10)}
 
 
-def evaluate(job: EvalJob) -> dict | None:
-    """Run `job`; rank 0 returns the results dict (also written to out_dir/results.json)."""
-    from train.checkpoint import load_exported
-    from train.tracking import Tracker, default_uri
-
-    rank, world = 0, 1
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from train.engine import init_distributed
-
-        rank, world, _ = init_distributed(1800)
+def evaluate(job: EvalJob, model, tok, tracker, rank: int = 0, world: int = 1) -> dict | None:
+    """Run `job` with a loaded model (`train.checkpoint.load_exported`) on this rank of `world`;
+    rank 0 returns the results dict (also written to out_dir/results.json) and logs it through
+    `tracker` (a `train.tracking.Tracker`, owned by the caller, who finishes it)."""
     model_dir = resolve_checkpoint(job.checkpoint)
-    model, tok = load_exported(model_dir)
     model.eval()
     if torch.cuda.is_available():
         model.cuda()
@@ -156,15 +149,11 @@ def evaluate(job: EvalJob) -> dict | None:
         files += explain_queries(model.cpu(), tok, evaluation, chosen, out / "explain", reduce)
     source = model_dir.parent / "summary.json"
     train_run = json.loads(source.read_text()).get("mlflow_run_id") if source.is_file() else None
-    uri = job.tracking_uri or default_uri(out)
-    tracker = Tracker(
-        uri, job.experiment, out, f"eval-{job.protocol}-{job.split}", run_id=job.run_id
-    )
     result = {
         "protocol": job.protocol, "split": job.split, "checkpoint": str(model_dir), "metrics": metrics,
         "gallery_size": len(evaluation.gallery_ids), "queries": len(evaluation.query_ids),
         "reduce": reduce, "index": asdict(job.index), "files": [str(f) for f in files],
-        "mlflow_tracking_uri": uri, "mlflow_run_id": tracker.run_id,
+        "mlflow_tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=1))
     if job.run_id is None:
@@ -175,10 +164,6 @@ def evaluate(job: EvalJob) -> dict | None:
     tracker.log_artifact(out / "results.json", f"eval/{job.protocol}")
     for f in files:
         tracker.log_artifact(f, f"eval/{job.protocol}/{Path(f).parent.name}")
-    if job.run_id is None:
-        tracker.finish()
-    else:
-        tracker.flush_buffer()
     return result
 
 

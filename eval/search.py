@@ -3,7 +3,7 @@
 `retrieve` is what every protocol calls: the query and gallery tokens are reduced to one vector
 each by the token mean, FAISS finds the candidates (exact inner product by default; IVF or HNSW
 for galleries in the millions), and with `reduce="max"` the candidates are re-ranked exactly by
-the max-over-target-tokens similarity of `train.models.similarity`. For `reduce="mean"` the
+the max-over-target-tokens similarity of `eval.similarity`. For `reduce="mean"` the
 FAISS score already is the exact similarity (mean(q) . mean(t)). Excluded items (the query's
 own reference) never appear in the result.
 """

@@ -44,8 +44,9 @@ def main(argv=None) -> int:
         parser.exit(2, f"config error: {err}\n")
 
     from data.corpus import build_synthetic
-    from eval.run import EvalJob, evaluate
+    from eval.run import EvalJob, evaluate, resolve_checkpoint
     from sharding.pack import pack_splits
+    from train.checkpoint import load_exported
     from train.embedder import target_embedder
     from train.engine import free_port
     from train.tracking import Tracker, ui_command
@@ -73,14 +74,15 @@ def main(argv=None) -> int:
                   out_dir=str(out / "eval"), split="test", report=8,
                   tracking_uri=summary["mlflow_tracking_uri"], experiment=cfg.tracking.experiment,
                   run_id=summary["mlflow_run_id"])  # fmt: skip
-    evaluation = evaluate(job)  # logged into the training run, report as its artifacts
+    tracker = Tracker(summary["mlflow_tracking_uri"], cfg.tracking.experiment, cfg.train.out_dir,
+                      run_id=summary["mlflow_run_id"])  # fmt: skip
+    model, tok = load_exported(resolve_checkpoint(job.checkpoint))
+    evaluation = evaluate(job, model, tok, tracker)  # into the training run, report as artifacts
     test = {
         **evaluation["metrics"],
         "gallery_size": evaluation["gallery_size"],
         "queries": evaluation["queries"],
     }
-    tracker = Tracker(summary["mlflow_tracking_uri"], cfg.tracking.experiment, cfg.train.out_dir,
-                      run_id=summary["mlflow_run_id"])  # fmt: skip
     results = {
         "test": {k: round(test[k], 2) for k in ("R@1", "R@5", "R@10", "R@50")},
         "gallery_size": test["gallery_size"],

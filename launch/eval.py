@@ -12,6 +12,7 @@ with annotations/ and the COCO unlabeled images). Test splits write the submissi
 import argparse
 import json
 import logging
+import os
 import sys
 
 import _bootstrap  # noqa: F401  (repository root first on sys.path)
@@ -19,7 +20,7 @@ import _bootstrap  # noqa: F401  (repository root first on sys.path)
 
 def main(argv=None) -> int:
     from eval.protocols import PROTOCOLS
-    from eval.run import EvalJob, evaluate
+    from eval.run import EvalJob
     from eval.search import INDEX_KINDS, IndexSpec
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -59,12 +60,35 @@ def main(argv=None) -> int:
         tracking_uri=a.tracking_uri, experiment=a.experiment, run_id=a.run_id,
     )  # fmt: skip
     try:
-        result = evaluate(job)
+        result = run(job)
     except (FileNotFoundError, ValueError, KeyError) as err:
         p.exit(2, f"error: {err}\n")
     if result is not None:
         print(json.dumps(result, indent=1))
     return 0
+
+
+def run(job) -> dict | None:
+    """This rank's part of `job`: processes, the exported model and the MLflow run around
+    `eval.run.evaluate`."""
+    from eval.run import evaluate, resolve_checkpoint
+    from train.checkpoint import load_exported
+    from train.engine import init_distributed
+    from train.tracking import Tracker, default_uri
+
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, world, _ = init_distributed(1800)
+    model, tok = load_exported(resolve_checkpoint(job.checkpoint))
+    uri = job.tracking_uri or default_uri(job.out_dir)
+    tracker = Tracker(uri, job.experiment, job.out_dir, f"eval-{job.protocol}-{job.split}",
+                      run_id=job.run_id, enabled=rank == 0)  # fmt: skip
+    result = evaluate(job, model, tok, tracker, rank, world)
+    if job.run_id is None:
+        tracker.finish()
+    else:
+        tracker.flush_buffer()
+    return result
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Training (`ShardReader`, an IterableDataset yielding ready batches):
   for the next epoch's permutation). So every slot, hence every rank, yields the same number of
   batches whatever the shard sizes, and no record is read by two slots in one epoch.
 - Within a slot: records -> (target mode) one triplet drawn per record -> batch composition
-  (`train.samplers.BatchComposer`: random / hns / fs / mix, which also shuffles) -> decoding ->
+  (`sharding.samplers.BatchComposer`: random / hns / fs / mix, which also shuffles) -> decoding ->
   collate. Decoding comes last, so resuming mid-epoch replays the cheap part and skips batches
   already consumed: the position is (epoch, batches consumed), saved in the training checkpoint.
 - A corrupt tar member or truncated shard loses its records; the slot then re-reads records
@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from sharding import format as fmt
-from train.samplers import BatchComposer
+from sharding.samplers import BatchComposer
 
 log = logging.getLogger(__name__)
 

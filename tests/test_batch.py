@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
+from sharding.batch import collate
 from tests.tiny import tiny_model
-from train.batch import collate
 
 
 def test_collate_pads_frames_and_falls_back_to_uniform_scores(tmp_path):

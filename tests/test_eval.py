@@ -13,10 +13,10 @@ from PIL import Image
 from eval.metrics import recall_at_k
 from eval.protocols import subset_recall
 from eval.search import IndexSpec, recall_from_topk, retrieve, topk_agreement
+from eval.similarity import similarity
 from tests.conftest import CIRR_ROOT
 from tests.multirank import run_ranks
 from tests.tiny import tiny_model
-from train.models import similarity
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cirr"
 

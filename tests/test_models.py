@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from configs.schema import LossConfig
+from eval.similarity import similarity
 from tests.tiny import tiny_model
-from train.models import pool_frames, similarity
+from train.models import pool_frames
 from train.objective import covr_loss
 from train.queue import TargetQueue
 

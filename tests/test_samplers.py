@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from train.samplers import BatchComposer
+from sharding.samplers import BatchComposer
 
 
 def stream(groups=20, per_group=4):

@@ -12,12 +12,12 @@ from torch.utils.data import DataLoader
 
 from configs.schema import ShardConfig
 from data.webvid_covr import read_annotations
+from sharding.batch import collate
 from sharding.manifest import read_manifest, verify
 from sharding.pack import pack
 from sharding.reader import ShardReader, ShardURLError, iter_records, shard_urls
 from sharding.records import masked_caption_group
 from tests.conftest import ROOT
-from train.batch import collate
 
 CFG = ShardConfig(samples_per_shard=3, target_frames=3, workers=1, seed=3)
 

@@ -1,8 +1,8 @@
 """Tiny random configurations of the real model classes, shared by the tests."""
 
 from configs.schema import ModelConfig, TextSize, VisionSize
+from data.tokenizer import build_vocab_tokenizer
 from train.models import build_model
-from train.tokenizer import build_vocab_tokenizer
 
 WORDS = "a red blue green circle square moving left right make it replace with change to"
 

@@ -133,8 +133,8 @@ def load_exported(model_dir: str | Path, **overrides):
     """(model, tokenizer) from an exported directory; `overrides` change model settings
     (e.g. combiner, freeze_vision) for a next training stage."""
     from configs.schema import TextSize, VisionSize
+    from data.tokenizer import load_tokenizer
     from train.models import build_model
-    from train.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
     path = model_dir / "covr_config.json"

@@ -20,13 +20,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from configs.schema import Config, to_dict
+from data.tokenizer import load_tokenizer
 from eval.protocols import EvalSettings, Evaluation, webvid_covr
 from eval.report import write_report
+from sharding.batch import collate
 from sharding.groups import read_groups
 from sharding.manifest import read_manifest
 from sharding.reader import ShardReader, shard_urls
 from train import checkpoint as ckpt
-from train.batch import collate
 from train.engine import (
     build_engine,
     deepspeed_config,
@@ -38,7 +39,6 @@ from train.objective import covr_loss, itc_loss
 from train.optim import build_optimizer, build_scheduler
 from train.queue import MomentumEncoder, TargetQueue
 from train.state import TrainState
-from train.tokenizer import load_tokenizer
 from train.tracking import Tracker, default_uri
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ Both expose the same interface (DESIGN.md "Model"):
   encode_target_frames(pixels (N, 3, H, W)) -> (N, Q, D), per-token normalised
   encode_target(frames (B, Ft, 3, H, W) or embeddings (B, Ft, Q, D), scores, mask) -> (B, Q, D)
   encode_text(input_ids, attention_mask) -> (B, D);  encode_image(frames) -> (B, D)
-BLIP is the case Q = 1. Query and target tokens are compared by `similarity` (mean or max).
+BLIP is the case Q = 1. Query and target tokens are compared by `eval.similarity` (mean or max).
 """
 
 from __future__ import annotations
@@ -43,18 +43,6 @@ def pool_frames(
     logits = torch.where(missing, torch.zeros_like(scores), scores / temperature)
     weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
     return torch.einsum("bf,bfqd->bqd", weights.to(frame_embeddings.dtype), frame_embeddings)
-
-
-def similarity(query: torch.Tensor, target: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
-    """(Bq, Q, D) x (Bt, T, D) -> (Bq, Bt). The query tokens are averaged; `mean` averages the
-    target tokens too (the training and WebVid-CoVR rule), `max` takes the best target token
-    (the reference's CIRR rule)."""
-    q = query.mean(1)
-    if reduce == "mean":
-        return q @ target.mean(1).t()
-    if reduce == "max":
-        return torch.einsum("bd,ntd->bnt", q, target).amax(-1)
-    raise ValueError(f"unknown reduce {reduce!r} (mean or max)")
 
 
 class CoVRModel(nn.Module):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from configs.schema import LossConfig
+from eval.similarity import similarity
 from train.distributed import gather, gather_with_grad
 from train.losses import hn_nce, hn_nce_from_similarity
-from train.models import CoVRModel, pool_frames, similarity
+from train.models import CoVRModel, pool_frames
 from train.queue import MomentumEncoder, TargetQueue
 
 
