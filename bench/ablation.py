@@ -19,7 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from configs.schema import LossConfig, MiningConfig, ModelConfig, SynthConfig, TextSize, VisionSize  # noqa: E402
+from configs.schema import (  # noqa: E402
+    LossConfig,
+    MiningConfig,
+    ModelConfig,
+    SamplerConfig,
+    SynthConfig,
+    TextSize,
+    VisionSize,
+)
 from data.corpus import build_synthetic  # noqa: E402
 from data.tokenizer import build_vocab_tokenizer  # noqa: E402
 from data.video import load_frames  # noqa: E402
@@ -100,7 +108,7 @@ def evaluate(model, samples, tok, cfg) -> dict:
 def batches(samples: list[dict], batch_size: int, sampler: str, seed: int):
     """Endless batches: the training split reshuffled every pass, composed by `sampler`."""
     rng = random.Random(seed)
-    composer = BatchComposer(sampler, batch_size, buffer=8 * batch_size, seed=seed)
+    composer = BatchComposer(SamplerConfig(sampler, buffer=8 * batch_size), batch_size, seed=seed)
     while True:
         yield from composer(rng.sample(samples, len(samples)))
 

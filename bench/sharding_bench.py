@@ -100,7 +100,7 @@ def main() -> None:
         shard_dir = Path(tmp) / "shards2"
         urls, counts = shard_urls(shard_dir, read_manifest(shard_dir))
         fn = partial(collate, tokenizer=tok, image_size=args.size, max_text_len=32)
-        reader = ShardReader(urls, counts, batch_size=16, collate=fn, sampler="random")
+        reader = ShardReader(urls, counts, batch_size=16, collate=fn)
         reader.set_position(0, 0, 1)
         start, n = time.perf_counter(), 0
         for batch in DataLoader(reader, batch_size=None, num_workers=0):  # one process, like below

@@ -192,7 +192,7 @@ class TrackingConfig:
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
+    ks: list[int] = field(default_factory=list)  # recall@K of validation; [] = eval.protocols.KS
     batch_size: int = 64
     report_queries: int = 8  # val queries in the end-of-training report (0: none)
 

@@ -30,15 +30,29 @@ from eval.embed import embed_image_queries, embed_images
 from eval.metrics import map_at_k, positive_ranks
 from eval.search import IndexSpec, recall_from_topk, retrieve
 from eval.similarity import similarity
+from sharding import format as fmt
 from sharding.format import decode_rgb
+from sharding.reader import iter_records, shard_urls
 
 PROTOCOLS = ("webvid-covr", "cirr", "fashioniq", "circo")
+# each benchmark's standard K: R@K (webvid-covr, cirr, fashioniq), mAP@K (circo)
+KS = {"webvid-covr": (1, 5, 10, 50), "cirr": (1, 5, 10, 50), "fashioniq": (10, 50),
+      "circo": (5, 10, 25, 50)}  # fmt: skip
+
+
+@dataclass
+class Images:
+    """Where a report's pictures come from (loaders, not results): query row -> the picture of
+    its reference, gallery id -> its picture, both uint8 (H, W, 3)."""
+
+    query: Callable[[int], np.ndarray]
+    gallery: Callable[[str], np.ndarray]
 
 
 @dataclass
 class Evaluation:
-    """What a protocol found: metrics, each query's ranked gallery ids, and the embeddings and
-    image loaders the reports and explanations need."""
+    """What a protocol found: metrics, each query's ranked gallery ids and the embeddings (what
+    explanations need); `images` fetches the pictures of its rows for reports."""
 
     protocol: str
     metrics: dict
@@ -51,8 +65,7 @@ class Evaluation:
     gallery_ids: list[str]
     query_emb: torch.Tensor
     gallery_emb: torch.Tensor
-    query_image: Callable[[int], np.ndarray]  # query i -> uint8 (H, W, 3)
-    gallery_image: Callable[[str], np.ndarray]  # gallery id -> uint8 (H, W, 3)
+    images: Images
     files: list[Path] = field(default_factory=list)  # submissions written
 
     def ranking_of(self, i: int, k: int) -> list[str]:
@@ -76,7 +89,7 @@ def _mean_recalls(metrics: dict, ks) -> None:
 
 @dataclass
 class EvalSettings:
-    ks: tuple = (1, 5, 10, 50)
+    ks: tuple = ()  # () = the protocol's standard KS
     reduce: str = "mean"
     batch_size: int = 64
     index: IndexSpec = field(default_factory=IndexSpec)
@@ -117,8 +130,8 @@ def _evaluation(protocol, metrics, queries, found, gallery) -> Evaluation:
         edits=[q.caption for q in queries], references=[q.reference for q in queries],
         positives=[q.targets for q in queries], top_ids=top_ids, top_scores=scores,
         gallery_ids=ids, query_emb=query_emb, gallery_emb=gallery_emb,
-        query_image=lambda i: decode_rgb(gallery[queries[i].reference]),
-        gallery_image=lambda g: decode_rgb(gallery[g]),
+        images=Images(query=lambda i: decode_rgb(gallery[queries[i].reference]),
+                      gallery=lambda g: decode_rgb(gallery[g])),
     )  # fmt: skip
 
 
@@ -145,8 +158,9 @@ def subset_recall(
 def cirr(model, tokenizer, root, split: str = "val", image_root=None, out_dir=None,
          settings: EvalSettings | None = None) -> Evaluation:  # fmt: skip
     s = settings or EvalSettings(reduce="max")
+    ks = s.ks or KS["cirr"]
     queries, gallery = read_cirr(root, split, image_root)
-    found = _search_images(model, tokenizer, queries, gallery, s, max(max(s.ks), 50), True)
+    found = _search_images(model, tokenizer, queries, gallery, s, max(max(ks), 50), True)
     ids, query_emb, gallery_emb, scores, top_ids = found
     position = {g: n for n, g in enumerate(ids)}
     members = [[m for m in q.subset if m != q.reference] for q in queries]
@@ -163,7 +177,7 @@ def cirr(model, tokenizer, root, split: str = "val", image_root=None, out_dir=No
         ]
         evaluation.files = write_cirr_submission(queries, top_ids, ranked, out_dir or ".", split)
         return evaluation
-    metrics.update(_recall_table(top_ids, scores, [q.target for q in queries], s.ks))
+    metrics.update(_recall_table(top_ids, scores, [q.target for q in queries], ks))
     metrics.update(subset_recall(member_scores, members, [q.target for q in queries]))
     if "R@5" in metrics:  # the benchmark's headline average
         metrics["Ravg"] = (metrics["R@5"] + metrics["Rsubset@1"]) / 2
@@ -194,16 +208,17 @@ def fashioniq(model, tokenizer, root, categories=FASHIONIQ_CATEGORIES, split: st
               settings: EvalSettings | None = None) -> Evaluation:  # fmt: skip
     """R@10 / R@50 per category (the standard gallery keeps the candidate image) and averaged;
     the returned Evaluation holds the queries of all categories, in order."""
-    s = settings or EvalSettings(ks=(10, 50))
+    s = settings or EvalSettings()
+    ks = s.ks or KS["fashioniq"]
     metrics: dict = {}
     parts = []
     for cat in categories:
         queries, gallery = read_fashioniq(root, cat, split)
-        found = _search_images(model, tokenizer, queries, gallery, s, max(s.ks), False)
-        for k, v in _recall_table(found[4], found[3], [q.target for q in queries], s.ks).items():
+        found = _search_images(model, tokenizer, queries, gallery, s, max(ks), False)
+        for k, v in _recall_table(found[4], found[3], [q.target for q in queries], ks).items():
             metrics[f"{cat}/{k}"] = v
         parts.append(_evaluation("fashioniq", {}, queries, found, gallery))
-    for k in s.ks:
+    for k in ks:
         metrics[f"average/R@{k}"] = float(np.mean([metrics[f"{c}/R@{k}"] for c in categories]))
     first = parts[0]
     if len(parts) > 1:  # one view over all categories, for reports
@@ -215,8 +230,8 @@ def fashioniq(model, tokenizer, root, categories=FASHIONIQ_CATEGORIES, split: st
             top_ids=[x for p in parts for x in p.top_ids], top_scores=np.concatenate([p.top_scores for p in parts]),
             gallery_ids=[x for p in parts for x in p.gallery_ids],
             query_emb=torch.cat([p.query_emb for p in parts]), gallery_emb=torch.cat([p.gallery_emb for p in parts]),
-            query_image=lambda i: owner[i][0].query_image(owner[i][1]),
-            gallery_image=lambda g: next(p.gallery_image(g) for p in parts if g in set(p.gallery_ids)),
+            images=Images(query=lambda i: owner[i][0].images.query(owner[i][1]),
+                          gallery=lambda g: next(p.images.gallery(g) for p in parts if g in set(p.gallery_ids))),
         )  # fmt: skip
     first.metrics = metrics
     return first
@@ -227,7 +242,8 @@ def fashioniq(model, tokenizer, root, categories=FASHIONIQ_CATEGORIES, split: st
 
 def circo(model, tokenizer, root, split: str = "val", image_dir=None, out_dir=None,
           settings: EvalSettings | None = None) -> Evaluation:  # fmt: skip
-    s = settings or EvalSettings(ks=(5, 10, 25, 50))
+    s = settings or EvalSettings()
+    ks = s.ks or KS["circo"]
     queries, gallery = read_circo(root, split, image_dir)
     found = _search_images(model, tokenizer, queries, gallery, s, 50, True)
     top_ids = found[4]
@@ -242,7 +258,7 @@ def circo(model, tokenizer, root, split: str = "val", image_dir=None, out_dir=No
         )
         evaluation.files = [path]
         return evaluation
-    for k, v in map_at_k(top_ids, [q.targets for q in queries], s.ks).items():
+    for k, v in map_at_k(top_ids, [q.targets for q in queries], ks).items():
         metrics[f"mAP@{k}"] = v
     return evaluation
 
@@ -250,33 +266,34 @@ def circo(model, tokenizer, root, split: str = "val", image_dir=None, out_dir=No
 # --- WebVid-CoVR ------------------------------------------------------------------------------
 
 
-def _webvid_images(urls: list[str]):
-    """Loaders for the report: a query's first frame and a target's middle frame, from shards."""
-    from sharding.reader import iter_records
-
-    cache: dict = {}
+def _shard_images(urls: list[str], sources: list[tuple[str, int]]) -> Images:
+    """Report pictures from the shards, read on first use: query row n -> the first frame of its
+    own triplet (`sources[n]` = record key, triplet), a target -> its middle frame."""
+    queries: dict[tuple[str, int], bytes] = {}
+    targets: dict[str, bytes] = {}
 
     def fill():
-        if cache:
+        if queries:
             return
-        queries, targets = [], {}
         for record in iter_records(urls):
-            meta = json.loads(record["json"])
-            frames = sorted(k for k in record if k.startswith("t") and k.endswith(".jpg"))
-            targets[meta["target"]] = record[frames[len(frames) // 2]]
+            meta = fmt.record_meta(record)
+            frames = fmt.target_jpegs(record)
+            if frames:  # (none where the shards hold target embeddings)
+                targets[meta["target"]] = frames[len(frames) // 2]
             for j in range(len(meta["triplets"])):
-                queries.append(record[min(k for k in record if k.startswith(f"q{j:03d}_"))])
-        cache.update(queries=queries, targets=targets)
+                queries[record["__key__"], j] = fmt.query_jpegs(record, j)[0]
 
-    def query_image(i: int) -> np.ndarray:
+    def query(n: int) -> np.ndarray:
         fill()
-        return decode_rgb(cache["queries"][i])
+        return fmt.decode_rgb(queries[tuple(sources[n])])
 
-    def gallery_image(g: str) -> np.ndarray:
+    def gallery(g: str) -> np.ndarray:
         fill()
-        return decode_rgb(cache["targets"][g])
+        if g not in targets:
+            raise KeyError(f"no frames of target {g!r} in the shards (packed as embeddings?)")
+        return fmt.decode_rgb(targets[g])
 
-    return query_image, gallery_image
+    return Images(query=query, gallery=gallery)
 
 
 def webvid_covr(model, tokenizer, shard_dir, settings: EvalSettings | None = None) -> Evaluation:
@@ -285,23 +302,22 @@ def webvid_covr(model, tokenizer, shard_dir, settings: EvalSettings | None = Non
     from eval.retrieval import embed_split, webvid_topk
     from sharding.batch import collate
     from sharding.manifest import read_manifest
-    from sharding.reader import shard_urls
 
     s = settings or EvalSettings()
+    ks = s.ks or KS["webvid-covr"]
     urls, _ = shard_urls(shard_dir, read_manifest(shard_dir))
     batch_collate = partial(collate, tokenizer=tokenizer, image_size=model.hf.config.vision_config.image_size,
                             max_text_len=model.cfg.max_text_len)  # fmt: skip
     emb = embed_split(model, urls, batch_collate, s.batch_size, s.rank, s.world, s.progress)
-    scores, top = webvid_topk(emb, max(s.ks), s.reduce, s.index)
+    scores, top = webvid_topk(emb, max(ks), s.reduce, s.index)
     gallery_ids = emb["gallery_ids"]
     top_ids = [[gallery_ids[j] for j in row] for row in top]
     positives = [gallery_ids[p] for p in emb["positives"]]
-    metrics = _recall_table(top_ids, scores, positives, s.ks)
-    _mean_recalls(metrics, s.ks)
-    query_image, gallery_image = _webvid_images(urls)
+    metrics = _recall_table(top_ids, scores, positives, ks)
+    _mean_recalls(metrics, ks)
     return Evaluation(
         protocol="webvid-covr", metrics=metrics, query_ids=[str(i) for i in range(len(positives))],
         edits=emb["edits"], references=emb["query_refs"], positives=[[p] for p in positives],
         top_ids=top_ids, top_scores=scores, gallery_ids=gallery_ids, query_emb=emb["query"],
-        gallery_emb=emb["gallery"], query_image=query_image, gallery_image=gallery_image,
+        gallery_emb=emb["gallery"], images=_shard_images(urls, emb["query_sources"]),
     )  # fmt: skip

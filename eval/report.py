@@ -42,11 +42,11 @@ def retrieval_grid(evaluation: Evaluation, queries: list[int], k: int, path: Pat
     )
     for row, i in zip(axes, queries):
         gt = set(evaluation.positives[i])
-        row[0].imshow(evaluation.query_image(i))
+        row[0].imshow(evaluation.images.query(i))
         row[0].set_title("\n".join(_wrap(evaluation.edits[i], 28)), fontsize=7)
         for j, g in enumerate(evaluation.ranking_of(i, k)):
             ax = row[j + 1]
-            ax.imshow(evaluation.gallery_image(g))
+            ax.imshow(evaluation.images.gallery(g))
             ax.set_title(f"{j + 1}. {evaluation.top_scores[i][j]:.3f}", fontsize=7)
             if g in gt:
                 for side in ax.spines.values():
@@ -54,7 +54,7 @@ def retrieval_grid(evaluation: Evaluation, queries: list[int], k: int, path: Pat
                     side.set_linewidth(4)
         if gt:
             target = evaluation.positives[i][0]
-            row[-1].imshow(evaluation.gallery_image(target))
+            row[-1].imshow(evaluation.images.gallery(target))
             row[-1].set_title("ground truth", fontsize=7)
         for ax in row:
             ax.set_xticks([])
@@ -77,7 +77,8 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 def retrieval_html(evaluation: Evaluation, queries: list[int], k: int, out_dir: Path) -> Path:
-    """index.html with thumbnails under images/: one table row per query."""
+    """index.html with thumbnails under images/: one table row per query (query, top-k, ground
+    truth)."""
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
 
@@ -90,14 +91,20 @@ def retrieval_html(evaluation: Evaluation, queries: list[int], k: int, out_dir: 
     for i in queries:
         gt = set(evaluation.positives[i])
         cells = [
-            f'<td><img src="{thumb(f"query{i}", evaluation.query_image(i))}"><br>'
+            f'<td><img src="{thumb(f"query{i}", evaluation.images.query(i))}"><br>'
             f"<b>{html.escape(evaluation.edits[i])}</b><br><small>{html.escape(evaluation.query_ids[i])}</small></td>"
         ]
         for j, g in enumerate(evaluation.ranking_of(i, k)):
             style = ' class="gt"' if g in gt else ""
             cells.append(
-                f'<td{style}><img src="{thumb(f"g_{g}", evaluation.gallery_image(g))}"><br>'
+                f'<td{style}><img src="{thumb(f"g_{g}", evaluation.images.gallery(g))}"><br>'
                 f"{j + 1}. {html.escape(g)}<br>{evaluation.top_scores[i][j]:.3f}</td>"
+            )
+        if gt:
+            target = evaluation.positives[i][0]
+            cells.append(
+                f'<td class="gt"><img src="{thumb(f"g_{target}", evaluation.images.gallery(target))}">'
+                f"<br>ground truth<br>{html.escape(target)}</td>"
             )
         rows.append("<tr>" + "".join(cells) + "</tr>")
     page = (

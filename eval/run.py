@@ -71,9 +71,7 @@ def run_protocol(job: EvalJob, model, tok, rank: int = 0, world: int = 1) -> Eva
     if job.protocol == "cirr":
         return protocols.cirr(model, tok, job.data, job.split, job.image_root, job.out_dir, s)
     if job.protocol == "fashioniq":
-        s.ks = (10, 50)
         return protocols.fashioniq(model, tok, job.data, job.categories, job.split, s)
-    s.ks = (5, 10, 25, 50)
     return protocols.circo(model, tok, job.data, job.split, job.image_root, job.out_dir, s)
 
 
@@ -83,7 +81,7 @@ def combiner_weights(model, tok, evaluation: Evaluation, limit: int = 256) -> np
         return None
     size = model.hf.config.vision_config.image_size
     n = min(limit, len(evaluation.edits))
-    frames = torch.stack([to_model_input(evaluation.query_image(i)[None], size) for i in range(n)])
+    frames = torch.stack([to_model_input(evaluation.images.query(i)[None], size) for i in range(n)])
     text = tok(evaluation.edits[:n], padding="max_length", truncation=True,
                max_length=model.cfg.max_text_len, return_tensors="pt")  # fmt: skip
     with torch.no_grad():
@@ -101,7 +99,7 @@ def explain_queries(
     position = {g: n for n, g in enumerate(evaluation.gallery_ids)}
     files = []
     for i in queries:
-        frame = evaluation.query_image(i)
+        frame = evaluation.images.query(i)
         target = (evaluation.positives[i] or evaluation.top_ids[i])[0]
         expl = explain(model, tok, to_model_input(frame[None], size)[0], evaluation.edits[i],
                        evaluation.gallery_emb[position[target]], reduce)  # fmt: skip

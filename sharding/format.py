@@ -154,16 +154,3 @@ def decode_sample(raw: dict) -> dict:
     else:
         sample["target_frames"] = decode_frames(raw["target_jpegs"])
     return sample
-
-
-def query_image(record: dict, triplet: int) -> np.ndarray:
-    """The first query frame of a triplet (what a report shows for the query)."""
-    return decode_rgb(query_jpegs(record, triplet)[0])
-
-
-def target_image(record: dict) -> np.ndarray:
-    """The middle target frame (what a report shows for the target)."""
-    frames = target_jpegs(record)
-    if not frames:
-        raise ImageDecodeError(f"record {record['__key__']} holds target embeddings, no frames")
-    return decode_rgb(frames[len(frames) // 2])

@@ -25,12 +25,13 @@ import random
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from configs.schema import SamplerConfig
 from sharding import format as fmt
 from sharding.samplers import BatchComposer
 
@@ -126,11 +127,9 @@ class ShardReader(IterableDataset):
         *,
         batch_size: int,
         collate: Callable[[list[dict]], dict],
+        sampler: SamplerConfig | None = None,
         rank: int = 0,
         world: int = 1,
-        sampler: str = "random",
-        sampler_buffer: int = 256,
-        sampler_beta: float = 0.6,
         seed: int = 0,
         allow_pipe: bool = False,
         groups: dict[int, int] | None = None,
@@ -143,7 +142,7 @@ class ShardReader(IterableDataset):
         self.urls, self.counts = list(urls), list(counts)
         self.batch_size, self.collate = batch_size, collate
         self.rank, self.world = rank, world
-        self.sampler, self.sampler_buffer, self.sampler_beta = sampler, sampler_buffer, sampler_beta
+        self.sampler = sampler or SamplerConfig()
         self.seed, self.allow_pipe = seed, allow_pipe
         self.groups = groups  # target_id -> k-means cluster, replaces the packed group key
         self.epoch, self.start_batch, self.num_workers = 0, 0, 1
@@ -232,10 +231,9 @@ class ShardReader(IterableDataset):
         drawn = (
             draw_triplet(r, rng, self.groups) for r in self._records(order, start, length, counts)
         )
-        composer = BatchComposer(
-            self.sampler, self.batch_size, max(self.sampler_buffer, self.batch_size), self.sampler_beta,
-            seed=f"{self.seed}-{self.epoch}-{slot}-compose",
-        )  # fmt: skip
+        buffer = max(self.sampler.buffer, self.batch_size)
+        composer = BatchComposer(replace(self.sampler, buffer=buffer), self.batch_size,
+                                 seed=f"{self.seed}-{self.epoch}-{slot}-compose")  # fmt: skip
         for index, raw_batch in enumerate(composer(drawn)):
             if index >= my_batches:
                 break

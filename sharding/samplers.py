@@ -17,20 +17,27 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
+from configs.schema import SamplerConfig
+
 SAMPLERS = ("random", "hns", "fs", "mix")
 
 
 class BatchComposer:
-    def __init__(
-        self, kind: str, batch_size: int, buffer: int = 1024, beta: float = 0.6, seed: int | str = 0
-    ):
-        if kind not in SAMPLERS:
-            raise ValueError(f"unknown sampler {kind!r}; one of {SAMPLERS}")
-        if buffer < batch_size:
+    """`cfg`: the sampler's kind, buffer and beta (`sampler.*` of the config)."""
+
+    def __init__(self, cfg: SamplerConfig, batch_size: int, seed: int | str = 0):
+        if cfg.kind not in SAMPLERS:
+            raise ValueError(f"unknown sampler {cfg.kind!r}; one of {SAMPLERS}")
+        if cfg.buffer < batch_size:
             raise ValueError(
-                f"sampler buffer ({buffer}) must hold at least one batch ({batch_size})"
+                f"sampler buffer ({cfg.buffer}) must hold at least one batch ({batch_size})"
             )
-        self.kind, self.batch_size, self.buffer, self.beta = kind, batch_size, buffer, beta
+        self.kind, self.batch_size, self.buffer, self.beta = (
+            cfg.kind,
+            batch_size,
+            cfg.buffer,
+            cfg.beta,
+        )
         self.rng = random.Random(seed)
         self.stats = {"batches": 0, "relaxed": 0}
 

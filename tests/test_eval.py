@@ -1,6 +1,8 @@
 """Evaluation: FAISS search, protocol metrics, CIRR on its real annotations, reports."""
 
+import html
 import json
+import re
 import zlib
 from pathlib import Path
 
@@ -212,7 +214,90 @@ def test_explanations_and_report_are_written_and_differ(cirr_setup, cirr_val, tm
     names = {p.name for p in report}
     assert {"retrievals.png", "index.html", "recall.png", "combiner_weights.png"} <= names
     page = (tmp_path / "report" / "index.html").read_text()
-    assert page.count("<img") == 3 * 5
+    assert page.count("<img") == 3 * (1 + 4 + 1)  # query, top-4, ground truth
+
+
+# --- WebVid-CoVR reports: every row's pictures come from its own record ----------------------
+
+
+def _own_pictures(shard_dir) -> dict:
+    """(reference, edit, target) -> (first query frame, middle target frame), decoded from the
+    query's own record."""
+    from sharding import format as fmt
+    from sharding.manifest import read_manifest
+    from sharding.reader import iter_records, shard_urls
+
+    own = {}
+    for record in iter_records(shard_urls(shard_dir, read_manifest(shard_dir))[0]):
+        meta = fmt.record_meta(record)
+        targets = fmt.target_jpegs(record)
+        for j, trip in enumerate(meta["triplets"]):
+            key = (trip["pth1"], trip["edit"], meta["target"])
+            assert key not in own
+            own[key] = (fmt.decode_rgb(fmt.query_jpegs(record, j)[0]),
+                        fmt.decode_rgb(targets[len(targets) // 2]))  # fmt: skip
+    return own
+
+
+def _webvid_report(rank, world, shard_dir, out):
+    import torch.distributed as dist
+
+    from eval.protocols import EvalSettings, webvid_covr
+    from eval.report import write_report
+
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model, tok = tiny_model(Path(out) / f"tok{rank}")
+    ev = webvid_covr(model, tok, shard_dir, EvalSettings(rank=rank, world=world))
+    if rank == 0:
+        own = _own_pictures(shard_dir)
+        for i in range(len(ev.query_ids)):  # the loaders the report draws with, every row
+            query, target = own[ev.references[i], ev.edits[i], ev.positives[i][0]]
+            assert np.array_equal(ev.images.query(i), query), f"row {i}: another query's frame"
+            assert np.array_equal(ev.images.gallery(ev.positives[i][0]), target), f"row {i}"
+        write_report(ev, Path(out) / "report", n=6, k=3)
+        rows = {"edits": ev.edits, "references": ev.references, "positives": ev.positives}
+        (Path(out) / "rows.json").write_text(json.dumps(rows))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_webvid_report_rows_show_their_own_query_and_target_under_1_and_2_ranks(
+    small_corpus, tmp_path
+):
+    from configs.schema import ShardConfig
+    from sharding.pack import pack
+
+    root, _ = small_corpus
+    shards = tmp_path / "shards"  # 3 records per shard: rank r holds records r, r + 2, ...
+    pack(
+        root / "val.csv",
+        root / "videos",
+        shards,
+        ShardConfig(samples_per_shard=3, target_frames=3, workers=1),
+    )
+    own = _own_pictures(shards)
+    _webvid_report(0, 1, shards, tmp_path / "one")
+    run_ranks(_webvid_report, 2, (shards, tmp_path / "two"))
+    rows = [json.loads((tmp_path / run / "rows.json").read_text()) for run in ("one", "two")]
+    assert rows[0] == rows[1] and len(rows[0]["edits"]) >= 6  # the same rows whatever the ranks
+    for run in ("one", "two"):
+        report = tmp_path / run / "report"
+        page_rows = (report / "index.html").read_text().split("<tr>")[1:]
+        assert len(page_rows) == 6
+        for page_row in page_rows:  # query thumbnail first, ground truth last
+            thumbs = re.findall(r'src="(images/[^"]+)"', page_row)
+            i = int(re.fullmatch(r"images/query(\d+)\.png", thumbs[0]).group(1))
+            reference, edit, target = (
+                rows[0]["references"][i],
+                rows[0]["edits"][i],
+                rows[0]["positives"][i][0],
+            )
+            assert html.escape(edit) in page_row
+            query, target_frame = own[reference, edit, target]
+            assert np.array_equal(np.asarray(Image.open(report / thumbs[0])), query)
+            assert np.array_equal(np.asarray(Image.open(report / thumbs[-1])), target_frame)
 
 
 # --- launch/eval.py end to end on packed shards -------------------------------------------------
@@ -310,7 +395,7 @@ def test_fashioniq_per_category_and_average(cirr_setup, tmp_path):
     assert m["dress/R@50"] == 100.0  # a 14-image gallery: every target is within 50
     assert m["average/R@10"] == pytest.approx((m["dress/R@10"] + m["shirt/R@10"]) / 2)
     assert ev.edits[0] == "is red and has dots" and len(ev.query_ids) == 12
-    assert ev.query_image(7).shape == (20, 20, 3)
+    assert ev.images.query(7).shape == (20, 20, 3)
 
 
 def test_circo_map_and_test_submission(cirr_setup, tmp_path):

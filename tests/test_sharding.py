@@ -10,7 +10,7 @@ from functools import partial
 import pytest
 from torch.utils.data import DataLoader
 
-from configs.schema import ShardConfig
+from configs.schema import SamplerConfig, ShardConfig
 from data.webvid_covr import read_annotations
 from sharding.batch import collate
 from sharding.manifest import read_manifest, verify
@@ -179,8 +179,8 @@ def test_verify_reports_a_truncated_shard(packed, tmp_path):
 def _reader(out, tok, rank=0, world=1, batch_size=2, sampler="random", **kw):
     urls, counts = shard_urls(out, read_manifest(out))
     fn = partial(collate, tokenizer=tok, image_size=32, max_text_len=8)
-    return ShardReader(urls, counts, batch_size=batch_size, collate=fn, rank=rank, world=world, sampler=sampler,
-                       sampler_buffer=4, seed=5, **kw)  # fmt: skip
+    return ShardReader(urls, counts, batch_size=batch_size, collate=fn, sampler=SamplerConfig(sampler, buffer=4),
+                       rank=rank, world=world, seed=5, **kw)  # fmt: skip
 
 
 def _epoch(reader, epoch=0, start=0, workers=2, limit=None):

@@ -167,9 +167,9 @@ def build(cfg: Config, rank: int, world: int) -> Job:
     )
     urls, counts = split_shards(cfg, "train")
     reader = ShardReader(
-        urls, counts, batch_size=cfg.train.batch_size, collate=batch_collate, rank=rank, world=world,
-        sampler=cfg.sampler.kind, sampler_buffer=cfg.sampler.buffer, sampler_beta=cfg.sampler.beta,
-        seed=cfg.train.seed, allow_pipe=cfg.shards.allow_pipe, groups=read_groups(Path(cfg.shards.dir) / "train"),
+        urls, counts, batch_size=cfg.train.batch_size, collate=batch_collate, sampler=cfg.sampler,
+        rank=rank, world=world, seed=cfg.train.seed, allow_pipe=cfg.shards.allow_pipe,
+        groups=read_groups(Path(cfg.shards.dir) / "train"),
     )  # fmt: skip
     reader.set_position(0, 0, cfg.shards.loader_workers)
     steps_per_epoch = reader.batches_per_epoch() // cfg.train.grad_accum
