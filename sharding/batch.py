@@ -1,4 +1,4 @@
-"""Samples -> model batch (DESIGN.md "Batch").
+"""Samples -> model batch: the contract between the shard reader and the model.
 
 A sample is a dict: `query_frames` uint8 (Fq, H, W, 3); `target_frames` uint8 (Ft, H, W, 3) or
 `target_embeddings` float (Ft, Q, D); `edit` str; `scores` list of floats (one per target
@@ -25,13 +25,11 @@ def _pad_frames(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def collate(samples: list[dict], tokenizer, image_size: int, max_text_len: int) -> dict:
-    edits = tokenizer(
-        [s["edit"] for s in samples],
-        padding="max_length",
-        truncation=True,
-        max_length=max_text_len,
-        return_tensors="pt",
-    )
+    def tokens(texts: list[str]):
+        return tokenizer(texts, padding="max_length", truncation=True, max_length=max_text_len,
+                         return_tensors="pt")  # fmt: skip
+
+    edits = tokens([s["edit"] for s in samples])
     batch = {
         "query_frames": torch.stack(
             [to_model_input(s["query_frames"], image_size) for s in samples]
@@ -55,13 +53,7 @@ def collate(samples: list[dict], tokenizer, image_size: int, max_text_len: int) 
             scores[i, : len(s["scores"])] = torch.tensor(s["scores"], dtype=torch.float32)
     batch["target_scores"] = scores
     if "caption" in samples[0]:
-        captions = tokenizer(
-            [s["caption"] for s in samples],
-            padding="max_length",
-            truncation=True,
-            max_length=max_text_len,
-            return_tensors="pt",
-        )
+        captions = tokens([s["caption"] for s in samples])
         batch["caption_input_ids"], batch["caption_attention_mask"] = (
             captions.input_ids,
             captions.attention_mask,
