@@ -16,10 +16,11 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from typing import get_args, get_type_hints
 
 from configs.schema import SamplerConfig
 
-SAMPLERS = ("random", "hns", "fs", "mix")
+SAMPLERS = get_args(get_type_hints(SamplerConfig)["kind"])  # the config's choices
 
 
 class BatchComposer:
