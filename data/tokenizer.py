@@ -50,6 +50,11 @@ def load_tokenizer(path: str | Path):
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    # as the reference's init_tokenizer: bert-base-uncased + [DEC] (bos) + [ENC], in that order,
+    # so a bare BERT vocabulary gives [DEC] 30522 and [ENC] 30523, the ids the weights expect
+    if "[DEC]" not in tok.get_vocab():
+        tok.add_special_tokens({"bos_token": "[DEC]"})
     if "[ENC]" not in tok.get_vocab():  # BLIP's image-grounded encoder token
         tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    tok.truncation_side = "right"  # the reference truncates on the right (a saved config may not)
     return tok

@@ -33,7 +33,7 @@ def test_cosine_schedule_with_warmup():
 
 def test_activation_checkpointing_recomputes_and_keeps_the_gradients(tmp_path):
     torch.manual_seed(0)
-    model, _ = tiny_model(tmp_path)
+    model, _ = tiny_model(tmp_path, train_target_encoder=True)  # gradients on the target path
     for m in model.modules():  # training mode (checkpointing is active only then), no dropout
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0

@@ -37,9 +37,8 @@ def test_loading_a_lavis_checkpoint_reproduces_the_model(tmp_path, arch):
     lavis["temp"] = torch.tensor(0.07)  # ignored names
     lavis["Qformer.cls.predictions.bias"] = torch.zeros(3)
     torch.save({"model": lavis}, tmp_path / "covr.pth")
-    torch.manual_seed(123)
-    target, _ = tiny_model(tmp_path, arch)
-    load_lavis_checkpoint(target.hf, tmp_path / "covr.pth", arch)
+    torch.manual_seed(123)  # other initial weights, replaced by the checkpoint's
+    target, _ = tiny_model(tmp_path, arch, lavis_checkpoint=str(tmp_path / "covr.pth"))
     source.eval(), target.eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(

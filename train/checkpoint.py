@@ -118,6 +118,8 @@ def export_model(state: dict, model_cfg: ModelConfig, tokenizer, out_dir: str | 
         )
     model.hf.save_pretrained(out)
     torch.save(model.combiner.state_dict(), out / "combiner.pt")
+    if model.frozen_target is not None:  # the starting weights that encode targets
+        torch.save(model.frozen_target.state_dict(), out / "target_encoder.pt")
     tokenizer.save_pretrained(out)
     saved = {
         **asdict(model_cfg),
@@ -152,4 +154,7 @@ def load_exported(model_dir: str | Path, **overrides):
     combiner = model_dir / "combiner.pt"
     if combiner.is_file() and cfg.combiner == saved_combiner:
         model.combiner.load_state_dict(torch.load(combiner, weights_only=True))
+    target = model_dir / "target_encoder.pt"  # absent: the exported weights are the starting ones
+    if target.is_file() and model.frozen_target is not None:
+        model.frozen_target.load_state_dict(torch.load(target, weights_only=True))
     return model, tok

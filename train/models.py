@@ -5,10 +5,15 @@ Both expose the same interface (DESIGN.md "Model"):
   encode_target_frames(pixels (N, 3, H, W)) -> (N, Q, D), per-token normalised
   encode_target(frames (B, Ft, 3, H, W) or embeddings (B, Ft, Q, D), scores, mask) -> (B, Q, D)
   encode_text(input_ids, attention_mask) -> (B, D);  encode_image(frames) -> (B, D)
+  encode_caption(input_ids, attention_mask) -> (B, D): the target caption, a target
+Targets go through a frozen copy of the starting weights unless `train_target_encoder`.
 BLIP is the case Q = 1. Query and target tokens are compared by `eval.similarity` (mean or max).
 """
 
 from __future__ import annotations
+
+import copy
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +25,12 @@ from transformers import (
     BlipForImageTextRetrieval,
 )
 
-from configs.schema import ModelConfig
+from configs.schema import ConfigError, ModelConfig
 from train.combiners import build_combiner
 
+log = logging.getLogger(__name__)
 ARCHS = ("blip2", "blip")
+BLIP_VIT_LN_EPS = 1e-6  # the reference BLIP ViT (src/model/blip/vit.py); transformers builds 1e-5
 
 
 def pool_frames(
@@ -54,6 +61,7 @@ class CoVRModel(nn.Module):
         "encode_target",
         "encode_target_frames",
         "encode_text",
+        "encode_caption",
         "encode_image",
     )
 
@@ -61,6 +69,36 @@ class CoVRModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.combiner = build_combiner(cfg.combiner, embed_dim)
+        self.frozen_target = None
+
+    def _copy_starting_target_path(self) -> None:
+        """train_target_encoder=false: targets (frames, captions) are encoded by a frozen copy of
+        the starting weights under no_grad, as the reference precomputes them once with the
+        frozen starting model: no gradient reaches any parameter from the target side, and
+        training the query side does not move the targets. Only the parts that training changes
+        are copied; frozen ones (the vision tower unless trained) are shared."""
+        if self.cfg.train_target_encoder:
+            return
+        children = list(self.hf.named_children()) + list(self.hf.named_parameters(recurse=False))
+        copies = nn.Module()
+        for name, part in children:
+            params = part.parameters() if isinstance(part, nn.Module) else [part]
+            if any(p.requires_grad for p in params):
+                setattr(copies, name, copy.deepcopy(part))
+        if list(copies.parameters()):
+            self.frozen_target = copies.requires_grad_(False).eval()
+
+    def _part(self, name: str, frozen: bool):
+        """`self.hf.<name>`, or its frozen starting copy on the target path."""
+        if frozen and self.frozen_target is not None and hasattr(self.frozen_target, name):
+            return getattr(self.frozen_target, name)
+        return getattr(self.hf, name)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_target is not None:  # the starting model encodes targets in eval mode
+            self.frozen_target.eval()
+        return self
 
     def forward(self, task: str, *args, **kwargs):
         """`model("encode_query", ...)`: one entry point, so wrappers (DeepSpeed engine,
@@ -69,10 +107,10 @@ class CoVRModel(nn.Module):
             raise ValueError(f"unknown task {task!r}")
         return getattr(self, task)(*args, **kwargs)
 
-    def _vision(self, pixels: torch.Tensor) -> torch.Tensor:
-        vision = self.hf.vision_model
+    def _vision(self, pixels: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        vision = self._part("vision_model", frozen)
         pixels = pixels.to(vision.embeddings.patch_embedding.weight.dtype)  # bf16 / fp16 engines
-        if self.cfg.freeze_vision:
+        if self.cfg.freeze_vision or frozen:
             with torch.no_grad():
                 return vision(pixel_values=pixels).last_hidden_state
         return vision(pixel_values=pixels).last_hidden_state
@@ -84,8 +122,19 @@ class CoVRModel(nn.Module):
         return tokens.view(b, fq * tokens.shape[1], tokens.shape[2])
 
     def encode_target_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, Q, D): the vision tower, then the model's `target_head`."""
-        return self.target_head(self._vision(pixels))
+        """(N, 3, H, W) -> (N, Q, D): the vision tower, then the model's `target_head`; through
+        the frozen starting copy unless the target encoder is trained."""
+        if self.cfg.train_target_encoder:
+            return self.target_head(self._vision(pixels))
+        with torch.no_grad():
+            return self.target_head(self._vision(pixels, frozen=True), frozen=True)
+
+    def encode_caption(self, input_ids, attention_mask) -> torch.Tensor:
+        """The target's caption (CoVR-2 caption term): a target, so frozen like the frames."""
+        if self.cfg.train_target_encoder:
+            return self.encode_text(input_ids, attention_mask)
+        with torch.no_grad():
+            return self.encode_text(input_ids, attention_mask, frozen=True)
 
     def encode_target(self, frames_or_embeddings, scores=None, mask=None) -> torch.Tensor:
         x = frames_or_embeddings
@@ -97,8 +146,8 @@ class CoVRModel(nn.Module):
 
     def encode_image(self, frames: torch.Tensor) -> torch.Tensor:
         """Image-only embedding of the query's middle frame, (B, D)."""
-        middle = frames[:, frames.shape[1] // 2]
-        return F.normalize(self.encode_target_frames(middle).mean(1), dim=-1)
+        middle = frames[:, frames.shape[1] // 2]  # the live model: a query-side branch
+        return F.normalize(self.target_head(self._vision(middle)).mean(1), dim=-1)
 
     def compose(self, frames, input_ids, attention_mask):
         """Query tokens and the combiner's weights (None unless `mlp`)."""
@@ -134,14 +183,15 @@ class Blip2CoVR(CoVRModel):
             module.requires_grad_(False)
         if cfg.train_target_encoder:
             hf.vision_projection.requires_grad_(True)
+        self._copy_starting_target_path()
 
     @property
     def num_query_tokens(self) -> int:
         return self.hf.query_tokens.shape[1]
 
-    def _qformer_queries(self, vision_tokens: torch.Tensor) -> torch.Tensor:
-        queries = self.hf.query_tokens.expand(vision_tokens.shape[0], -1, -1)
-        return self.hf.qformer(
+    def _qformer_queries(self, vision_tokens: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        queries = self._part("query_tokens", frozen).expand(vision_tokens.shape[0], -1, -1)
+        return self._part("qformer", frozen)(
             query_embeds=queries,
             encoder_hidden_states=vision_tokens,
             encoder_attention_mask=torch.ones(
@@ -149,9 +199,9 @@ class Blip2CoVR(CoVRModel):
             ),
         ).last_hidden_state
 
-    def target_head(self, vision_tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self._qformer_queries(vision_tokens)
-        return F.normalize(self.hf.vision_projection(hidden), dim=-1)
+    def target_head(self, vision_tokens: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        hidden = self._qformer_queries(vision_tokens, frozen)
+        return F.normalize(self._part("vision_projection", frozen)(hidden), dim=-1)
 
     def encode_fusion(self, frames, input_ids, attention_mask) -> torch.Tensor:
         vision_tokens = self._query_vision(frames)
@@ -176,12 +226,12 @@ class Blip2CoVR(CoVRModel):
         ).last_hidden_state
         return F.normalize(self.hf.text_projection(hidden[:, :q]), dim=-1)
 
-    def encode_text(self, input_ids, attention_mask) -> torch.Tensor:
-        embeds = self.hf.embeddings(input_ids=input_ids)
-        hidden = self.hf.qformer(
+    def encode_text(self, input_ids, attention_mask, frozen: bool = False) -> torch.Tensor:
+        embeds = self._part("embeddings", frozen)(input_ids=input_ids)
+        hidden = self._part("qformer", frozen)(
             query_embeds=embeds, query_length=0, attention_mask=attention_mask
         ).last_hidden_state
-        return F.normalize(self.hf.text_projection(hidden[:, 0]), dim=-1)
+        return F.normalize(self._part("text_projection", frozen)(hidden[:, 0]), dim=-1)
 
 
 class BlipCoVR(CoVRModel):
@@ -190,7 +240,17 @@ class BlipCoVR(CoVRModel):
     def __init__(self, hf: BlipForImageTextRetrieval, cfg: ModelConfig, enc_token_id: int):
         super().__init__(cfg, hf.config.image_text_hidden_size)
         self.hf = hf
+        vocab = hf.text_encoder.embeddings.word_embeddings.num_embeddings
+        if not 0 <= enc_token_id < vocab:
+            raise ValueError(
+                f"[ENC] token id {enc_token_id} is outside the text vocabulary ({vocab})"
+            )
         self.enc_token_id = enc_token_id
+        # the reference ViT uses LayerNorm eps 1e-6 in every block and its final norm
+        for module in hf.vision_model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = BLIP_VIT_LN_EPS
+        hf.config.vision_config.layer_norm_eps = BLIP_VIT_LN_EPS
         frozen = [hf.itm_head]
         if cfg.freeze_vision:
             frozen.append(hf.vision_model)
@@ -198,9 +258,15 @@ class BlipCoVR(CoVRModel):
             frozen.append(hf.vision_proj)
         for module in frozen:
             module.requires_grad_(False)
+        self._copy_starting_target_path()
 
-    def target_head(self, vision_tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.hf.vision_proj(vision_tokens[:, 0]), dim=-1)[:, None]
+    def target_head(self, vision_tokens: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        return F.normalize(self._part("vision_proj", frozen)(vision_tokens[:, 0]), dim=-1)[:, None]
+
+    def encode_target(self, frames_or_embeddings, scores=None, mask=None) -> torch.Tensor:
+        """Pooled over frames, then L2-normalised again (the reference's BLIP training and test
+        both normalise the pooled target feature)."""
+        return F.normalize(super().encode_target(frames_or_embeddings, scores, mask), dim=-1)
 
     def encode_fusion(self, frames, input_ids, attention_mask) -> torch.Tensor:
         vision_tokens = self._query_vision(frames)
@@ -216,11 +282,11 @@ class BlipCoVR(CoVRModel):
         ).last_hidden_state
         return F.normalize(self.hf.text_proj(hidden[:, 0]), dim=-1)[:, None]
 
-    def encode_text(self, input_ids, attention_mask) -> torch.Tensor:
-        hidden = self.hf.text_encoder(
+    def encode_text(self, input_ids, attention_mask, frozen: bool = False) -> torch.Tensor:
+        hidden = self._part("text_encoder", frozen)(
             input_ids=input_ids, attention_mask=attention_mask
         ).last_hidden_state
-        return F.normalize(self.hf.text_proj(hidden[:, 0]), dim=-1)
+        return F.normalize(self._part("text_proj", frozen)(hidden[:, 0]), dim=-1)
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int):
@@ -235,6 +301,8 @@ def hf_config(cfg: ModelConfig, vocab_size: int):
         patch_size=v.patch_size,
         initializer_range=0.02,  # the library default (1e-10) leaves a from-scratch ViT at ~0
     )
+    if cfg.arch == "blip":
+        vision["layer_norm_eps"] = BLIP_VIT_LN_EPS
     text = dict(
         hidden_size=t.hidden_size,
         num_hidden_layers=t.layers,
@@ -264,14 +332,48 @@ def hf_config(cfg: ModelConfig, vocab_size: int):
     raise ValueError(f"unknown model.arch {cfg.arch!r}; one of {ARCHS}")
 
 
+def check_pretrained_sizes(cfg: ModelConfig, config) -> None:
+    """`model.vision` / `model.text` / query tokens / embedding size must be what the weights in
+    `model.pretrained` have: a disagreement is an error naming both values, never ignored."""
+    v = config.vision_config
+    text = config.qformer_config if cfg.arch == "blip2" else config.text_config
+    pairs = {
+        "model.vision.hidden_size": (cfg.vision.hidden_size, v.hidden_size),
+        "model.vision.layers": (cfg.vision.layers, v.num_hidden_layers),
+        "model.vision.heads": (cfg.vision.heads, v.num_attention_heads),
+        "model.vision.intermediate_size": (cfg.vision.intermediate_size, v.intermediate_size),
+        "model.vision.image_size": (cfg.vision.image_size, v.image_size),
+        "model.vision.patch_size": (cfg.vision.patch_size, v.patch_size),
+        "model.text.hidden_size": (cfg.text.hidden_size, text.hidden_size),
+        "model.text.layers": (cfg.text.layers, text.num_hidden_layers),
+        "model.text.heads": (cfg.text.heads, text.num_attention_heads),
+        "model.text.intermediate_size": (cfg.text.intermediate_size, text.intermediate_size),
+        "model.embed_dim": (cfg.embed_dim, config.image_text_hidden_size),
+    }
+    if cfg.arch == "blip2":
+        pairs["model.text.cross_attention_frequency"] = (
+            cfg.text.cross_attention_frequency,
+            text.cross_attention_frequency,
+        )
+        pairs["model.num_query_tokens"] = (cfg.num_query_tokens, config.num_query_tokens)
+    bad = [f"{key}={ours} but the weights have {theirs}" for key, (ours, theirs) in pairs.items()
+           if ours != theirs]  # fmt: skip
+    if bad:
+        raise ConfigError(f"model.pretrained={cfg.pretrained}: " + "; ".join(bad))
+
+
 def build_model(cfg: ModelConfig, tokenizer) -> CoVRModel:
-    """From `cfg.pretrained` (local transformers directory) or from the sizes in `cfg`; then a
-    LAVIS / CoVR checkpoint on top when `cfg.lavis_checkpoint` is set."""
+    """From `cfg.pretrained` (local transformers directory, sizes checked against `cfg`) or from
+    the sizes in `cfg`; then a LAVIS / CoVR checkpoint on top when `cfg.lavis_checkpoint` is set.
+    The frozen target path is copied from the starting weights: `pretrained` when given (a CoVR
+    checkpoint holds the trained query side; the reference encodes targets with the starting
+    model), else the checkpoint itself."""
     cls = {"blip2": Blip2ForImageTextRetrieval, "blip": BlipForImageTextRetrieval}.get(cfg.arch)
     if cls is None:
         raise ValueError(f"unknown model.arch {cfg.arch!r}; one of {ARCHS}")
     if cfg.pretrained:
         hf = cls.from_pretrained(cfg.pretrained, local_files_only=True)
+        check_pretrained_sizes(cfg, hf.config)
     else:
         hf = cls(hf_config(cfg, len(tokenizer)))
         if (
@@ -287,10 +389,17 @@ def build_model(cfg: ModelConfig, tokenizer) -> CoVRModel:
         query_proj, target_proj = getattr(hf, projections[0]), getattr(hf, projections[1])
         if query_proj.weight.shape == target_proj.weight.shape:
             query_proj.load_state_dict(target_proj.state_dict())
-    if cfg.lavis_checkpoint:
-        from train.lavis import load_lavis_checkpoint
+    from train.lavis import load_lavis_checkpoint
 
+    if cfg.lavis_checkpoint and not cfg.pretrained:
         load_lavis_checkpoint(hf, cfg.lavis_checkpoint, cfg.arch)
+        if not cfg.train_target_encoder:
+            log.warning("targets are encoded by %s itself: set model.pretrained to the starting "
+                        "weights to encode them as the reference does", cfg.lavis_checkpoint)  # fmt: skip
     if cfg.arch == "blip2":
-        return Blip2CoVR(hf, cfg)
-    return BlipCoVR(hf, cfg, enc_token_id=tokenizer.convert_tokens_to_ids("[ENC]"))
+        model = Blip2CoVR(hf, cfg)
+    else:
+        model = BlipCoVR(hf, cfg, enc_token_id=tokenizer.convert_tokens_to_ids("[ENC]"))
+    if cfg.lavis_checkpoint and cfg.pretrained:
+        load_lavis_checkpoint(model.hf, cfg.lavis_checkpoint, cfg.arch)
+    return model

@@ -62,11 +62,10 @@ def covr_loss(
     metrics = {"loss_video": loss.detach()}
     if c.caption_weight > 0:
         caption = model(
-            "encode_text", batch["caption_input_ids"], batch["caption_attention_mask"]
+            "encode_caption", batch["caption_input_ids"], batch["caption_attention_mask"]
         ).float()
-        caption_loss = hn_nce(
-            all_query.mean(1), gather_with_grad(caption), c.temperature, c.alpha, c.beta
-        )
+        all_caption = gather_with_grad(caption) if caption.requires_grad else gather(caption)
+        caption_loss = hn_nce(all_query.mean(1), all_caption, c.temperature, c.alpha, c.beta)
         loss = loss + c.caption_weight * caption_loss
         metrics["loss_caption"] = caption_loss.detach()
 
