@@ -150,6 +150,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.999
+    schedule: Literal["cosine", "cosine_epoch"] = "cosine"  # per optimizer step | per epoch
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # 0 = no clipping
@@ -169,7 +170,8 @@ class TrainConfig:
     out_dir: str = "runs/demo/train"
     epochs: int = 5
     max_steps: int = 0  # > 0: stop after this many optimizer steps
-    batch_size: int = 256  # per rank, per micro step
+    batch_size: int = 256  # per rank, per micro step (replaced when global_batch_size > 0)
+    global_batch_size: int = 0  # > 0: batch_size = global / (world size * grad_accum)
     grad_accum: int = 1
     log_every: int = 10
     eval_every: int = 0  # optimizer steps; 0 = after every epoch
@@ -232,9 +234,27 @@ def validate(cfg: Config) -> Config:
     for key in FRACTIONS:
         if not 0 <= _get(cfg, key) <= 1:
             raise ConfigError(f"key '{key}': must be in [0, 1], got {_get(cfg, key)!r}")
+    if cfg.train.global_batch_size < 0:
+        raise ConfigError(
+            f"key 'train.global_batch_size': must be >= 0, got {cfg.train.global_batch_size}"
+        )
     if cfg.queue.size < 0:
         raise ConfigError(f"key 'queue.size': must be >= 0, got {cfg.queue.size}")
     return cfg
+
+
+def per_rank_batch_size(cfg: Config, world: int) -> int:
+    """`train.global_batch_size` split over ranks and accumulation steps (else
+    `train.batch_size`); HN-NCE depends on the global batch, so it must divide exactly."""
+    total, accum = cfg.train.global_batch_size, cfg.train.grad_accum
+    if not total:
+        return cfg.train.batch_size
+    if total % (world * accum):
+        raise ConfigError(
+            f"key 'train.global_batch_size': {total} is not divisible by world size {world} x "
+            f"train.grad_accum {accum}"
+        )
+    return total // (world * accum)
 
 
 def _describe(err: OmegaConfBaseException) -> str:

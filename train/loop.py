@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from configs.schema import Config, to_dict
+from configs.schema import Config, per_rank_batch_size, to_dict
 from data.tokenizer import load_tokenizer
 from eval.protocols import EvalSettings, Evaluation, webvid_covr
 from eval.report import write_report
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 def train(cfg: Config) -> dict | None:
     """Train, validate and export; returns the summary on rank 0 (None on the other ranks)."""
     rank, world, _ = init_distributed(cfg.deepspeed.timeout_s)
+    cfg.train.batch_size = per_rank_batch_size(cfg, world)  # from train.global_batch_size if set
     if rank == 0:
         log.info("building the job: DeepSpeed start-up and its one-time op compile can take "
                  "about a minute and a half on a first run")  # fmt: skip
@@ -182,7 +183,9 @@ def build(cfg: Config, rank: int, world: int) -> Job:
         model,
         params,
         optimizer,
-        partial(build_scheduler, cfg=cfg.optim, total_steps=total_steps),
+        partial(
+            build_scheduler, cfg=cfg.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+        ),
         deepspeed_config(cfg),
     )  # the engine steps the schedule at each optimizer step and checkpoints it
 

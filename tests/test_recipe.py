@@ -1,0 +1,50 @@
+"""The reference recipe's settings: per-epoch cosine, global batch, the shipped recipe files."""
+
+import pytest
+import torch
+
+from configs.schema import ConfigError, OptimConfig, load_config, per_rank_batch_size
+from train.optim import build_scheduler, cosine_epoch_factor
+
+
+def test_cosine_epoch_gives_the_reference_factors():
+    # the reference (src/tools/scheduler.py CosineSchedule, called at each epoch start, 5 epochs)
+    expected = [1.0, 0.905, 0.655, 0.345, 0.095]
+    assert [round(cosine_epoch_factor(e * 7, 7, 5), 3) for e in range(5)] == expected
+    assert cosine_epoch_factor(6, 7, 5) == 1.0 and cosine_epoch_factor(8, 7, 5) == pytest.approx(
+        0.9045, abs=1e-4
+    )
+
+
+def test_cosine_epoch_scheduler_steps_the_lr_once_per_epoch():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=2e-5)
+    sched = build_scheduler(
+        opt, OptimConfig(lr=2e-5, schedule="cosine_epoch"), total_steps=15, steps_per_epoch=3
+    )
+    lrs = []
+    for _ in range(15):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    per_epoch = [lrs[i : i + 3] for i in range(0, 15, 3)]
+    assert all(len(set(e)) == 1 for e in per_epoch)  # constant inside an epoch
+    assert [round(e[0] / 2e-5, 3) for e in per_epoch] == [1.0, 0.905, 0.655, 0.345, 0.095]
+    with pytest.raises(ValueError, match="steps per epoch"):
+        build_scheduler(opt, OptimConfig(schedule="cosine_epoch"), total_steps=15)
+
+
+def test_global_batch_is_split_over_ranks_and_accumulation():
+    cfg = load_config(None, ["train.global_batch_size=512", "train.grad_accum=2"])
+    assert per_rank_batch_size(cfg, world=8) == 32
+    assert (
+        per_rank_batch_size(load_config(None, ["train.batch_size=7"]), world=3) == 7
+    )  # unset: per rank
+    with pytest.raises(
+        ConfigError, match="train.global_batch_size.*512.*world size 3.*grad_accum 2"
+    ):
+        per_rank_batch_size(cfg, world=3)
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        load_config(None, ["train.global_batch_size=-1"])
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        load_config(None, ["optim.schedule=linear"])
