@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from data.text import tokenize
 from data.video import to_model_input
 from sharding.format import ImageDecodeError, decode_rgb
 
@@ -85,13 +86,7 @@ def embed_image_queries(model, tokenizer, reference_paths: list, edits: list[str
 
     def batch(indices):
         pixels = torch.stack([load_image(reference_paths[i], size) for i in indices])[:, None]
-        text = tokenizer(
-            [edits[i] for i in indices],
-            padding="max_length",
-            truncation=True,
-            max_length=model.cfg.max_text_len,
-            return_tensors="pt",
-        )
+        text = tokenize(tokenizer, [edits[i] for i in indices], model.cfg.max_text_len)
         return model(
             "encode_query",
             pixels.to(device),

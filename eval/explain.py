@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.text import tokenize
 from eval.similarity import similarity
 
 
@@ -95,8 +96,7 @@ def explain(
     """`frame` (3, H, W) model input; `target` the target tokens (T, D) to score against."""
     was_training = model.training
     model.eval()
-    text = tokenizer([edit], padding="max_length", truncation=True, max_length=model.cfg.max_text_len,
-                     return_tensors="pt")  # fmt: skip
+    text = tokenize(tokenizer, [edit], model.cfg.max_text_len)
     cross_modules, self_modules = _attention_modules(model)
     cross, selfs = [], []
     hooks = _record(cross_modules, cross) + _record(self_modules, selfs)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.text import tokenize
 from data.video import to_model_input
 from eval import protocols
 from eval.protocols import PROTOCOLS, EvalSettings, Evaluation
@@ -82,8 +83,7 @@ def combiner_weights(model, tok, evaluation: Evaluation, limit: int = 256) -> np
     size = model.hf.config.vision_config.image_size
     n = min(limit, len(evaluation.edits))
     frames = torch.stack([to_model_input(evaluation.images.query(i)[None], size) for i in range(n)])
-    text = tok(evaluation.edits[:n], padding="max_length", truncation=True,
-               max_length=model.cfg.max_text_len, return_tensors="pt")  # fmt: skip
+    text = tokenize(tok, evaluation.edits[:n], model.cfg.max_text_len)
     with torch.no_grad():
         _, weights = model("compose", frames, text.input_ids, text.attention_mask)
     return weights.float().numpy()

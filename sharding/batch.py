@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data.text import tokenize
 from data.video import to_model_input
 
 
@@ -25,11 +26,7 @@ def _pad_frames(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def collate(samples: list[dict], tokenizer, image_size: int, max_text_len: int) -> dict:
-    def tokens(texts: list[str]):
-        return tokenizer(texts, padding="max_length", truncation=True, max_length=max_text_len,
-                         return_tensors="pt")  # fmt: skip
-
-    edits = tokens([s["edit"] for s in samples])
+    edits = tokenize(tokenizer, [s["edit"] for s in samples], max_text_len)
     batch = {
         "query_frames": torch.stack(
             [to_model_input(s["query_frames"], image_size) for s in samples]
@@ -53,7 +50,7 @@ def collate(samples: list[dict], tokenizer, image_size: int, max_text_len: int) 
             scores[i, : len(s["scores"])] = torch.tensor(s["scores"], dtype=torch.float32)
     batch["target_scores"] = scores
     if "caption" in samples[0]:
-        captions = tokens([s["caption"] for s in samples])
+        captions = tokenize(tokenizer, [s["caption"] for s in samples], max_text_len)
         batch["caption_input_ids"], batch["caption_attention_mask"] = (
             captions.input_ids,
             captions.attention_mask,
