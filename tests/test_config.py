@@ -71,4 +71,6 @@ def test_shipped_configs_load(name):
     if name != "demo.yaml":  # the real recipes (REFERENCE.md section 6)
         assert cfg.optim.weight_decay == 0.05 and cfg.train.epochs == 5 and cfg.train.seed == 1234
         assert cfg.optim.lr == (2e-5 if "blip2" in name else 1e-5)
-        assert cfg.train.batch_size == (256 if "blip2" in name else 512)
+        assert cfg.train.global_batch_size == (
+            512 if "blip2" in name else 1024
+        )  # 2 GPUs x 256 | 512
