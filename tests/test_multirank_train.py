@@ -84,3 +84,39 @@ def test_momentum_update_under_zero3(tmp_path):
     run_ranks(_momentum_zero3, 2, (str(tmp_path),))
     a, b = torch.load(tmp_path / "ema0.pt"), torch.load(tmp_path / "ema1.pt")
     assert a.shape == (2, 4, 16) and torch.allclose(a, b, atol=1e-6)
+
+
+def _frozen_targets_zero3(rank, world, out_dir):
+    """ZeRO-3 partitions the frozen starting copy too: targets must still come out whole and
+    equal on every rank, and a training step must leave them unchanged."""
+    import deepspeed
+
+    from configs.schema import LossConfig
+    from tests.test_models import _batch
+    from tests.tiny import tiny_model
+    from train.objective import covr_loss
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model, tok = tiny_model(__import__("pathlib").Path(out_dir) / f"r{rank}", "blip2")
+    model.eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    plain = model("encode_target_frames", x)
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3},
+              "zero_allow_untested_optimizer": True}  # fmt: skip
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine.eval()
+    assert torch.allclose(engine("encode_target_frames", x), plain, atol=1e-6)
+    loss, _ = covr_loss(engine, _batch(tok, seed=rank), LossConfig(caption_weight=0.5))
+    engine.backward(loss)
+    engine.step()
+    assert torch.allclose(engine("encode_target_frames", x), plain, atol=1e-6)
+    torch.save(plain, f"{out_dir}/frozen{rank}.pt")
+    del engine
+    dist.destroy_process_group()
+
+
+def test_frozen_starting_targets_under_zero3(tmp_path):
+    run_ranks(_frozen_targets_zero3, 2, (str(tmp_path),))
+    assert torch.allclose(torch.load(tmp_path / "frozen0.pt"), torch.load(tmp_path / "frozen1.pt"))
