@@ -79,7 +79,7 @@ def _crafted_files_are_refused(rank, world, out_dir):
     deepspeed.init_distributed(dist_backend="gloo")
     out = Path(out_dir)
     torch.manual_seed(0)
-    model, _ = tiny_model(out / "tok")
+    model, _ = tiny_model(out / "tok", train_target_encoder=True)  # a backward through targets
     params = model.trainable_parameters()
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
               "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0}  # fmt: skip
