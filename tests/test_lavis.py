@@ -189,9 +189,9 @@ def _write(layout, state, path):
 @pytest.mark.parametrize("arch", ["blip2", "blip"])
 @pytest.mark.parametrize("layout", ["pth", "fabric", "lightning"])
 def test_reference_covr_checkpoints_load(tmp_path, arch, layout, caplog):
+    from data.tokenizer import build_vocab_tokenizer
     from tests.tiny import tiny_model_config
     from train.models import build_model
-    from train.tokenizer import build_vocab_tokenizer
 
     cfg = tiny_model_config(arch)
     cfg.text.cross_attention_frequency = 2  # layer 1 of the Q-Former has no cross-attention
@@ -217,9 +217,9 @@ def test_reference_covr_checkpoints_load(tmp_path, arch, layout, caplog):
 
 @pytest.mark.parametrize("arch", ["blip2", "blip"])
 def test_a_missing_used_parameter_is_still_an_error(tmp_path, arch):
+    from data.tokenizer import build_vocab_tokenizer
     from tests.tiny import tiny_model_config
     from train.models import build_model
-    from train.tokenizer import build_vocab_tokenizer
 
     cfg = tiny_model_config(arch)
     tok = build_vocab_tokenizer(["a red circle"], tmp_path / "tok")

@@ -240,7 +240,7 @@ def test_blip_query_starts_with_enc_and_the_tokenizer_gives_the_reference_ids(tm
     from tokenizers.models import WordPiece
     from transformers import PreTrainedTokenizerFast
 
-    from train.tokenizer import load_tokenizer
+    from data.tokenizer import load_tokenizer
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "make", "it", "red"]
     core = Tokenizer(WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))

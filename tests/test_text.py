@@ -34,7 +34,7 @@ class Recording:
 
 
 def test_training_batches_tokenise_cleaned_edits_and_captions(tmp_path):
-    from train.batch import collate
+    from sharding.batch import collate
 
     _, tok = tiny_model(tmp_path)
     rec = Recording(tok)
@@ -60,7 +60,7 @@ def test_benchmark_queries_tokenise_cleaned_edits(tmp_path):
 
 
 def test_tokenize_pads_and_truncates_on_the_right(tmp_path):
-    from train.tokenizer import load_tokenizer
+    from data.tokenizer import load_tokenizer
 
     _, tok = tiny_model(tmp_path)
     tok.truncation_side = "left"  # a saved tokenizer may carry left truncation
