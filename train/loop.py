@@ -23,7 +23,7 @@ from configs.schema import Config, per_rank_batch_size, to_dict
 from data.tokenizer import load_tokenizer
 from eval.protocols import EvalSettings, Evaluation, webvid_covr
 from eval.report import write_report
-from sharding.batch import collate
+from sharding.batch import collate, pin_memory_for, to_device
 from sharding.groups import read_groups
 from sharding.manifest import read_manifest
 from sharding.reader import ShardReader, shard_urls
@@ -222,7 +222,8 @@ def train_epoch(job: Job, meter: Meter) -> None:
     # own generator: starting workers must not draw from the global RNG (dropout), or a
     # resumed run, which starts its loader at another point, would diverge
     seeded = torch.Generator().manual_seed(job.cfg.train.seed * 1000 + state.epoch)
-    batches = iter(DataLoader(job.reader, batch_size=None, num_workers=workers, generator=seeded))
+    batches = iter(DataLoader(job.reader, batch_size=None, num_workers=workers, generator=seeded,
+                              pin_memory=pin_memory_for(job.engine.device)))  # fmt: skip
     while state.step < job.total_steps:
         waited = time.perf_counter()
         batch = next(batches, None)
@@ -240,6 +241,7 @@ def micro_step(job: Job, batch: dict, meter: Meter) -> dict:
     each gradient accumulation."""
     meter.reader_stats = batch.pop("reader_stats")
     batch.pop("keys")
+    batch = to_device(batch, job.engine.device)
     state = job.state
     loss, metrics = job.loss_fn(job.engine, batch, job.cfg.loss, state.queue, state.momentum)
     job.engine.backward(loss)

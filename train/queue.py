@@ -51,8 +51,8 @@ class TargetQueue:
 
     def negatives_mask(self, batch_ids: torch.Tensor) -> torch.Tensor:
         """(B, K) bool: queue entry k is a valid negative for batch row b (other target id)."""
-        _, ids = self.valid()
-        return batch_ids[:, None] != ids[None, :]
+        _, ids = self.valid()  # the queue may live on the host while the batch is on a GPU
+        return batch_ids[:, None] != ids.to(batch_ids.device)[None, :]
 
     def state_dict(self) -> dict:
         return {
@@ -120,6 +120,7 @@ class MomentumEncoder:
 
     @torch.no_grad()
     def encode_target_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.copy.to(pixels.device)  # made on the host, before the engine moved the live model
         if self.share_vision:  # live tokens (bf16 under a bf16 engine) into the fp32 copy
             tokens = self.model._vision(pixels)
             return self.copy.target_head(tokens.to(next(self.copy.parameters()).dtype))

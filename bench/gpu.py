@@ -1,0 +1,523 @@
+"""One command for a lent GPU: what the full-size CoVR-2 model does on one device, and FAISS there.
+
+    python bench/gpu.py [--out gpu.json] [--peak-tflops 989] [--budget-s 540] [key=value ...]
+    python bench/gpu.py --size tiny --device cpu     # CI: the same code paths, in seconds
+
+Sections, in this order (the JSON is rewritten after each; a section that would not finish
+within the time budget is skipped and listed under "skipped"):
+
+1. training: the CoVR-2 recipe (configs/covr2_blip2.yaml: EVA ViT-g/14 at 364 px, frozen; BERT-base
+   Q-Former, 32 query tokens; video + caption HN-NCE) from random weights, bf16, DeepSpeed ZeRO-2
+   on one device, the engine from `train.engine.build_engine` and the project's DeepSpeed config;
+   targets from packed embeddings (what `shards.embed_model` packs) and from 15 frames. Reported:
+   samples/s, peak memory (torch.cuda.max_memory_allocated), model FLOPs per sample counted by
+   torch.utils.flop_counter over one forward+backward on the real shapes (activation
+   recomputation not counted), and MFU = achieved FLOP/s / the device's peak dense bf16 FLOP/s;
+2. FAISS: a 1M x 256 gallery, exact and IVF search on the GPU against the CPU index built by
+   eval.search, top-10 agreement and score differences (on `--device cpu` both sides are CPU);
+3. the largest per-device batch that fits, per target kind (`largest_batch`: doubling, then
+   bisecting on out-of-memory).
+
+Trailing `key=value` arguments override the config (as in launch/train.py), e.g.
+`deepspeed.activation_checkpointing=false`. The batches are synthetic and already on the device:
+this measures the model step, not the data loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from configs import load_config  # noqa: E402
+from train.batch import pin_memory_for, to_device  # noqa: E402
+from train.engine import (  # noqa: E402
+    build_engine,
+    deepspeed_config,
+    enable_activation_checkpointing,
+    free_port,
+    init_distributed,
+)
+from train.models import build_model  # noqa: E402
+from train.objective import covr_loss  # noqa: E402
+from train.optim import build_optimizer  # noqa: E402
+from train.tokenizer import build_vocab_tokenizer  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "covr2_blip2.yaml"
+BASE = ["model.pretrained=null", "deepspeed.precision=bf16", "deepspeed.zero_stage=2"]
+SIZES = {  # overrides on top of the CoVR-2 config; `full` is the config itself
+    "full": [],
+    "tiny": ["model.vision.hidden_size=32", "model.vision.layers=2", "model.vision.heads=2",
+             "model.vision.intermediate_size=64", "model.vision.image_size=32", "model.vision.patch_size=8",
+             "model.text.hidden_size=32", "model.text.layers=2", "model.text.heads=2",
+             "model.text.intermediate_size=64", "model.text.cross_attention_frequency=1",
+             "model.text.max_position_embeddings=64", "model.num_query_tokens=4", "model.embed_dim=16",
+             "model.max_text_len=12", "train.batch_size=8"],
+}  # fmt: skip
+BERT_VOCAB = 30522  # the Q-Former's word embeddings (bert-base-uncased)
+TARGETS = ("embeddings", "frames")
+
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets. First match of
+# all the substrings in the upper-cased device name wins, so the specific names come first.
+PEAK_BF16_TFLOPS = (
+    (("H100", "PCIE"), 756.0),
+    (("H100", "NVL"), 835.0),
+    (("H200", "NVL"), 835.0),
+    (("GH200",), 989.4),
+    (("H200",), 989.4),
+    (("H100",), 989.4),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    (("A100",), 312.0),  # SXM4 and PCIe alike
+    (("L40S",), 362.0),
+)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The device's dense bf16 peak in TFLOP/s, None when unknown (MFU is then not reported)."""
+    name = device_name.upper()
+    for parts, value in PEAK_BF16_TFLOPS:
+        if all(p in name for p in parts):
+            return value
+    return None
+
+
+def mfu(flops_per_sample: float, samples_per_s: float, peak: float | None) -> float | None:
+    return None if not peak else flops_per_sample * samples_per_s / (peak * 1e12)
+
+
+class Deadline:
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+# --- building one training set-up -------------------------------------------------------------
+
+
+class Bench:
+    """Size, device and the user's overrides; builds engines and batches on demand."""
+
+    def __init__(self, size: str, device: str, overrides: list[str], tmp: str):
+        self.size, self.overrides = size, list(overrides)
+        self.device = torch.device(device)
+        words = WORDS_TINY if size == "tiny" else " ".join(f"w{i}" for i in range(BERT_VOCAB))
+        self.tok = build_vocab_tokenizer([words], Path(tmp) / "tok")
+
+    def config(self, overrides=(), batch_size: int | None = None):
+        extra = [f"train.batch_size={batch_size}"] if batch_size else []
+        return load_config(CONFIG, [*BASE, *SIZES[self.size], *self.overrides, *overrides, *extra])
+
+    def engine(self, cfg):
+        torch.manual_seed(cfg.train.seed)
+        with self.device:  # weights initialised where they will live (1.2B of them at full size)
+            model = build_model(cfg.model, self.tok)
+        if cfg.deepspeed.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        params = model.trainable_parameters()
+        engine, _, _ = build_engine(
+            model, params, build_optimizer(params, cfg.optim), None, deepspeed_config(cfg)
+        )
+        return engine
+
+    def batch(self, cfg, b: int, targets: str) -> dict:
+        """A collated batch of the real shapes (train/batch.py), moved as the loop moves it."""
+        m, s = cfg.model, cfg.model.vision.image_size
+        ft, length = cfg.shards.target_frames, m.max_text_len
+        ids = torch.randint(len(self.tok.all_special_ids), len(self.tok), (b, length))
+        batch = {
+            "query_frames": torch.randn(b, cfg.shards.query_frames, 3, s, s),
+            "input_ids": ids,
+            "attention_mask": torch.ones(b, length, dtype=torch.long),
+            "target_scores": torch.rand(b, ft),
+            "target_mask": torch.ones(b, ft, dtype=torch.bool),
+            "target_ids": torch.arange(b),
+        }
+        if targets == "embeddings":
+            emb = torch.randn(b, ft, m.num_query_tokens, m.embed_dim)
+            batch["target_embeddings"] = torch.nn.functional.normalize(emb, dim=-1)
+        else:
+            batch["target_frames"] = torch.randn(b, ft, 3, s, s)
+        if cfg.loss.caption_weight > 0:
+            batch["caption_input_ids"] = ids.roll(1, 0)
+            batch["caption_attention_mask"] = torch.ones(b, length, dtype=torch.long)
+        if pin_memory_for(self.device):
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return to_device(batch, self.device)
+
+
+WORDS_TINY = "a red blue green circle square moving left right make it replace with change to"
+
+
+def train_step(engine, batch, cfg) -> None:
+    loss, _ = covr_loss(engine, batch, cfg.loss)
+    engine.backward(loss)
+    engine.step()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release(device: torch.device) -> float | None:
+    """Free what the last set-up left (call once its engine is unreachable); GiB still held."""
+    gc.collect()
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 2**30
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    # cuBLAS / cuDNN workspaces that cannot be allocated surface as plain RuntimeErrors
+    return isinstance(err, RuntimeError) and any(
+        s in str(err) for s in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+    )
+
+
+def attempt(run: Callable[[], dict]) -> dict | None:
+    """`run()`'s result, or None when it ran out of device memory. Memory is freed after both,
+    outside the `except` block (the traceback holds the failed step's tensors until then)."""
+    try:
+        result = run()
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        if not is_oom(err):
+            raise
+        result = None
+    return result
+
+
+def count_flops(engine, batch, cfg) -> float:
+    """FLOPs of one training step (forward + backward) per sample, on the given batch, without
+    activation recomputation (model FLOPs, the MFU convention). The step also warms up."""
+    hf = engine.module.hf
+    recompute = hf.is_gradient_checkpointing
+    hf.gradient_checkpointing_disable()
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = covr_loss(engine, batch, cfg.loss)
+        engine.backward(loss)
+    engine.step()
+    if recompute:
+        enable_activation_checkpointing(engine.module)
+    return counter.get_total_flops() / batch["target_ids"].shape[0]
+
+
+def measure(bench: Bench, targets: str, batch_size: int, steps: int, peak: float | None) -> dict:
+    """Throughput, peak memory and MFU of training steps at `batch_size`."""
+    cfg = bench.config(batch_size=batch_size)
+    engine = bench.engine(cfg)
+    batch = bench.batch(cfg, batch_size, targets)
+    small = {k: v[: min(batch_size, 8)] for k, v in batch.items()}
+    flops = count_flops(engine, small, cfg)
+    train_step(engine, batch, cfg)  # warm-up at the measured size (allocator, kernels)
+    sync(bench.device)
+    if bench.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(bench.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(engine, batch, cfg)
+    sync(bench.device)
+    step_s = (time.perf_counter() - start) / steps
+    rate = batch_size / step_s
+    peak_mem = (
+        torch.cuda.max_memory_allocated(bench.device) / 2**30
+        if bench.device.type == "cuda"
+        else None
+    )
+    return {
+        "targets": targets, "batch_size": batch_size, "steps": steps, "step_s": step_s,
+        "samples_per_s": rate, "peak_memory_gib": peak_mem, "tflop_per_sample": flops / 1e12,
+        "achieved_tflops": flops * rate / 1e12, "mfu": mfu(flops, rate, peak),
+        "param_dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch."),
+    }  # fmt: skip
+
+
+def train_section(bench, targets, batch_size, steps, peak) -> dict:
+    """`measure`, halving the batch until it fits (the recipe's 256 may not at full size)."""
+    requested, start = batch_size, time.perf_counter()
+    while batch_size >= 1:
+        result = attempt(lambda b=batch_size: measure(bench, targets, b, steps, peak))
+        left = release(bench.device)
+        if result is not None:
+            return {**result, "requested_batch_size": requested, "memory_left_gib": left,
+                    "section_s": time.perf_counter() - start}  # fmt: skip
+        batch_size //= 2
+    raise RuntimeError(f"{targets}: not even batch 1 fits on {bench.device}")
+
+
+# --- the largest batch --------------------------------------------------------------------------
+
+
+def search_largest(fits: Callable[[int], bool], start: int, cap: int, known: int = 0,
+                   resolution: int = 8):  # fmt: skip
+    """(largest size that fits, smallest that does not or None): doubling from `start` up to
+    `cap`, then bisecting until the gap is at most 1/`resolution` of the fit. `known` is a size
+    already known to fit (0: none). Assumes that what fits at b fits at every smaller b."""
+    lo, hi, b = known, None, start
+    while b <= cap:
+        if not fits(b):
+            hi = b
+            break
+        lo, b = b, 2 * b
+    if hi is None:
+        return lo, None
+    while hi - lo > max(1, lo // resolution):
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
+
+
+def largest_batch(bench: Bench, overrides: list[str], targets: str, known: int, cap: int,
+                  deadline: Deadline, s_per_sample: float) -> dict:  # fmt: skip
+    """The largest per-device batch whose training steps fit in memory under the config with
+    `overrides` (e.g. ["deepspeed.activation_checkpointing=false"]; a chunk-size sweep adds its
+    key here), doubling from `known` (a batch that fits, e.g. the measured one) up to `cap`.
+    Each try builds a fresh engine and runs two steps (the second with the optimizer state
+    allocated: the peak), then frees everything. A try the deadline cannot afford (from
+    `s_per_sample`, the measured step time per sample) ends the search as 'stopped'."""
+    tries: list[dict] = []
+    stopped = False
+
+    def run(b: int) -> dict:
+        cfg = bench.config(overrides, batch_size=b)
+        engine = bench.engine(cfg)
+        batch = bench.batch(cfg, b, targets)
+        for _ in range(2):
+            train_step(engine, batch, cfg)
+        sync(bench.device)
+        if bench.device.type == "cuda":
+            return {"peak_memory_gib": torch.cuda.max_memory_allocated(bench.device) / 2**30}
+        return {}
+
+    def fits(b: int) -> bool:
+        nonlocal stopped
+        if stopped or deadline.left() < 30 + 4 * b * s_per_sample:
+            stopped = True
+            return False  # treated as a failure so the search ends; reported as 'stopped'
+        start_t = time.perf_counter()
+        result = attempt(lambda: run(b))
+        left = release(bench.device)
+        tries.append({"batch_size": b, "fits": result is not None, **(result or {}),
+                      "seconds": time.perf_counter() - start_t, "memory_left_gib": left})  # fmt: skip
+        return result is not None
+
+    best, first_oom = search_largest(fits, 2 * known, cap, known)
+    return {"targets": targets, "overrides": overrides, "largest": best,
+            "first_oom": None if stopped else first_oom, "cap": cap, "stopped_by_budget": stopped,
+            "tries": tries}  # fmt: skip
+
+
+# --- FAISS ------------------------------------------------------------------------------------
+
+
+def gallery(n: int, d: int, nq: int, seed: int = 0):
+    """Clustered unit vectors (like embeddings: neighbourhoods, not isotropic noise) and queries
+    near gallery items."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(16, n // 250), d), dtype=np.float32)
+    x = centres[rng.integers(0, len(centres), n)]
+    x += 0.6 * rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[rng.integers(0, n, nq)] + 0.3 * rng.standard_normal((nq, d), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return x, q
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def faiss_section(n: int, d: int, nq: int, k: int, gpu: bool) -> dict:
+    """Exact and IVF search on the GPU (`gpu`, else a second CPU index) against the CPU index."""
+    import faiss
+
+    from eval.search import IndexSpec, build_index, gpu_available, search, topk_agreement
+
+    if gpu and not gpu_available():
+        raise RuntimeError("faiss has no GPU: install the [gpu] extra (README, GPU machines)")
+    x, q = gallery(n, d, nq)
+    result = {"gallery": n, "dim": d, "queries": nq, "k": k, "other_side": "gpu" if gpu else "cpu"}
+
+    def compare(name, cpu_index, other_index, build_cpu_s, build_other_s):
+        (cs, ci), cpu_s = _timed(lambda: search(cpu_index, q, k))
+        (os_, oi), other_s = _timed(lambda: search(other_index, q, k))
+        result[name] = {
+            "cpu_build_s": build_cpu_s, "other_build_s": build_other_s,
+            "cpu_queries_per_s": nq / cpu_s, "other_queries_per_s": nq / other_s,
+            "top10_agreement": topk_agreement(ci, oi, min(10, k)),
+            "max_score_diff": float(np.abs(cs - os_).max()),
+        }  # fmt: skip
+        return ci
+
+    flat_cpu, t_cpu = _timed(lambda: build_index(x, IndexSpec("flat")))
+    flat_other, t_other = _timed(lambda: build_index(x, IndexSpec("flat", gpu=gpu)))
+    exact_ids = compare("exact", flat_cpu, flat_other, t_cpu, t_other)
+    del flat_other
+    # IVF: one trained index on both devices (the same cells), so any difference is the device's
+    ivf_cpu, t_cpu = _timed(lambda: build_index(x, IndexSpec("ivf")))
+    if gpu:
+        res = faiss.StandardGpuResources()
+        ivf_other, t_other = _timed(lambda: faiss.index_cpu_to_gpu(res, 0, ivf_cpu))
+    else:
+        ivf_other, t_other = _timed(lambda: faiss.clone_index(ivf_cpu))
+    ivf_ids = compare("ivf", ivf_cpu, ivf_other, t_cpu, t_other)
+    result["ivf"].update(nlist=ivf_cpu.nlist, nprobe=ivf_cpu.nprobe,
+                         top10_recall_vs_exact=topk_agreement(exact_ids, ivf_ids, min(10, k)))  # fmt: skip
+    return result
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec=".1f", none="n/a") -> str:
+    return none if value is None else format(value, spec)
+
+
+def markdown(r: dict) -> str:
+    """The tables for bench/RESULTS.md."""
+    lines = [f"Device: {r['device']} ({r['size']} size; peak bf16 {_fmt(r['peak_tflops'], '.0f')} "
+             f"TFLOP/s; torch {r['versions']['torch']}, DeepSpeed {r['versions']['deepspeed']}, "
+             f"FAISS {r['versions']['faiss']})", "",
+             "| targets | batch | samples/s | step | peak memory | TFLOP/sample | TFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for t in r["train"].values():
+        lines.append(
+            f"| {t['targets']} | {t['batch_size']} | {t['samples_per_s']:.1f} | {t['step_s'] * 1e3:.0f} ms "
+            f"| {_fmt(t['peak_memory_gib'], '.1f')} GiB | {t['tflop_per_sample']:.4g} "
+            f"| {t['achieved_tflops']:.3g} | {_fmt(t['mfu'] and 100 * t['mfu'], '.1f')}% |"
+        )  # fmt: skip
+    if r.get("faiss"):
+        f = r["faiss"]
+        lines += ["", f"FAISS, {f['gallery']:,} x {f['dim']} gallery, {f['queries']:,} queries, "
+                  f"top-{f['k']}, {f['other_side']} against CPU:", "",
+                  f"| index | CPU queries/s | {f['other_side'].upper()} queries/s | top-10 agreement | max score diff |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for kind in ("exact", "ivf"):
+            s = f[kind]
+            lines.append(f"| {kind} | {s['cpu_queries_per_s']:,.0f} | {s['other_queries_per_s']:,.0f} "
+                         f"| {s['top10_agreement']:.2f}% | {s['max_score_diff']:.1e} |")  # fmt: skip
+        ivf = f["ivf"]
+        lines.append(f"\nIVF: nlist {ivf['nlist']}, nprobe {ivf['nprobe']}, top-10 recall against "
+                     f"exact {ivf['top10_recall_vs_exact']:.1f}%")  # fmt: skip
+    if r.get("largest_batch"):
+        lines += ["", "| targets | overrides | largest batch that fits | first OOM | tries |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for s in r["largest_batch"].values():
+            top = f"{s['largest']}" + (
+                " (cap)" if s["first_oom"] is None and not s["stopped_by_budget"] else ""
+            )
+            top += " (budget)" if s["stopped_by_budget"] else ""
+            lines.append(f"| {s['targets']} | {' '.join(s['overrides']) or '-'} | {top} "
+                         f"| {_fmt(s['first_oom'], 'd', '-')} | {len(s['tries'])} |")  # fmt: skip
+    if r["skipped"]:
+        lines.append("\nSkipped (time budget): " + ", ".join(r["skipped"]))
+    return "\n".join(lines)
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--size", default="full", choices=sorted(SIZES))
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--out", help="write the results here as JSON")
+    parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s (default: table)")
+    parser.add_argument("--budget-s", type=float, default=540, help="stop starting work after this")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per measure")
+    parser.add_argument("--frames-batch-size", type=int, default=16,
+                        help="batch for targets from frames (15 ViT-g passes per sample)")  # fmt: skip
+    parser.add_argument("--max-batch", type=int, default=8192, help="largest batch tried")
+    parser.add_argument("--faiss-gallery", type=int, default=1_000_000)
+    parser.add_argument("--faiss-queries", type=int, default=10_000)
+    parser.add_argument("overrides", nargs="*", help="config key=value overrides")
+    args = parser.parse_args(argv)
+    deadline, started = Deadline(args.budget_s), time.perf_counter()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: use --device cpu (and --size tiny)")
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # fmt: skip
+    init_distributed(600)  # the project's start-up: NCCL on a GPU, gloo on CPU
+    import deepspeed
+    import faiss
+
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    peak = args.peak_tflops or peak_tflops(name)
+    report = {
+        "device": name, "size": args.size, "peak_tflops": peak, "overrides": args.overrides,
+        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                     "faiss": faiss.__version__},
+        "train": {}, "faiss": None, "largest_batch": {}, "skipped": [],
+    }  # fmt: skip
+
+    def save():
+        report["elapsed_s"] = time.perf_counter() - started
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(args.size, args.device, args.overrides, tmp)
+        cfg = bench.config()
+        batch_sizes = {"embeddings": cfg.train.batch_size, "frames": args.frames_batch_size}
+        if args.size == "tiny":
+            batch_sizes["frames"] = min(batch_sizes["frames"], cfg.train.batch_size)
+        for targets in TARGETS:
+            if deadline.left() < 60:
+                report["skipped"].append(f"train/{targets}")
+                continue
+            report["train"][targets] = train_section(
+                bench, targets, batch_sizes[targets], args.steps, peak
+            )
+            print(f"train/{targets}: {report['train'][targets]}", flush=True)
+            save()
+        n = args.faiss_gallery if args.size == "full" else min(args.faiss_gallery, 20_000)
+        nq = args.faiss_queries if args.size == "full" else min(args.faiss_queries, 500)
+        if deadline.left() > 90:
+            faiss_start = time.perf_counter()
+            report["faiss"] = faiss_section(n, 256, nq, 10, gpu=args.device == "cuda")
+            report["faiss"]["section_s"] = time.perf_counter() - faiss_start
+            print(f"faiss: {report['faiss']}", flush=True)
+        else:
+            report["skipped"].append("faiss")
+        save()
+        cap = (
+            args.max_batch if args.size == "full" else min(args.max_batch, 2 * cfg.train.batch_size)
+        )
+        for targets, measured in report["train"].items():
+            s_per_sample = measured["step_s"] / measured["batch_size"]
+            report["largest_batch"][targets] = largest_batch(
+                bench, [], targets, measured["batch_size"], cap, deadline, s_per_sample
+            )
+            print(f"largest batch/{targets}: {report['largest_batch'][targets]}", flush=True)
+            save()
+    save()
+    print("\n" + markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
