@@ -3,8 +3,9 @@
     python bench/gpu.py [--out gpu.json] [--peak-tflops 989] [--budget-s 540] [key=value ...]
     python bench/gpu.py --size tiny --device cpu     # CI: the same code paths, in seconds
 
-Sections, in this order (the JSON is rewritten after each; a section that would not finish
-within the time budget is skipped and listed under "skipped"):
+Sections (the JSON is rewritten after each; one that would not finish within the time budget
+is skipped and listed under "skipped"): training with packed embeddings, with frames, the largest
+batch with embeddings, FAISS, the largest batch with frames. What they measure:
 
 1. training: the CoVR-2 recipe (configs/covr2_blip2.yaml: EVA ViT-g/14 at 364 px, frozen; BERT-base
    Q-Former, 32 query tokens; video + caption HN-NCE) from random weights, bf16, DeepSpeed ZeRO-2
@@ -26,6 +27,7 @@ this measures the model step, not the data loader.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -120,7 +122,10 @@ class Bench:
         extra = [f"train.batch_size={batch_size}"] if batch_size else []
         return load_config(CONFIG, [*BASE, *SIZES[self.size], *self.overrides, *overrides, *extra])
 
+    @contextlib.contextmanager
     def engine(self, cfg):
+        """A fresh engine, destroyed after use: DeepSpeed keeps global references to its modules
+        otherwise, and the next try would find this one's memory still taken."""
         torch.manual_seed(cfg.train.seed)
         with self.device:  # weights initialised where they will live (1.2B of them at full size)
             model = build_model(cfg.model, self.tok)
@@ -130,7 +135,10 @@ class Bench:
         engine, _, _ = build_engine(
             model, params, build_optimizer(params, cfg.optim), None, deepspeed_config(cfg)
         )
-        return engine
+        try:
+            yield engine
+        finally:
+            engine.destroy()
 
     def batch(self, cfg, b: int, targets: str) -> dict:
         """A collated batch of the real shapes (train/batch.py), moved as the loop moves it."""
@@ -172,14 +180,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def release(device: torch.device) -> float | None:
-    """Free what the last set-up left (call once its engine is unreachable); GiB still held."""
+def release(device: torch.device) -> dict:
+    """Free what the last set-up left (call once its engine is unreachable); report what is
+    still held: GiB of device memory and live DeepSpeed engines (both 0 unless something leaks)."""
     gc.collect()
+    engines = sum(type(o).__name__ == "DeepSpeedEngine" for o in gc.get_objects())
     if device.type != "cuda":
-        return None
+        return {"memory_left_gib": None, "engines_alive": engines}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.memory_allocated(device) / 2**30
+    return {
+        "memory_left_gib": torch.cuda.memory_allocated(device) / 2**30,
+        "engines_alive": engines,
+    }
 
 
 def is_oom(err: BaseException) -> bool:
@@ -221,7 +234,11 @@ def count_flops(engine, batch, cfg) -> float:
 def measure(bench: Bench, targets: str, batch_size: int, steps: int, peak: float | None) -> dict:
     """Throughput, peak memory and MFU of training steps at `batch_size`."""
     cfg = bench.config(batch_size=batch_size)
-    engine = bench.engine(cfg)
+    with bench.engine(cfg) as engine:
+        return _measure(bench, engine, cfg, targets, batch_size, steps, peak)
+
+
+def _measure(bench, engine, cfg, targets, batch_size, steps, peak) -> dict:
     batch = bench.batch(cfg, batch_size, targets)
     small = {k: v[: min(batch_size, 8)] for k, v in batch.items()}
     flops = count_flops(engine, small, cfg)
@@ -255,7 +272,7 @@ def train_section(bench, targets, batch_size, steps, peak) -> dict:
         result = attempt(lambda b=batch_size: measure(bench, targets, b, steps, peak))
         left = release(bench.device)
         if result is not None:
-            return {**result, "requested_batch_size": requested, "memory_left_gib": left,
+            return {**result, **left, "requested_batch_size": requested,
                     "section_s": time.perf_counter() - start}  # fmt: skip
         batch_size //= 2
     raise RuntimeError(f"{targets}: not even batch 1 fits on {bench.device}")
@@ -299,11 +316,11 @@ def largest_batch(bench: Bench, overrides: list[str], targets: str, known: int, 
 
     def run(b: int) -> dict:
         cfg = bench.config(overrides, batch_size=b)
-        engine = bench.engine(cfg)
-        batch = bench.batch(cfg, b, targets)
-        for _ in range(2):
-            train_step(engine, batch, cfg)
-        sync(bench.device)
+        with bench.engine(cfg) as engine:
+            batch = bench.batch(cfg, b, targets)
+            for _ in range(2):
+                train_step(engine, batch, cfg)
+            sync(bench.device)
         if bench.device.type == "cuda":
             return {"peak_memory_gib": torch.cuda.max_memory_allocated(bench.device) / 2**30}
         return {}
@@ -316,8 +333,8 @@ def largest_batch(bench: Bench, overrides: list[str], targets: str, known: int, 
         start_t = time.perf_counter()
         result = attempt(lambda: run(b))
         left = release(bench.device)
-        tries.append({"batch_size": b, "fits": result is not None, **(result or {}),
-                      "seconds": time.perf_counter() - start_t, "memory_left_gib": left})  # fmt: skip
+        tries.append({"batch_size": b, "fits": result is not None, **(result or {}), **left,
+                      "seconds": time.perf_counter() - start_t})  # fmt: skip
         return result is not None
 
     best, first_oom = search_largest(fits, 2 * known, cap, known)
@@ -390,8 +407,8 @@ def faiss_section(n: int, d: int, nq: int, k: int, gpu: bool) -> dict:
 # --- report -------------------------------------------------------------------------------------
 
 
-def _fmt(value, spec=".1f", none="n/a") -> str:
-    return none if value is None else format(value, spec)
+def _fmt(value, spec=".1f", unit="", none="n/a") -> str:
+    return none if value is None else format(value, spec) + unit
 
 
 def markdown(r: dict) -> str:
@@ -404,8 +421,8 @@ def markdown(r: dict) -> str:
     for t in r["train"].values():
         lines.append(
             f"| {t['targets']} | {t['batch_size']} | {t['samples_per_s']:.1f} | {t['step_s'] * 1e3:.0f} ms "
-            f"| {_fmt(t['peak_memory_gib'], '.1f')} GiB | {t['tflop_per_sample']:.4g} "
-            f"| {t['achieved_tflops']:.3g} | {_fmt(t['mfu'] and 100 * t['mfu'], '.1f')}% |"
+            f"| {_fmt(t['peak_memory_gib'], '.1f', ' GiB')} | {t['tflop_per_sample']:.4g} "
+            f"| {t['achieved_tflops']:.3g} | {_fmt(t['mfu'] and 100 * t['mfu'], '.1f', '%')} |"
         )  # fmt: skip
     if r.get("faiss"):
         f = r["faiss"]
@@ -429,7 +446,7 @@ def markdown(r: dict) -> str:
             )
             top += " (budget)" if s["stopped_by_budget"] else ""
             lines.append(f"| {s['targets']} | {' '.join(s['overrides']) or '-'} | {top} "
-                         f"| {_fmt(s['first_oom'], 'd', '-')} | {len(s['tries'])} |")  # fmt: skip
+                         f"| {_fmt(s['first_oom'], 'd', none='-')} | {len(s['tries'])} |")  # fmt: skip
     if r["skipped"]:
         lines.append("\nSkipped (time budget): " + ", ".join(r["skipped"]))
     return "\n".join(lines)
@@ -494,9 +511,28 @@ def main(argv: list[str] | None = None) -> dict:
             )
             print(f"train/{targets}: {report['train'][targets]}", flush=True)
             save()
+        cap = (
+            args.max_batch if args.size == "full" else min(args.max_batch, 2 * cfg.train.batch_size)
+        )
+        faiss_reserve = 150 if args.size == "full" else 0  # IVF training on the CPU takes a while
+
+        def fit(targets: str, until: Deadline, overrides: list[str] = []) -> None:  # noqa: B006
+            """One largest-batch search; a sweep (e.g. over train.chunk_size) calls it per value."""
+            key = " ".join([targets, *overrides])
+            measured = report["train"].get(targets)
+            if measured is None:
+                return report["skipped"].append(f"largest_batch/{key}")
+            s_per_sample = measured["step_s"] / measured["batch_size"]
+            report["largest_batch"][key] = largest_batch(
+                bench, overrides, targets, measured["batch_size"], cap, until, s_per_sample
+            )
+            print(f"largest batch/{key}: {report['largest_batch'][key]}", flush=True)
+            save()
+
+        fit("embeddings", Deadline(deadline.left() - faiss_reserve))
         n = args.faiss_gallery if args.size == "full" else min(args.faiss_gallery, 20_000)
         nq = args.faiss_queries if args.size == "full" else min(args.faiss_queries, 500)
-        if deadline.left() > 90:
+        if deadline.left() > 60:
             faiss_start = time.perf_counter()
             report["faiss"] = faiss_section(n, 256, nq, 10, gpu=args.device == "cuda")
             report["faiss"]["section_s"] = time.perf_counter() - faiss_start
@@ -504,16 +540,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             report["skipped"].append("faiss")
         save()
-        cap = (
-            args.max_batch if args.size == "full" else min(args.max_batch, 2 * cfg.train.batch_size)
-        )
-        for targets, measured in report["train"].items():
-            s_per_sample = measured["step_s"] / measured["batch_size"]
-            report["largest_batch"][targets] = largest_batch(
-                bench, [], targets, measured["batch_size"], cap, deadline, s_per_sample
-            )
-            print(f"largest batch/{targets}: {report['largest_batch'][targets]}", flush=True)
-            save()
+        fit("frames", deadline)
     save()
     print("\n" + markdown(report))
     return report

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.gpu import attempt, mfu, peak_tflops, search_largest
+from bench.gpu import attempt, markdown, mfu, peak_tflops, search_largest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +37,8 @@ def test_tiny_cpu_run_writes_json_and_table(tmp_path):
     assert 50 < f["ivf"]["top10_recall_vs_exact"] <= 100
     for s in r["largest_batch"].values():
         assert s["largest"] >= r["train"][s["targets"]]["batch_size"] and s["tries"]
+        assert all(t["fits"] and t["engines_alive"] == 0 for t in s["tries"])  # each try freed
+    assert emb["engines_alive"] == frames["engines_alive"] == 0
     assert "| targets | batch | samples/s |" in proc.stdout and "| ivf |" in proc.stdout
 
 
@@ -89,3 +91,18 @@ def test_peak_table_and_mfu():
     assert peak_tflops("cpu") is None and peak_tflops("Tesla T4") is None
     assert mfu(1.5e12, 200, 989.4) == pytest.approx(0.3032, abs=1e-4)
     assert mfu(1.5e12, 200, None) is None
+
+
+def test_markdown_table_of_a_gpu_report():
+    train = {"targets": "embeddings", "batch_size": 256, "samples_per_s": 212.5, "step_s": 1.2047,
+             "peak_memory_gib": 31.25, "tflop_per_sample": 1.4207, "achieved_tflops": 301.9, "mfu": 0.3051}  # fmt: skip
+    fit = {"targets": "embeddings", "overrides": [], "largest": 3072, "first_oom": 3584,
+           "stopped_by_budget": False, "tries": [{}] * 5}  # fmt: skip
+    report = {"device": "NVIDIA H100 80GB HBM3", "size": "full", "peak_tflops": 989.4,
+              "versions": {"torch": "2.13.0", "deepspeed": "0.19.8", "faiss": "1.15.1"},
+              "train": {"embeddings": train}, "faiss": None, "largest_batch": {"embeddings": fit},
+              "skipped": ["train/frames"]}  # fmt: skip
+    table = markdown(report)
+    assert "| embeddings | 256 | 212.5 | 1205 ms | 31.2 GiB | 1.421 | 302 | 30.5% |" in table
+    assert "| embeddings | - | 3072 | 3584 | 5 |" in table
+    assert "Skipped (time budget): train/frames" in table
