@@ -34,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,7 +45,6 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from configs import load_config  # noqa: E402
-from train.batch import pin_memory_for, to_device  # noqa: E402
 from train.engine import (  # noqa: E402
     build_engine,
     deepspeed_config,
@@ -141,29 +141,29 @@ class Bench:
             engine.destroy()
 
     def batch(self, cfg, b: int, targets: str) -> dict:
-        """A collated batch of the real shapes (train/batch.py), moved as the loop moves it."""
+        """A batch of the shapes and dtypes `train.batch.collate` makes (fp32 frames), made on
+        the device: the loader's copy (pinned, non-blocking) is not what is measured here."""
         m, s = cfg.model, cfg.model.vision.image_size
         ft, length = cfg.shards.target_frames, m.max_text_len
-        ids = torch.randint(len(self.tok.all_special_ids), len(self.tok), (b, length))
-        batch = {
-            "query_frames": torch.randn(b, cfg.shards.query_frames, 3, s, s),
-            "input_ids": ids,
-            "attention_mask": torch.ones(b, length, dtype=torch.long),
-            "target_scores": torch.rand(b, ft),
-            "target_mask": torch.ones(b, ft, dtype=torch.bool),
-            "target_ids": torch.arange(b),
-        }
-        if targets == "embeddings":
-            emb = torch.randn(b, ft, m.num_query_tokens, m.embed_dim)
-            batch["target_embeddings"] = torch.nn.functional.normalize(emb, dim=-1)
-        else:
-            batch["target_frames"] = torch.randn(b, ft, 3, s, s)
-        if cfg.loss.caption_weight > 0:
-            batch["caption_input_ids"] = ids.roll(1, 0)
-            batch["caption_attention_mask"] = torch.ones(b, length, dtype=torch.long)
-        if pin_memory_for(self.device):
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        return to_device(batch, self.device)
+        with self.device:
+            ids = torch.randint(len(self.tok.all_special_ids), len(self.tok), (b, length))
+            batch = {
+                "query_frames": torch.randn(b, cfg.shards.query_frames, 3, s, s),
+                "input_ids": ids,
+                "attention_mask": torch.ones(b, length, dtype=torch.long),
+                "target_scores": torch.rand(b, ft),
+                "target_mask": torch.ones(b, ft, dtype=torch.bool),
+                "target_ids": torch.arange(b),
+            }
+            if targets == "embeddings":
+                emb = torch.randn(b, ft, m.num_query_tokens, m.embed_dim)
+                batch["target_embeddings"] = torch.nn.functional.normalize(emb, dim=-1)
+            else:
+                batch["target_frames"] = torch.randn(b, ft, 3, s, s)
+            if cfg.loss.caption_weight > 0:
+                batch["caption_input_ids"] = ids.roll(1, 0)
+                batch["caption_attention_mask"] = torch.ones(b, length, dtype=torch.long)
+        return batch
 
 
 WORDS_TINY = "a red blue green circle square moving left right make it replace with change to"
@@ -216,33 +216,38 @@ def attempt(run: Callable[[], dict]) -> dict | None:
     return result
 
 
-def count_flops(engine, batch, cfg) -> float:
-    """FLOPs of one training step (forward + backward) per sample, on the given batch, without
-    activation recomputation (model FLOPs, the MFU convention). The step also warms up."""
-    hf = engine.module.hf
-    recompute = hf.is_gradient_checkpointing
-    hf.gradient_checkpointing_disable()
+def count_flops(bench: Bench, cfg, targets: str, b: int = 4) -> float:
+    """FLOPs of one training step (forward + backward) per sample, counted on a plain copy of the
+    model in the engine's precision (the same operators and shapes as under DeepSpeed, whose own
+    work adds none), without activation recomputation: model FLOPs, the MFU convention."""
+    torch.manual_seed(cfg.train.seed)
+    with bench.device:
+        model = build_model(cfg.model, bench.tok)
+    if cfg.deepspeed.precision == "bf16":
+        model.bfloat16()
+    batch = bench.batch(cfg, b, targets)
     with FlopCounterMode(display=False) as counter:
-        loss, _ = covr_loss(engine, batch, cfg.loss)
-        engine.backward(loss)
-    engine.step()
-    if recompute:
-        enable_activation_checkpointing(engine.module)
-    return counter.get_total_flops() / batch["target_ids"].shape[0]
+        loss, _ = covr_loss(model, batch, cfg.loss)
+        loss.backward()
+    return counter.get_total_flops() / b
 
 
 def measure(bench: Bench, targets: str, batch_size: int, steps: int, peak: float | None) -> dict:
     """Throughput, peak memory and MFU of training steps at `batch_size`."""
     cfg = bench.config(batch_size=batch_size)
     with bench.engine(cfg) as engine:
-        return _measure(bench, engine, cfg, targets, batch_size, steps, peak)
+        result = _measure(bench, engine, cfg, targets, batch_size, steps)
+    release(bench.device)
+    flops = count_flops(bench, cfg, targets)  # a second model: only after the engine is gone
+    rate = result["samples_per_s"]
+    return {**result, "tflop_per_sample": flops / 1e12, "achieved_tflops": flops * rate / 1e12,
+            "mfu": mfu(flops, rate, peak)}  # fmt: skip
 
 
-def _measure(bench, engine, cfg, targets, batch_size, steps, peak) -> dict:
+def _measure(bench, engine, cfg, targets, batch_size, steps) -> dict:
     batch = bench.batch(cfg, batch_size, targets)
-    small = {k: v[: min(batch_size, 8)] for k, v in batch.items()}
-    flops = count_flops(engine, small, cfg)
-    train_step(engine, batch, cfg)  # warm-up at the measured size (allocator, kernels)
+    for _ in range(2):  # warm-up: optimizer state, allocator, kernels
+        train_step(engine, batch, cfg)
     sync(bench.device)
     if bench.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(bench.device)
@@ -259,8 +264,7 @@ def _measure(bench, engine, cfg, targets, batch_size, steps, peak) -> dict:
     )
     return {
         "targets": targets, "batch_size": batch_size, "steps": steps, "step_s": step_s,
-        "samples_per_s": rate, "peak_memory_gib": peak_mem, "tflop_per_sample": flops / 1e12,
-        "achieved_tflops": flops * rate / 1e12, "mfu": mfu(flops, rate, peak),
+        "samples_per_s": rate, "peak_memory_gib": peak_mem,
         "param_dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch."),
     }  # fmt: skip
 
@@ -369,6 +373,8 @@ def faiss_section(n: int, d: int, nq: int, k: int, gpu: bool) -> dict:
     """Exact and IVF search on the GPU (`gpu`, else a second CPU index) against the CPU index."""
     import faiss
 
+    start = time.perf_counter()
+
     from eval.search import IndexSpec, build_index, gpu_available, search, topk_agreement
 
     if gpu and not gpu_available():
@@ -398,9 +404,11 @@ def faiss_section(n: int, d: int, nq: int, k: int, gpu: bool) -> dict:
         ivf_other, t_other = _timed(lambda: faiss.index_cpu_to_gpu(res, 0, ivf_cpu))
     else:
         ivf_other, t_other = _timed(lambda: faiss.clone_index(ivf_cpu))
+    ivf_other.nprobe = ivf_cpu.nprobe  # the same cells visited on both sides
     ivf_ids = compare("ivf", ivf_cpu, ivf_other, t_cpu, t_other)
     result["ivf"].update(nlist=ivf_cpu.nlist, nprobe=ivf_cpu.nprobe,
                          top10_recall_vs_exact=topk_agreement(exact_ids, ivf_ids, min(10, k)))  # fmt: skip
+    result["section_s"] = time.perf_counter() - start
     return result
 
 
@@ -448,7 +456,11 @@ def markdown(r: dict) -> str:
             lines.append(f"| {s['targets']} | {' '.join(s['overrides']) or '-'} | {top} "
                          f"| {_fmt(s['first_oom'], 'd', none='-')} | {len(s['tries'])} |")  # fmt: skip
     if r["skipped"]:
-        lines.append("\nSkipped (time budget): " + ", ".join(r["skipped"]))
+        lines.append(
+            "\nSkipped (time budget, or its measurement failed): " + ", ".join(r["skipped"])
+        )
+    for name, err in r.get("errors", {}).items():
+        lines.append(f"\nFAILED {name}: {err.splitlines()[0]}")
     return "\n".join(lines)
 
 
@@ -488,13 +500,25 @@ def main(argv: list[str] | None = None) -> dict:
         "device": name, "size": args.size, "peak_tflops": peak, "overrides": args.overrides,
         "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
                      "faiss": faiss.__version__},
-        "train": {}, "faiss": None, "largest_batch": {}, "skipped": [],
+        "train": {}, "faiss": None, "largest_batch": {}, "skipped": [], "errors": {},
     }  # fmt: skip
 
     def save():
         report["elapsed_s"] = time.perf_counter() - started
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
+
+    def guarded(name: str, fn):
+        """A failing section is recorded and the next one runs: a lent GPU's minutes are scarce."""
+        try:
+            return fn()
+        except Exception as err:
+            traceback.print_exc()
+            report["errors"][name] = f"{type(err).__name__}: {err}"[:2000]
+            release(torch.device(args.device))
+            return None
+        finally:
+            save()
 
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(args.size, args.device, args.overrides, tmp)
@@ -506,40 +530,41 @@ def main(argv: list[str] | None = None) -> dict:
             if deadline.left() < 60:
                 report["skipped"].append(f"train/{targets}")
                 continue
-            report["train"][targets] = train_section(
-                bench, targets, batch_sizes[targets], args.steps, peak
+            result = guarded(
+                f"train/{targets}",
+                lambda t=targets: train_section(bench, t, batch_sizes[t], args.steps, peak),
             )
-            print(f"train/{targets}: {report['train'][targets]}", flush=True)
-            save()
+            if result is not None:
+                report["train"][targets] = result
+                print(f"train/{targets}: {result}", flush=True)
         cap = (
             args.max_batch if args.size == "full" else min(args.max_batch, 2 * cfg.train.batch_size)
         )
         faiss_reserve = 150 if args.size == "full" else 0  # IVF training on the CPU takes a while
 
-        def fit(targets: str, until: Deadline, overrides: list[str] = []) -> None:  # noqa: B006
+        def fit(targets: str, until: Deadline, overrides: tuple[str, ...] = ()) -> None:
             """One largest-batch search; a sweep (e.g. over train.chunk_size) calls it per value."""
-            key = " ".join([targets, *overrides])
+            key, overrides = " ".join([targets, *overrides]), list(overrides)
             measured = report["train"].get(targets)
             if measured is None:
                 return report["skipped"].append(f"largest_batch/{key}")
             s_per_sample = measured["step_s"] / measured["batch_size"]
-            report["largest_batch"][key] = largest_batch(
-                bench, overrides, targets, measured["batch_size"], cap, until, s_per_sample
-            )
-            print(f"largest batch/{key}: {report['largest_batch'][key]}", flush=True)
-            save()
+            result = guarded(f"largest_batch/{key}", lambda: largest_batch(
+                bench, overrides, targets, measured["batch_size"], cap, until, s_per_sample))  # fmt: skip
+            if result is not None:
+                report["largest_batch"][key] = result
+                print(f"largest batch/{key}: {result}", flush=True)
 
         fit("embeddings", Deadline(deadline.left() - faiss_reserve))
         n = args.faiss_gallery if args.size == "full" else min(args.faiss_gallery, 20_000)
         nq = args.faiss_queries if args.size == "full" else min(args.faiss_queries, 500)
         if deadline.left() > 60:
-            faiss_start = time.perf_counter()
-            report["faiss"] = faiss_section(n, 256, nq, 10, gpu=args.device == "cuda")
-            report["faiss"]["section_s"] = time.perf_counter() - faiss_start
+            report["faiss"] = guarded(
+                "faiss", lambda: faiss_section(n, 256, nq, 10, gpu=args.device == "cuda")
+            )
             print(f"faiss: {report['faiss']}", flush=True)
         else:
             report["skipped"].append("faiss")
-        save()
         fit("frames", deadline)
     save()
     print("\n" + markdown(report))
@@ -547,4 +572,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["errors"] else 0)
