@@ -63,6 +63,23 @@ def test_batches_move_to_the_device_without_blocking():
     assert seen.non_blocking == [True, True]
 
 
+def test_the_loop_moves_each_batch_to_the_engine_device():
+    from tests.test_loop import _job
+    from train.loop import Meter, train_epoch
+
+    job = _job(total_steps=2, accum=1, log_every=1)
+    job.engine.device = torch.device("meta")  # stands for the GPU DeepSpeed put the model on
+    seen = []
+
+    def loss_fn(engine, batch, loss_cfg, queue, momentum):
+        seen.append(batch["target_ids"].device.type)
+        return torch.tensor(1.0), {"loss": torch.tensor(1.0)}
+
+    job.loss_fn = loss_fn
+    train_epoch(job, Meter())
+    assert seen == ["meta", "meta"]
+
+
 def test_queue_mask_follows_the_batch_device():
     queue = TargetQueue(8, (1, 4))  # on the host, as the loop builds it
     queue.enqueue(torch.randn(3, 1, 4), torch.tensor([5, 6, 7]))

@@ -34,6 +34,7 @@ class Engine:
 
     def __init__(self, accum: int):
         self.accum, self.micro, self.global_steps = accum, 0, 0
+        self.device = torch.device("cpu")  # where the loop moves each batch
 
     def backward(self, loss):
         pass
