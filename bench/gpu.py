@@ -21,7 +21,8 @@ batch with embeddings, FAISS, the largest batch with frames. What they measure:
 
 Trailing `key=value` arguments override the config (as in launch/train.py), e.g.
 `deepspeed.activation_checkpointing=false`. The batches are synthetic and already on the device:
-this measures the model step, not the data loader.
+this measures the model step, not the data loader. A section that fails is recorded under
+"errors" and the others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
