@@ -6,7 +6,7 @@ from torch.overrides import TorchFunctionMode
 
 from configs.schema import LossConfig
 from tests.tiny import tiny_model
-from train.batch import pin_memory_for, to_device
+from train.device import pin_memory_for, to_device
 from train.objective import covr_loss
 from train.queue import MomentumEncoder, TargetQueue
 
