@@ -46,6 +46,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from configs import load_config  # noqa: E402
+from data.tokenizer import build_vocab_tokenizer  # noqa: E402
 from train.engine import (  # noqa: E402
     build_engine,
     deepspeed_config,
@@ -56,7 +57,6 @@ from train.engine import (  # noqa: E402
 from train.models import build_model  # noqa: E402
 from train.objective import covr_loss  # noqa: E402
 from train.optim import build_optimizer  # noqa: E402
-from train.tokenizer import build_vocab_tokenizer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "covr2_blip2.yaml"
 BASE = ["model.pretrained=null", "deepspeed.precision=bf16", "deepspeed.zero_stage=2"]
