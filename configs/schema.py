@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -217,6 +218,14 @@ class Config:
 POSITIVE = ("train.batch_size", "train.grad_accum", "shards.samples_per_shard", "shards.target_frames",
             "shards.query_frames", "loss.temperature")  # fmt: skip
 FRACTIONS = ("data.mining.val_fraction", "data.mining.test_fraction", "sampler.beta")
+# values that used to fail only after the ranks had started (or trained nothing and exited 0)
+POSITIVE_RUN = ("optim.lr", "train.epochs", "train.log_every", "train.keep_checkpoints", "deepspeed.timeout_s",
+                "eval.batch_size", "shards.workers", "data.synth.videos", "model.num_query_tokens",
+                "model.embed_dim", "model.max_text_len")  # fmt: skip
+NON_NEGATIVE = ("train.max_steps", "train.eval_every", "train.ckpt_every", "optim.weight_decay", "optim.grad_clip",
+                "optim.warmup_steps", "shards.loader_workers", "shards.frame_size", "eval.report_queries",
+                "loss.beta", "loss.alpha")  # fmt: skip
+UNIT = ("optim.min_lr_ratio", "queue.momentum", "optim.beta1", "optim.beta2")  # in [0, 1]
 
 
 def _get(cfg, dotted: str):
@@ -240,6 +249,23 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.queue.size < 0:
         raise ConfigError(f"key 'queue.size': must be >= 0, got {cfg.queue.size}")
+    for key in POSITIVE_RUN:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"key '{key}': must be > 0, got {_get(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if not _get(cfg, key) >= 0:
+            raise ConfigError(f"key '{key}': must be >= 0, got {_get(cfg, key)!r}")
+    for key in UNIT:
+        if not 0 <= _get(cfg, key) <= 1:
+            raise ConfigError(f"key '{key}': must be in [0, 1], got {_get(cfg, key)!r}")
+    if not 1 <= cfg.shards.jpeg_quality <= 100:
+        raise ConfigError(
+            f"key 'shards.jpeg_quality': must be in [1, 100], got {cfg.shards.jpeg_quality}"
+        )
+    if not cfg.eval.ks or min(cfg.eval.ks) < 1:
+        raise ConfigError(
+            f"key 'eval.ks': must be a non-empty list of ranks >= 1, got {list(cfg.eval.ks)}"
+        )
     return cfg
 
 
@@ -255,6 +281,14 @@ def per_rank_batch_size(cfg: Config, world: int) -> int:
             f"train.grad_accum {accum}"
         )
     return total // (world * accum)
+
+
+def yaml_error(path: str | Path, err: yaml.YAMLError) -> str:
+    """'FILE:LINE: YAML syntax error: what the parser expected' (lines counted from 1)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{where}: YAML syntax error: {what}"
 
 
 def _describe(err: OmegaConfBaseException) -> str:
@@ -276,6 +310,8 @@ def load_config(
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except OmegaConfBaseException as err:
             raise ConfigError(f"{path}: {_describe(err)}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(yaml_error(path, err)) from None
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override must be key=value: {bad[0]!r}")

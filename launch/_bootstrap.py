@@ -1,9 +1,114 @@
-"""Put the repository root first on sys.path (a script's own folder, launch/, is first by
-default, so `import train` would import launch/train.py)."""
+"""What every launch script shares, imported first and kept light (no torch):
 
+- the repository root first on sys.path (a script's own folder, launch/, is first by default,
+  so `import train` would import launch/train.py);
+- `setup_logging`: rank 0 speaks for the job, other ranks log warnings only, and libraries that
+  narrate their start-up are turned down at their own loggers;
+- `run(main)`: an expected error (bad config, annotations, missing videos, shards, checkpoint
+  mapping, a missing input file) is one line on stderr and exit status 2, no traceback
+  (COVR_TRACEBACK=1 shows it);
+- `preflight(cfg)`: the files a training run reads exist, checked before any heavy import.
+"""
+
+import json
+import logging
+import os
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if sys.path[0] != str(ROOT):
     sys.path.insert(0, str(ROOT))
+
+PACKAGES = ("configs", "data", "sharding", "train", "eval", "tune")  # our own exception classes
+QUIET = {
+    "faiss.loader": logging.WARNING,  # one INFO line per instruction set tried, failures included
+    "alembic": logging.WARNING,  # MLflow's SQLite schema migrations, one line per revision
+    "urllib3": logging.WARNING,
+    "httpx": logging.WARNING,
+    "matplotlib": logging.WARNING,  # "generated new fontManager" on a fresh machine
+}
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_logging() -> None:
+    level = logging.INFO if rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, floor in QUIET.items():
+        logging.getLogger(name).setLevel(max(floor, level))
+    # read when transformers / huggingface_hub load: no per-file progress bars for tiny exports
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def expected(err: BaseException) -> bool:
+    """An error we raise on purpose about the user's input: a class of this project
+    (ConfigError, AnnotationError, MissingVideosError, CheckpointMappingError, ...) or a
+    missing input file."""
+    top = type(err).__module__.split(".")[0]
+    if isinstance(err, FileNotFoundError | PreflightError):
+        return True
+    return top in PACKAGES and isinstance(err, Exception)
+
+
+def label(err: BaseException) -> str:
+    """ConfigError -> 'config error', MissingVideosError -> 'missing videos error'; a built-in
+    error (a missing file) -> 'error'."""
+    if type(err).__module__ == "builtins":
+        return "error"
+    return re.sub(r"(?<!^)(?=[A-Z])", " ", type(err).__name__).lower()
+
+
+def fail(err: BaseException) -> int:
+    where = f"[rank {rank()}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    print(f"{where}{label(err)}: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def run(main, also: tuple[type[BaseException], ...] = ()) -> None:
+    """`sys.exit(main())`, with expected errors (and those of the classes `also`) reported as
+    one line and exit status 2."""
+    try:
+        code = main()
+    except Exception as err:
+        if not (expected(err) or isinstance(err, also)) or os.environ.get("COVR_TRACEBACK"):
+            raise
+        code = fail(err)
+    sys.exit(code)
+
+
+class PreflightError(ValueError):
+    """A file a run needs is missing; raised before any process does real work."""
+
+
+def preflight(cfg, splits=("train", "val")) -> None:
+    """Check what a training run reads before it starts: every split's manifest and every
+    shard it lists, and the model / tokenizer / init paths the config names."""
+    for key in ("model.pretrained", "model.lavis_checkpoint", "model.tokenizer",
+                "train.init_from", "shards.embed_model"):  # fmt: skip
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and not Path(value).exists():
+            raise PreflightError(f"key '{key}': {value} does not exist")
+    for split in splits:
+        shard_dir = Path(cfg.shards.dir) / split
+        manifest = shard_dir / "manifest.json"
+        if not manifest.is_file():
+            raise PreflightError(
+                f"key 'shards.dir': no {manifest} (pack the {split} split with launch/shard.py pack)"
+            )
+        try:
+            names = [entry["name"] for entry in json.loads(manifest.read_text())["shards"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise PreflightError(f"{manifest}: not a shard manifest ({err})") from None
+        missing = [n for n in names if not (shard_dir / f"{n}.tar").is_file()]
+        if missing:
+            raise PreflightError(
+                f"{manifest}: {len(missing)} of {len(names)} shards missing: "
+                + ", ".join(f"{n}.tar" for n in missing[:5])
+            )

@@ -11,17 +11,16 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import _bootstrap  # noqa: F401  (repository root first on sys.path)
+import _bootstrap
 
-from configs import ConfigError, load_config
+from configs import load_config
 from configs.schema import CONFIG_DIR
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -29,7 +28,11 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"))
     parser.add_argument("--ranks", type=int, default=2, help="local DeepSpeed ranks (default 2)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     out = Path(args.out).resolve()
     paths = [
         f"data.root={out / 'corpus'}",
@@ -38,10 +41,8 @@ def main(argv=None) -> int:
         f"train.out_dir={out / 'train'}",
     ]
     overrides = paths + list(args.overrides)
-    try:  # every setting checked before anything runs
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        parser.exit(2, f"config error: {err}\n")
+    cfg = load_config(args.config, overrides)  # every setting checked before anything runs
+    _bootstrap.setup_logging()
 
     from data.corpus import build_synthetic
     from eval.run import EvalJob, evaluate, resolve_checkpoint
@@ -66,7 +67,9 @@ def main(argv=None) -> int:
     cmd = ["deepspeed", "--num_accelerators", str(args.ranks), "--master_port", str(free_port()),
            str(Path(__file__).resolve().parent / "train.py"), "--config", args.config, *overrides]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.ranks))}
-    subprocess.run(cmd, check=True, env=env)
+    done = subprocess.run(cmd, env=env)
+    if done.returncode:  # the ranks have said why
+        return done.returncode
     summary = json.loads((Path(cfg.train.out_dir) / "summary.json").read_text())
 
     print("[4/4] held-out test evaluation", flush=True)
@@ -110,4 +113,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _bootstrap.run(main)

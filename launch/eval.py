@@ -1,38 +1,39 @@
 """Evaluate an exported CoVR model on a benchmark protocol; results as JSON, logged to MLflow.
 
-  python launch/eval.py --protocol webvid-covr --checkpoint runs/demo --data shards/test
+  python launch/eval.py --protocol webvid-covr --checkpoint runs/demo/train --data runs/demo/shards/test
   python launch/eval.py --protocol cirr --checkpoint EXPORT --data CIRR_ROOT --split val --report 8
   deepspeed --num_accelerators 2 launch/eval.py ...   (each rank embeds its share of the items)
 
-Protocols: webvid-covr (DATA = a split's shard dir), cirr (DATA = root with captions/,
-image_splits/, img_raw/), fashioniq (root with captions/, image_splits/, images/), circo (root
-with annotations/ and the COCO unlabeled images). Test splits write the submission files.
+Protocols: webvid-covr (DATA = a split's shard dir; the split is the dir's name), cirr (DATA =
+root with captions/, image_splits/, img_raw/), fashioniq (root with captions/, image_splits/,
+images/), circo (root with annotations/ and the COCO unlabeled images). Test splits write the
+submission files. CHECKPOINT is an export/ dir or a training run dir holding one.
 """
 
 import argparse
 import json
-import logging
 import os
-import sys
+from pathlib import Path
 
-import _bootstrap  # noqa: F401  (repository root first on sys.path)
+import _bootstrap
+
+PROTOCOLS = ("webvid-covr", "cirr", "fashioniq", "circo")  # eval.protocols.PROTOCOLS (tested)
+INDEX_KINDS = ("flat", "ivf", "hnsw")  # eval.search.INDEX_KINDS (tested)
 
 
-def main(argv=None) -> int:
-    from eval.protocols import PROTOCOLS
-    from eval.run import EvalJob
-    from eval.search import INDEX_KINDS, IndexSpec
-
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--protocol", required=True, choices=PROTOCOLS)
     p.add_argument(
         "--checkpoint", required=True, help="exported model dir (or a run dir with export/)"
     )
     p.add_argument("--data", required=True, help="shard dir or benchmark root")
-    p.add_argument("--split", default="val", help="val | test (CIRR: test1)")
     p.add_argument(
-        "--out", default="eval_out", help="directory for results.json, reports, submissions"
-    )
+        "--split", default=None,
+        help="val | test (CIRR: test1); default: webvid-covr the shard dir's name, else val",
+    )  # fmt: skip
+    p.add_argument("--out", default=None,
+                   help="directory for results.json, reports, submissions (default runs/eval/PROTOCOL-SPLIT)")  # fmt: skip
     p.add_argument("--image-root", default=None, help="images when not in the benchmark's layout")
     p.add_argument("--categories", default="dress,shirt,toptee", help="FashionIQ categories")
     p.add_argument("--reduce", choices=("mean", "max"), default=None)
@@ -47,22 +48,32 @@ def main(argv=None) -> int:
     p.add_argument("--experiment", default="covr-eval")
     p.add_argument("--run-id", default=None, help="log into this MLflow run instead of a new one")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    return p
+
+
+def default_split(protocol: str, data: str) -> str:
+    """A webvid-covr shard dir is named after its split (shards/test): label results by it."""
+    name = Path(data).name
+    return name if protocol == "webvid-covr" and name in ("train", "val", "test") else "val"
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    split = a.split or default_split(a.protocol, a.data)
+    out = a.out or f"runs/eval/{a.protocol}-{split}"
+    _bootstrap.setup_logging()
+    from eval.run import EvalJob
+    from eval.search import IndexSpec
+
     chosen = a.report_queries.split(",") if a.report_queries else None
     job = EvalJob(
-        protocol=a.protocol, checkpoint=a.checkpoint, data=a.data, out_dir=a.out, split=a.split,
+        protocol=a.protocol, checkpoint=a.checkpoint, data=a.data, out_dir=out, split=split,
         image_root=a.image_root, categories=tuple(a.categories.split(",")), reduce=a.reduce,
         index=IndexSpec(a.index, nprobe=a.nprobe, gpu=a.gpu_index), batch_size=a.batch_size,
         report=a.report or len(chosen or []), report_queries=chosen, explain=a.explain,
         tracking_uri=a.tracking_uri, experiment=a.experiment, run_id=a.run_id,
     )  # fmt: skip
-    try:
-        result = run(job)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        p.exit(2, f"error: {err}\n")
+    result = run(job)
     if result is not None:
         print(json.dumps(result, indent=1))
     return 0
@@ -92,4 +103,5 @@ def run(job) -> dict | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # eval's own checks (unknown query ids, FashionIQ categories) raise KeyError / ValueError
+    _bootstrap.run(main, also=(ValueError, KeyError))

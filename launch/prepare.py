@@ -9,15 +9,11 @@ Settings not on the command line come from --config (YAML) and key=value overrid
 
 import argparse
 import json
-import logging
-import sys
 
-import _bootstrap  # noqa: F401  (repository root first on sys.path)
-
-from configs import ConfigError, load_config
+import _bootstrap
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -38,8 +34,12 @@ def main(argv=None) -> int:
     p.add_argument("--metadata", required=True, help="JSON lines: videoid, author, categories")
     p.add_argument("--out", required=True)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from configs import load_config
 
     overrides = list(args.overrides)
     if args.command == "synth":
@@ -47,10 +47,8 @@ def main(argv=None) -> int:
             overrides.append(f"data.synth.videos={args.videos}")
         if args.seed is not None:
             overrides += [f"data.synth.seed={args.seed}", f"data.mining.seed={args.seed}"]
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        parser.exit(2, f"config error: {err}\n")
+    cfg = load_config(args.config, overrides)  # every setting checked before anything runs
+    _bootstrap.setup_logging()
 
     from data import corpus
 
@@ -83,4 +81,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _bootstrap.run(main)

@@ -12,15 +12,12 @@ Settings (samples per shard, epoch mode, frames, JPEG quality, seed) are the `sh
 
 import argparse
 import json
-import logging
-import sys
+from pathlib import Path
 
-import _bootstrap  # noqa: F401  (repository root first on sys.path)
-
-from configs import ConfigError, load_config
+import _bootstrap
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -52,8 +49,24 @@ def main(argv=None) -> int:
     p.add_argument("dir")
     p.add_argument("--k", type=int, required=True, help="number of clusters")
     p.add_argument("--seed", type=int, default=1234)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from configs import load_config
+
+    cfg = None
+    if args.command in ("pack", "pack-cirr"):  # every setting checked before anything runs
+        overrides = list(args.overrides) + (
+            [f"shards.workers={args.workers}"] if args.workers else []
+        )
+        cfg = load_config(args.config, overrides)
+    elif not (Path(args.dir) / "manifest.json").is_file():  # said before the heavy imports
+        raise FileNotFoundError(
+            f"no manifest.json in {args.dir}: pack the shards first (shard.py pack)"
+        )
+    _bootstrap.setup_logging()
 
     if args.command == "groups":
         from sharding.groups import kmeans_groups
@@ -69,11 +82,6 @@ def main(argv=None) -> int:
         report = verify(args.dir)
         print(json.dumps(report, indent=2))
         return 1 if report["corrupt"] else 0
-    overrides = list(args.overrides) + ([f"shards.workers={args.workers}"] if args.workers else [])
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        parser.exit(2, f"config error: {err}\n")
     from sharding.pack import pack, pack_cirr
     from train.embedder import target_embedder
 
@@ -93,4 +101,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _bootstrap.run(main)

@@ -10,16 +10,12 @@ DIR/sweep.json (tracking URI, parent run id, one entry per trial) and prints the
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
 
-import _bootstrap  # noqa: F401  (repository root first on sys.path)
-
-from configs import ConfigError, load_config
+import _bootstrap
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", required=True, help="sweep YAML (configs/tune/...)")
     p.add_argument(
@@ -28,11 +24,16 @@ def main(argv=None) -> int:
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: local Ray)")
     p.add_argument("--tracking-uri", default=None, help="MLflow (default: sqlite in --out)")
     p.add_argument("overrides", nargs="*", help="key=value sweep settings (e.g. num_samples=2)")
-    a = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    from tune.space import check, load_sweep
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    import yaml
+
+    from configs import ConfigError, load_config
+    from configs.schema import yaml_error
+    from tune.space import check, load_sweep, overrides_of
 
     out = Path(a.out).resolve()
     try:
@@ -41,13 +42,15 @@ def main(argv=None) -> int:
             sweep.overrides.update({"data.root": str(out / "corpus"), "shards.dir": str(out / "shards"),
                                     "model.tokenizer": str(out / "corpus" / "tokenizer")})  # fmt: skip
             check(sweep)
-    except ConfigError as err:
-        p.exit(2, f"sweep config error: {err}\n")
+    except yaml.YAMLError as err:
+        raise ConfigError(yaml_error(a.config, err)) from None
+    if not sweep.synthetic:  # the base config's shards exist before Ray starts
+        _bootstrap.preflight(load_config(sweep.base, overrides_of(sweep.overrides)))
+    _bootstrap.setup_logging()
     if sweep.synthetic:
         from data.corpus import build_synthetic
         from sharding.pack import pack_splits
         from train.embedder import target_embedder
-        from tune.space import overrides_of
 
         cfg = load_config(sweep.base, overrides_of(sweep.overrides))
         print(f"synthetic corpus and shards -> {out}", flush=True)
@@ -68,4 +71,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _bootstrap.run(main)

@@ -129,7 +129,7 @@ def pack_records(
         if backend == "ray"
         else run_local(todo, cfg.workers)
     )
-    for stats in tqdm(runner, total=len(todo), desc="shards", disable=not progress):
+    for stats in tqdm(runner, total=len(todo), desc=f"pack {out.name}", disable=not progress):
         done[stats.name] = stats
     shards = [done[job.name] for job in jobs]
     return write_manifest(out, shards, source, media_root, cfg, fp if jobs else "", start)

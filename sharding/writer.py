@@ -153,8 +153,9 @@ def run_ray(jobs: list[ShardJob], address: str | None, workers: int) -> Iterable
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else max(workers, 1), include_dashboard=False,
-                 log_to_driver=False)  # fmt: skip
+        from sharding.local_ray import ray_init  # local Ray: 127.0.0.1 only
+
+        ray_init(address, num_cpus=None if address else max(workers, 1), log_to_driver=False)
     remote = ray.remote(num_cpus=1)(pack_shard)
     pending = [remote.remote(job) for job in jobs]
     while pending:

@@ -9,6 +9,8 @@ import os
 import torch
 
 from configs.schema import Config
+from train import network
+from train.network import free_port  # noqa: F401  (launch/demo.py, benches)
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -54,11 +56,17 @@ def build_engine(model, params, optimizer, lr_scheduler, config: dict):
 
 
 def init_distributed(timeout_s: int) -> tuple[int, int, int]:
-    """rank, world size, local rank; gloo without a GPU, NCCL with one."""
+    """rank, world size, local rank; gloo without a GPU, NCCL with one. A process started
+    without a launcher runs as a world of one; a job whose master is this machine (the local
+    launcher sets MASTER_ADDR=127.0.0.1) listens on 127.0.0.1 only (train.network)."""
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    network.world_of_one_env()
+    if network.is_loopback(os.environ.get("MASTER_ADDR")) and "RANK" in os.environ:
+        network.init_loopback_process_group(backend, timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group above
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -68,12 +76,3 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int]:
 def enable_activation_checkpointing(model) -> None:
     """Recompute the transformer layers (Q-Former / text encoder) in the backward pass."""
     model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now (each local launch gets its own rendezvous port)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from configs.schema import load_config, to_dict
+from sharding.local_ray import ray_init
 from train.tracking import Tracker, default_uri, flatten
 from tune.space import Sweep, overrides_of, ray_space
 from tune.trial import ROOT, TrialSettings, read_validations, run_trial
@@ -40,11 +41,11 @@ def _start_ray(sweep: Sweep, address: str | None) -> bool:
         return False
     env = {"env_vars": {"PYTHONPATH": str(ROOT)}}
     if address:
-        ray.init(address=address, runtime_env=env)
+        ray_init(address, runtime_env=env)
         return True
     per_trial = sweep.resources.ranks * sweep.resources.cpus_per_rank
     logical = max(os.cpu_count() or 1, per_trial * max(1, sweep.max_concurrent))
-    ray.init(num_cpus=logical, include_dashboard=False, runtime_env=env, log_to_driver=False)
+    ray_init(None, num_cpus=logical, runtime_env=env, log_to_driver=False)  # 127.0.0.1 only
     return True
 
 
