@@ -262,6 +262,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"key 'shards.jpeg_quality': must be in [1, 100], got {cfg.shards.jpeg_quality}"
         )
+    if cfg.data.synth.size <= 0 or cfg.data.synth.size % 2:  # yuv420p needs an even side
+        raise ConfigError(f"key 'data.synth.size': must be even and > 0, got {cfg.data.synth.size}")
+    if cfg.data.synth.family_size < 2:
+        raise ConfigError(
+            f"key 'data.synth.family_size': must be >= 2, got {cfg.data.synth.family_size}"
+        )
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:
         raise ConfigError(
             f"key 'eval.ks': must be a non-empty list of ranks >= 1, got {list(cfg.eval.ks)}"

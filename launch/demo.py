@@ -1,4 +1,6 @@
-"""End-to-end demo on the synthetic corpus: python launch/demo.py [--out DIR] [key=value ...]
+"""End-to-end demo on the synthetic corpus.
+
+  python launch/demo.py [--out DIR] [key=value ...]
 
 1. generate the corpus (real H.264 mp4 files) and mine train/val/test triplets;
 2. pack each split into WebDataset shards;

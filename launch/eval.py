@@ -2,7 +2,8 @@
 
   python launch/eval.py --protocol webvid-covr --checkpoint runs/demo/train --data runs/demo/shards/test
   python launch/eval.py --protocol cirr --checkpoint EXPORT --data CIRR_ROOT --split val --report 8
-  deepspeed --num_accelerators 2 launch/eval.py ...   (each rank embeds its share of the items)
+  deepspeed --num_accelerators 2 launch/eval.py --protocol webvid-covr --checkpoint runs/demo/train --data runs/demo/shards/test
+      (under deepspeed each rank embeds its share of the items)
 
 Protocols: webvid-covr (DATA = a split's shard dir; the split is the dir's name), cirr (DATA =
 root with captions/, image_splits/, img_raw/), fashioniq (root with captions/, image_splits/,

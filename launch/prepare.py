@@ -2,8 +2,8 @@
 `filter` (metadata filter of an annotation CSV).
 
   python launch/prepare.py synth --out DIR [--videos N] [--seed S]
-  python launch/prepare.py mine --captions CSV --out DIR
-  python launch/prepare.py filter --annotations CSV --metadata JSONL --out CSV
+  python launch/prepare.py mine --captions CAPTIONS.csv --out DIR
+  python launch/prepare.py filter --annotations A.csv --metadata M.jsonl --out KEPT.csv
 Settings not on the command line come from --config (YAML) and key=value overrides.
 """
 
@@ -81,4 +81,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    _bootstrap.run(main)
+    _bootstrap.run(main, also=(ValueError,))  # data/ reports malformed input tables so

@@ -1,7 +1,7 @@
 """Train a CoVR model with DeepSpeed.
 
   deepspeed --num_accelerators 2 launch/train.py --config configs/demo.yaml [key=value ...]
-  deepspeed --hostfile hosts launch/train.py --config configs/covr2_blip2.yaml shards.dir=shards
+  deepspeed --hostfile hosts launch/train.py --config configs/covr2_blip2.yaml model.pretrained=BLIP2_DIR shards.dir=shards
   python launch/train.py --config configs/demo.yaml train.max_steps=20   (one process, no launcher)
 
 One process per rank (the deepspeed launcher starts them); every rank reads the same config.

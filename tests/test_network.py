@@ -1,0 +1,72 @@
+"""Where our processes listen: a local process group and a local Ray bind 127.0.0.1 only; a
+process without a launcher is a world of one."""
+
+import json
+import os
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.multirank import run_ranks
+from train import network
+
+
+def listening(pids) -> list[str]:
+    """Addresses (ip) of the TCP sockets the processes `pids` listen on."""
+    return [c.laddr.ip for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids]  # fmt: skip
+
+
+def loopback(ip: str) -> bool:
+    return ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def _group(rank, world, out_dir):
+    import torch.distributed as dist
+
+    from train.engine import init_distributed
+
+    assert init_distributed(60)[:2] == (rank, world)
+    dist.barrier()  # every rank connected: the store and the gloo pairs are up
+    Path(out_dir, f"listen{rank}.json").write_text(json.dumps(listening({os.getpid()})))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.e2e
+def test_local_process_group_listens_on_loopback_only(tmp_path):
+    run_ranks(_group, 2, (str(tmp_path),))
+    ips = [ip for r in (0, 1) for ip in json.loads((tmp_path / f"listen{r}.json").read_text())]
+    assert ips and all(loopback(ip) for ip in ips), ips
+
+
+@pytest.mark.e2e
+def test_local_ray_listens_on_loopback_only():
+    import ray
+
+    network.ray_init(None, num_cpus=1, log_to_driver=False)
+    try:
+        assert ray.get(ray.remote(lambda: os.getpid()).remote()) > 0  # a worker is up too
+        me = psutil.Process()
+        pids = {me.pid} | {p.pid for p in me.children(recursive=True)}
+        ips = listening(pids)
+        assert len(ips) >= 3 and all(loopback(ip) for ip in ips), ips  # GCS, raylet, worker, ...
+    finally:
+        ray.shutdown()
+
+
+def test_world_of_one_env_fills_only_what_is_missing(monkeypatch):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"):  # fmt: skip
+        monkeypatch.delenv(key, raising=False)
+    assert network.world_of_one_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == (
+        "0",
+        "1",
+        "127.0.0.1",
+    )
+    assert int(os.environ["MASTER_PORT"]) > 0
+    monkeypatch.setenv("WORLD_SIZE", "4")  # a launcher's world: left alone
+    monkeypatch.delenv("RANK")
+    assert not network.world_of_one_env() and "RANK" not in os.environ
