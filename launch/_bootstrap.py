@@ -40,8 +40,10 @@ def setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, floor in QUIET.items():
         logging.getLogger(name).setLevel(max(floor, level))
-    # read when transformers / huggingface_hub load: no per-file progress bars for tiny exports
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # read when transformers / huggingface_hub load: rank 0 keeps transformers' warnings (unused
+    # or newly initialised weights), the other ranks would only repeat them; no per-file bars
+    if rank() != 0:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
