@@ -268,10 +268,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"key 'data.synth.family_size': must be >= 2, got {cfg.data.synth.family_size}"
         )
-    if not cfg.eval.ks or min(cfg.eval.ks) < 1:
-        raise ConfigError(
-            f"key 'eval.ks': must be a non-empty list of ranks >= 1, got {list(cfg.eval.ks)}"
-        )
+    if cfg.eval.ks and min(cfg.eval.ks) < 1:  # [] = the protocol's own list
+        raise ConfigError(f"key 'eval.ks': ranks must be >= 1, got {list(cfg.eval.ks)}")
     return cfg
 
 

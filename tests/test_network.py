@@ -8,6 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sharding.local_ray import ray_init
 from tests.multirank import run_ranks
 from train import network
 
@@ -45,7 +46,7 @@ def test_local_process_group_listens_on_loopback_only(tmp_path):
 def test_local_ray_listens_on_loopback_only():
     import ray
 
-    network.ray_init(None, num_cpus=1, log_to_driver=False)
+    ray_init(None, num_cpus=1, log_to_driver=False)
     try:
         assert ray.get(ray.remote(lambda: os.getpid()).remote()) > 0  # a worker is up too
         me = psutil.Process()
