@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.paths import UnsafePathError, inside
+
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
 
@@ -34,7 +36,7 @@ def _load_json(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM is accepted
     except json.JSONDecodeError as err:
         raise BenchmarkFormatError(f"{path}: not valid JSON ({err})") from None
 
@@ -43,6 +45,23 @@ def _require(entry: dict, keys: tuple[str, ...], path: Path, index: int) -> None
     absent = [k for k in keys if k not in entry]
     if absent:
         raise BenchmarkFormatError(f"{path}: entry {index} lacks {absent}")
+
+
+def _gallery(names, path_of, root: Path, source: Path) -> dict[str, Path]:
+    """{image id: file inside `root`}; every entry whose file would lie outside it (an absolute
+    path, `..`) is refused, all named in one error."""
+    gallery, refused = {}, []
+    for name in names:
+        try:
+            gallery[name] = inside(root, path_of(name))
+        except UnsafePathError:
+            refused.append(f"{name!r} -> {path_of(name)!r}")
+    if refused:
+        shown = ", ".join(refused[:10]) + (" ..." if len(refused) > 10 else "")
+        raise BenchmarkFormatError(
+            f"{source}: {len(refused)} image path(s) outside {root}: {shown}"
+        )
+    return gallery
 
 
 def check_images(gallery: dict[str, Path]) -> None:
@@ -64,7 +83,7 @@ def read_cirr(
     entries, names = _load_json(cap_path), _load_json(split_path)
     if not isinstance(entries, list) or not isinstance(names, dict):
         raise BenchmarkFormatError(f"{cap_path} must be a list and {split_path} a mapping")
-    gallery = {img: image_root / rel for img, rel in names.items()}
+    gallery = _gallery(names, names.get, image_root, split_path)
     queries = []
     for i, e in enumerate(entries):
         _require(e, ("pairid", "reference", "caption", "img_set"), cap_path, i)
@@ -93,8 +112,9 @@ def read_fashioniq(
     root = Path(root)
     cap_path = root / "captions" / f"cap.{category}.{split}.json"
     entries = _load_json(cap_path)
-    names = _load_json(root / "image_splits" / f"split.{category}.{split}.json")
-    gallery = {name: root / "images" / f"{name}.png" for name in names}
+    split_path = root / "image_splits" / f"split.{category}.{split}.json"
+    names = [str(n) for n in _load_json(split_path)]
+    gallery = _gallery(names, lambda n: f"{n}.png", root / "images", split_path)
     queries = []
     for i, e in enumerate(entries):
         _require(e, ("candidate", "captions"), cap_path, i)
@@ -129,14 +149,19 @@ def read_circo(
     queries = []
     for i, e in enumerate(entries):
         _require(e, ("id", "reference_img_id", "relative_caption"), ann_path, i)
-        gt = [str(x) for x in e.get("gt_img_ids", [])]
+        ids = [e["reference_img_id"], *e.get("gt_img_ids", []), e.get("target_img_id") or 0]
+        if not all(isinstance(x, int) or (isinstance(x, str) and x.isdigit()) for x in ids):
+            raise BenchmarkFormatError(
+                f"{ann_path}: entry {i} has an image id that is not a number"
+            )
+        gt = [str(int(x)) for x in e.get("gt_img_ids", [])]
         target = e.get("target_img_id")
         queries.append(
             CompositionQuery(
                 query_id=str(e["id"]),
-                reference=str(e["reference_img_id"]),
+                reference=str(int(e["reference_img_id"])),
                 caption=e["relative_caption"],
-                target=None if target is None else str(target),
+                target=None if target is None else str(int(target)),
                 targets=gt,
                 extra={"shared_concept": e.get("shared_concept", "")},
             )

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.webvid_covr import AnnotationError, csv_table
+
 CAPTION_COLUMNS = ("videoid", "contentUrl", "duration", "page_dir", "name")
 
 
@@ -34,18 +36,20 @@ class VideoMeta:
 
 
 def read_caption_table(path: str | Path) -> list[CaptionedVideo]:
+    """Rows of a caption table; a malformed file or row is an `AnnotationError` naming
+    file:line (a UTF-8 byte order mark is accepted)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"caption table not found: {path}")
     out = []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        absent = [c for c in ("videoid", "page_dir", "name") if c not in (reader.fieldnames or [])]
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        header, table = csv_table(path, f)
+        absent = [c for c in ("videoid", "page_dir", "name") if c not in header]
         if absent:
-            raise ValueError(f"{path}:1: caption table lacks column(s) {absent}")
-        for row in reader:
+            raise AnnotationError(f"{path}:1: caption table lacks column(s) {absent}")
+        for line, row in table:
             if not row.get("videoid") or row.get("name") is None:
-                raise ValueError(f"{path}:{reader.line_num}: row without videoid or name")
+                raise AnnotationError(f"{path}:{line}: row without videoid or name")
             out.append(CaptionedVideo(row["videoid"], row["page_dir"] or "", row["name"]))
     return out
 
@@ -75,7 +79,7 @@ def read_metadata(path: str | Path) -> dict[str, VideoMeta]:
     """videoid -> VideoMeta from JSON lines (nested `author.accountsId` or the flat key)."""
     path = Path(path)
     meta: dict[str, VideoMeta] = {}
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue

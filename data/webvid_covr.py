@@ -9,8 +9,11 @@ from __future__ import annotations
 import ast
 import csv
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from data.paths import UnsafePathError, inside
 
 log = logging.getLogger(__name__)
 
@@ -21,13 +24,49 @@ class AnnotationError(ValueError):
     """A malformed annotation file or row; the message names the file and line."""
 
 
+def csv_table(path: Path, f) -> tuple[list[str], Iterator[tuple[int, dict]]]:
+    """Header and (line, row) pairs of an open CSV file, `line` where the row starts. A
+    structural CSV error (an oversized field, typically a quote left open that swallows the lines
+    after it) is an `AnnotationError` naming file:line of the row where it starts. The field
+    limit stays csv's 128 KiB: no caption comes near it, a larger limit would only let a quote
+    left open merge more rows."""
+    reader = csv.DictReader(f)
+
+    def unreadable(line: int, err: csv.Error) -> AnnotationError:
+        return AnnotationError(
+            f"{path}:{line}: unreadable CSV from this line ({err}; a quote left open?)"
+        )
+
+    try:
+        header = list(reader.fieldnames or [])
+    except csv.Error as err:
+        raise unreadable(1, err) from None
+
+    def rows():
+        last = reader.line_num
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                raise unreadable(last + 1, err) from None
+            yield last + 1, row
+            last = reader.line_num
+
+    return header, rows()
+
+
 class MissingVideosError(FileNotFoundError):
-    """Videos a split cannot do without (the test split) are absent."""
+    """Videos a split cannot do without (the test split) are absent, refused or unreadable."""
 
     def __init__(self, split: str, missing: list[str]):
         self.missing = missing
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-        super().__init__(f"{split}: {len(missing)} video(s) missing: {shown}")
+        super().__init__(
+            f"{split}: {len(missing)} video(s) missing, unreadable or outside the video root "
+            f"(this split keeps every query): {shown}"
+        )
 
 
 @dataclass
@@ -87,14 +126,12 @@ def read_annotations(
     if not csv_path.is_file():
         raise AnnotationError(f"annotation file not found: {csv_path}")
     rows: list[Triplet] = []
-    with csv_path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is accepted
+        header, table = csv_table(csv_path, f)
         absent = [c for c in COLUMNS[:6] if c not in header]
         if absent:
             raise AnnotationError(f"{csv_path}:1: missing column(s) {absent}; header is {header}")
-        for row in reader:
-            line = reader.line_num
+        for line, row in table:
             try:
                 if None in row:  # more fields than the header
                     raise ValueError("too many fields")
@@ -122,26 +159,47 @@ def write_annotations(csv_path: str | Path, triplets: list[Triplet]) -> None:
             writer.writerow([t.pth1, t.pth2, t.txt1, t.txt2, t.edit, scores, sim])
 
 
+def split_of(csv_path: str | Path) -> str:
+    """train / val / test as an annotation file's name says (`test.csv`,
+    `webvid8m-covr_test.csv`), else ""."""
+    stem = Path(csv_path).stem.lower()
+    for split in ("train", "val", "test"):
+        if stem == split or stem.endswith((f"_{split}", f"-{split}", f".{split}")):
+            return split
+    return ""
+
+
 def video_path(video_root: str | Path, pth: str) -> Path:
-    return Path(video_root) / f"{pth}.mp4"
+    """`<video_root>/<pth>.mp4`; `UnsafePathError` when `pth` is absolute or leaves the root."""
+    return inside(video_root, f"{pth}.mp4")
 
 
 def drop_missing_videos(
     triplets: list[Triplet], video_root: str | Path, split: str
 ) -> tuple[list[Triplet], int]:
-    """Keep rows whose two videos exist. For `split == "test"` a missing video is an error
-    listing every missing path; otherwise rows are dropped and the count returned (and logged)."""
+    """Keep rows whose two videos exist inside the root. For `split == "test"` a missing (or
+    refused: outside the root) video is an error listing every path; otherwise rows are dropped
+    and the count returned (and logged)."""
     exists: dict[str, bool] = {}
 
     def present(pth: str) -> bool:
         if pth not in exists:
-            exists[pth] = video_path(video_root, pth).is_file()
+            try:
+                exists[pth] = video_path(video_root, pth).is_file()
+            except UnsafePathError:
+                exists[pth] = False
         return exists[pth]
+
+    def shown(pth: str) -> str:
+        try:
+            return str(video_path(video_root, pth))
+        except UnsafePathError as err:
+            return str(err)
 
     kept = [t for t in triplets if present(t.pth1) and present(t.pth2)]
     dropped = len(triplets) - len(kept)
     if dropped and split == "test":
-        missing = sorted(str(video_path(video_root, p)) for p, ok in exists.items() if not ok)
+        missing = sorted(shown(p) for p, ok in exists.items() if not ok)
         raise MissingVideosError(split, missing)
     if dropped:
         log.warning(
