@@ -32,6 +32,8 @@ def parser() -> argparse.ArgumentParser:
         "--ray", action="store_true", help="pack with Ray tasks (local Ray unless --address)"
     )
     p.add_argument("--address", help="Ray cluster address (implies --ray)")
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="default: from the file name; test loses nothing (a missing video is an error)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p = sub.add_parser(
         "pack-cirr", help="pack CIRR triplets (images) for fine-tuning; group = image set"
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
         return 0
     backend = "ray" if (args.ray or args.address) else "local"
     manifest = pack(args.annotations, args.video_root, args.out, cfg.shards, backend, args.address,
-                    progress=True, embed=embed)  # fmt: skip
+                    progress=True, embed=embed, split=args.split)  # fmt: skip
     print(json.dumps({**manifest["totals"], "seconds": manifest["seconds_this_run"]}, indent=2))
     for item in manifest["skipped"][:10]:
         print(f"skipped {item['key']}: {item['reason']}")

@@ -19,10 +19,12 @@ MANIFEST = "manifest.json"
 
 
 def write_manifest(out_dir: str | Path, shards: list[ShardStats], source: str | Path,
-                   media_root: str | Path, cfg: ShardConfig, fingerprint: str, start: float) -> dict:  # fmt: skip
+                   media_root: str | Path, cfg: ShardConfig, fingerprint: str, start: float,
+                   split: str = "") -> dict:  # fmt: skip
     """Write `out_dir/manifest.json` atomically; `start` is the run's perf_counter start."""
     manifest = {
         "format": fmt.FORMAT,
+        "split": split,
         "annotations": str(Path(source).resolve()),
         "media_root": str(Path(media_root).resolve()),
         "config": asdict(cfg),
@@ -36,7 +38,9 @@ def write_manifest(out_dir: str | Path, shards: list[ShardStats], source: str | 
             "samples": sum(s.samples for s in shards),
             "triplets": sum(s.triplets for s in shards),
             "bytes": sum(s.bytes for s in shards),
-            "skipped": sum(len(s.skipped) for s in shards),
+            # records and triplets not packed (a lost record's triplets counted too)
+            "skipped_records": sum(s.skipped_records for s in shards),
+            "skipped_triplets": sum(s.skipped_triplets for s in shards),
         },
         "skipped": [item for s in shards for item in s.skipped],
         "seconds_this_run": round(time.perf_counter() - start, 2),

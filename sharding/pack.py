@@ -1,5 +1,10 @@
 """Packing: records (sharding.records) are shuffled by seed, cut into shards, written by
-`sharding.writer` (local processes or Ray tasks; resumable) and described by `manifest.json`."""
+`sharding.writer` (local processes or Ray tasks; resumable) and described by `manifest.json`.
+
+Train and val splits skip and count what cannot be packed (a missing, unreadable or refused
+video). A test split keeps every query: one such video is a `MissingVideosError` listing them
+all, before packing for missing and refused files, after it for undecodable ones, and no
+manifest is written."""
 
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from configs.schema import ShardConfig
-from data.webvid_covr import read_annotations
-from sharding.manifest import write_manifest
+from data.paths import UnsafePathError
+from data.webvid_covr import MissingVideosError, read_annotations, split_of
+from sharding.manifest import MANIFEST, write_manifest
 from sharding.records import build_records, cirr_records
-from sharding.writer import Embed, ShardJob, finished, run_local, run_ray
+from sharding.writer import Embed, ShardJob, finished, media_files, run_local, run_ray
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +73,17 @@ def pack(
     ray_address: str | None = None,
     progress: bool = False,
     embed: Embed | None = None,
+    split: str | None = None,
 ) -> dict:
-    """Pack (or finish packing) a WebVid-CoVR CSV and its videos; returns the manifest."""
+    """Pack (or finish packing) a WebVid-CoVR CSV and its videos; returns the manifest. `split`
+    (train / val / test) defaults to the one the file name says (`test.csv`,
+    `webvid8m-covr_test.csv`)."""
     csv_path = Path(csv_path)
     records = build_records(read_annotations(csv_path), cfg.epoch)
     fp = _fingerprint(csv_path.read_bytes(), cfg)
-    return pack_records(
-        records, fp, csv_path, video_root, out_dir, cfg, backend, ray_address, progress, embed
-    )
+    split = split_of(csv_path) if split is None else split
+    return pack_records(records, fp, csv_path, video_root, out_dir, cfg, backend, ray_address,
+                        progress, embed, split)  # fmt: skip
 
 
 def pack_cirr(
@@ -93,7 +102,7 @@ def pack_cirr(
     source = Path(root) / "captions" / f"cap.rc2.{split}.json"
     media_root = image_root or Path(root) / "img_raw"
     return pack_records(
-        records, fp, source, media_root, out_dir, cfg, backend, None, progress, embed
+        records, fp, source, media_root, out_dir, cfg, backend, None, progress, embed, split
     )
 
 
@@ -108,15 +117,19 @@ def pack_records(
     ray_address: str | None = None,
     progress: bool = False,
     embed: Embed | None = None,
+    split: str = "",
 ) -> dict:
     """Pack (or finish packing) records into shards and write the manifest. `embed` (the frozen
     target encoder of `cfg.embed_model`, e.g. `train.embedder.TargetEmbedder`) is needed exactly
-    when `cfg.embed_model` is set."""
+    when `cfg.embed_model` is set. A `test` split loses nothing (module doc)."""
     if bool(cfg.embed_model) != (embed is not None):
         raise ValueError(
             "shards.embed_model and the embed function go together: "
             f"embed_model={cfg.embed_model!r}, embed={'given' if embed else 'missing'}"
         )
+    strict = split == "test"
+    if strict and (absent := unusable_media(records, media_root)):
+        raise MissingVideosError(split, absent)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -124,6 +137,8 @@ def pack_records(
     done = {job.name: s for job in jobs if (s := finished(job)) is not None}
     todo = [job for job in jobs if job.name not in done]
     log.info("%d shards planned, %d already complete", len(jobs), len(done))
+    if todo:  # the old manifest no longer describes the directory
+        (out / MANIFEST).unlink(missing_ok=True)
     runner = (
         run_ray(todo, ray_address, cfg.workers)
         if backend == "ray"
@@ -132,7 +147,21 @@ def pack_records(
     for stats in tqdm(runner, total=len(todo), desc=f"pack {out.name}", disable=not progress):
         done[stats.name] = stats
     shards = [done[job.name] for job in jobs]
-    return write_manifest(out, shards, source, media_root, cfg, fp if jobs else "", start)
+    if strict and (lost := sorted({item["reason"] for s in shards for item in s.skipped})):
+        raise MissingVideosError(split, lost)
+    return write_manifest(out, shards, source, media_root, cfg, fp if jobs else "", start, split)
+
+
+def unusable_media(records: list[dict], media_root: str | Path) -> list[str]:
+    """Every media file the records name that is absent or outside the root, each with why."""
+    found = set()
+    for record in records:
+        for _, path in media_files(record, Path(media_root)):
+            if isinstance(path, UnsafePathError):
+                found.add(str(path))
+            elif not path.is_file():
+                found.add(f"{path}: file not found")
+    return sorted(found)
 
 
 def pack_splits(corpus_root: str | Path, shard_root: str | Path, cfg: ShardConfig,
@@ -149,6 +178,7 @@ def pack_splits(corpus_root: str | Path, shard_root: str | Path, cfg: ShardConfi
             cfg,
             progress=progress,
             embed=embed,
+            split=split,
         )  # fmt: skip
         for split in splits
     }

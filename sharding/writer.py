@@ -2,14 +2,28 @@
 jobs run on local processes or as Ray tasks.
 
 Shard i is written as PREFIX-00000i.tar.tmp, renamed when complete, then PREFIX-00000i.stats.json
-is written last: the completion marker. A rerun skips shards with a stats file, so a killed run
-resumes and ends with the same shard set. Tars are byte-reproducible (fixed mtime, fixed order).
+is written last: the completion marker. A rerun keeps shards with a stats file whose inputs are
+unchanged (the size and mtime of every media file its records name, taken before reading them),
+so a killed run resumes and ends with the same shard set, and a shard whose videos were fixed,
+added or replaced since is packed again. Tars are byte-reproducible (fixed mtime, fixed order).
+
+Every media path must lie inside the media root (`data.paths`); one that does not is refused
+like an unreadable file: skipped, counted and named in the stats.
+
+Local workers die with the packing process (a parent-death signal and a watchdog thread), so a
+killed pack leaves nothing running.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import logging
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -20,9 +34,12 @@ import numpy as np
 from webdataset import TarWriter
 
 from configs.schema import ShardConfig
+from data.paths import UnsafePathError, check_inside
 from data.video import VideoDecodeError, load_frames
 from data.webvid_covr import video_path
 from sharding import format as fmt
+
+log = logging.getLogger(__name__)
 
 # frames (Ft, H, W, 3) uint8 -> (Ft, Q, D) float16 target embeddings (a frozen target encoder)
 Embed = Callable[[np.ndarray], np.ndarray]
@@ -49,8 +66,12 @@ class ShardStats:
     bytes: int = 0
     sha256: str = ""
     seconds: float = 0.0
-    skipped: list[dict] = field(default_factory=list)  # {"key", "video", "reason"}
-    fingerprint: str = ""
+    # {"key", "video", "reason"} plus "row" (one triplet lost) or "rows" (the whole record lost)
+    skipped: list[dict] = field(default_factory=list)
+    skipped_records: int = 0  # records not packed (target unreadable, or no triplet left)
+    skipped_triplets: int = 0  # triplets not packed (those of skipped records included)
+    fingerprint: str = ""  # annotations + settings: must match for the shard to be kept
+    inputs: str = ""  # the records' media files (path, size, mtime): changed -> packed again
 
 
 def load_media(path: Path, n: int) -> np.ndarray:
@@ -63,33 +84,67 @@ def load_media(path: Path, n: int) -> np.ndarray:
     return load_frames(path, n=n)
 
 
-def _media_path(root: Path, name: str, explicit: str | None) -> Path:
-    return Path(explicit) if explicit else video_path(root, name)
+def media_path(root: Path, name: str, explicit: str | None) -> Path:
+    """A record's media file: `explicit` (images named by a benchmark's split file) or the video
+    `<root>/<name>.mp4`; `UnsafePathError` when it would lie outside `root`."""
+    return check_inside(root, explicit) if explicit else video_path(root, name)
 
 
-def encode_record(record: dict, job: ShardJob, skipped: list[dict]) -> dict | None:
+def media_files(record: dict, root: Path):
+    """(name, path or the `UnsafePathError`) of the record's target, then of each query."""
+    named = [(record["target"], record.get("target_file"))]
+    named += [(t["pth1"], t.get("query_file")) for t in record["triplets"]]
+    for name, explicit in named:
+        try:
+            yield name, media_path(root, name, explicit)
+        except UnsafePathError as err:
+            yield name, err
+
+
+def inputs_signature(job: ShardJob) -> str:
+    """A hash of the size and mtime of every media file the job's records name."""
+    h = hashlib.sha256()
+    for record in job.records:
+        for name, path in media_files(record, Path(job.media_root)):
+            if isinstance(path, UnsafePathError):
+                h.update(f"{name}:refused\n".encode())
+                continue
+            try:
+                st = path.stat()
+                h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{path}:missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def encode_record(record: dict, job: ShardJob, stats: ShardStats) -> dict | None:
     """The record's sample, its media decoded and re-encoded; a triplet whose query cannot be
-    read is dropped, a record whose target cannot be read (or with no triplet left) too, each
-    listed in `skipped` with its reason."""
+    read (or lies outside the media root) is dropped, a record whose target cannot be read (or
+    with no triplet left) too, each listed in `stats.skipped` with its reason and counted."""
     root, cfg = Path(job.media_root), job.cfg
+    rows = [t["row"] for t in record["triplets"]]
     try:
-        target = load_media(
-            _media_path(root, record["target"], record.get("target_file")), cfg.target_frames
-        )
-    except VideoDecodeError as err:
-        skipped.append({"key": record["key"], "video": record["target"], "reason": str(err)})
+        path = media_path(root, record["target"], record.get("target_file"))
+        target = load_media(path, cfg.target_frames)
+    except (VideoDecodeError, UnsafePathError) as err:
+        stats.skipped.append({"key": record["key"], "video": record["target"], "reason": str(err),
+                              "rows": rows})  # fmt: skip
+        stats.skipped_records += 1
+        stats.skipped_triplets += len(rows)
         return None
     kept, queries = [], []
     for trip in record["triplets"]:
         try:
-            path = _media_path(root, trip["pth1"], trip.get("query_file"))
+            path = media_path(root, trip["pth1"], trip.get("query_file"))
             queries.append(load_media(path, cfg.query_frames))
-        except VideoDecodeError as err:
-            skipped.append({"key": record["key"], "row": trip["row"], "video": trip["pth1"],
-                            "reason": str(err)})  # fmt: skip
+        except (VideoDecodeError, UnsafePathError) as err:
+            stats.skipped.append({"key": record["key"], "row": trip["row"], "video": trip["pth1"],
+                                  "reason": str(err)})  # fmt: skip
+            stats.skipped_triplets += 1
             continue
         kept.append({k: v for k, v in trip.items() if k != "query_file"})
     if not kept:
+        stats.skipped_records += 1
         return None
     if job.embed is not None:
         target = job.embed(target)
@@ -107,11 +162,12 @@ def pack_shard(job: ShardJob) -> ShardStats:
     """Write one shard atomically and its stats file last. Safe to call again after a crash."""
     start = time.perf_counter()
     final, tmp, stats_path = _paths(job)
-    stats = ShardStats(name=job.name, fingerprint=job.fingerprint)
+    # the inputs as they are before reading them: a file changed while packing is seen next time
+    stats = ShardStats(name=job.name, fingerprint=job.fingerprint, inputs=inputs_signature(job))
     with tmp.open("wb") as f:
         writer = TarWriter(f, encoder=False, mtime=0.0)
         for record in job.records:
-            sample = encode_record(record, job, stats.skipped)
+            sample = encode_record(record, job, stats)
             if sample is not None:
                 writer.write(sample)
                 stats.samples += 1
@@ -128,7 +184,8 @@ def pack_shard(job: ShardJob) -> ShardStats:
 
 
 def finished(job: ShardJob) -> ShardStats | None:
-    """The stats of a shard an earlier run completed, else None."""
+    """The stats of a shard an earlier run completed from the same inputs, else None (a shard
+    whose media files changed since is packed again)."""
     final, _, path = _paths(job)
     if not path.is_file() or not final.is_file():
         return None
@@ -138,14 +195,43 @@ def finished(job: ShardJob) -> ShardStats | None:
             f"{path}: written from other annotations or settings (fingerprint {stats.fingerprint}, "
             f"now {job.fingerprint}); use a fresh output directory"
         )
+    if stats.inputs != inputs_signature(job):
+        log.info("%s: its media files changed since it was packed; packing it again", job.name)
+        return None
     return stats
+
+
+# --- running jobs ------------------------------------------------------------------------------
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this process when the packing process dies, even by SIGKILL
+    (which runs no cleanup): the kernel's parent-death signal on Linux, and a watchdog thread
+    that sees the parent change (also where prctl is missing)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def run_local(jobs: list[ShardJob], workers: int) -> Iterable[ShardStats]:
     if workers <= 1:
         yield from map(pack_shard, jobs)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(
+        workers, initializer=_die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         yield from pool.map(pack_shard, jobs)
 
 
