@@ -30,6 +30,11 @@ class ImageDecodeError(ValueError):
     """Bytes or a file that do not decode to an image."""
 
 
+class RecordError(ValueError):
+    """A record that is not in the format: metadata that does not decode or lacks its keys,
+    frames missing, an embedding member that does not load. The message names shard and key."""
+
+
 def target_member(frame: int) -> str:
     return f"t{frame:02d}.jpg"
 
@@ -97,11 +102,49 @@ def decode_frames(blobs: list[bytes]) -> np.ndarray:
 
 
 def decode_npy(blob: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(blob))
+    try:
+        return np.load(io.BytesIO(blob))
+    except Exception as err:  # ValueError, OSError, EOFError, pickle refusals, ...
+        raise RecordError(f"{EMBEDDINGS} does not load: {err}") from None
+
+
+_RECORD_TYPES = {"target": str, "target_id": int, "triplets": list}
+_TRIPLET_TYPES = {"pth1": str, "txt2": str, "edit": str, "scores": list, "group": str}
 
 
 def record_meta(record: dict) -> dict:
-    return json.loads(record[META])
+    """The record's metadata, checked: `RecordError` (naming the shard and the key) when the
+    `.json` member is absent or does not decode, a key is missing or of the wrong type, or a
+    triplet's query frame or the target's frames/embeddings are absent."""
+    where = f"{record.get('__url__', '?')}: record {record.get('__key__', '?')}"
+    try:
+        meta = json.loads(record[META])
+    except KeyError:
+        raise RecordError(f"{where}: no .{META} member") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise RecordError(f"{where}: .{META} does not decode ({err})") from None
+    if not isinstance(meta, dict):
+        raise RecordError(f"{where}: .{META} is not an object")
+    _check_types(meta, _RECORD_TYPES, where)
+    if not meta["triplets"]:
+        raise RecordError(f"{where}: no triplet")
+    for j, trip in enumerate(meta["triplets"]):
+        if not isinstance(trip, dict):
+            raise RecordError(f"{where}: triplet {j} is not an object")
+        _check_types(trip, _TRIPLET_TYPES, f"{where} triplet {j}")
+        if query_member(j, 0) not in record:
+            raise RecordError(f"{where}: no query frame of triplet {j}")
+    if target_member(0) not in record and EMBEDDINGS not in record:
+        raise RecordError(f"{where}: no target frames or embeddings")
+    return meta
+
+
+def _check_types(obj: dict, types: dict, where: str) -> None:
+    for key, kind in types.items():
+        if key not in obj:
+            raise RecordError(f"{where}: no {key!r}")
+        if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
+            raise RecordError(f"{where}: {key!r} is {type(obj[key]).__name__}, not {kind.__name__}")
 
 
 def target_jpegs(record: dict) -> list[bytes]:
@@ -143,7 +186,7 @@ def raw_triplet(record: dict, j: int, meta: dict | None = None) -> dict:
 
 def decode_sample(raw: dict) -> dict:
     """A `raw_triplet` -> the sample dict `sharding.batch.collate` takes. Raises
-    `ImageDecodeError` when a frame does not decode."""
+    `ImageDecodeError` when a frame does not decode, `RecordError` when embeddings do not load."""
     sample = {
         k: raw[k]
         for k in ("edit", "scores", "target_id", "group", "caption", "key", "pth1", "target")

@@ -10,10 +10,15 @@ Training (`ShardReader`, an IterableDataset yielding ready batches):
   (`sharding.samplers.BatchComposer`: random / hns / fs / mix, which also shuffles) -> decoding ->
   collate. Decoding comes last, so resuming mid-epoch replays the cheap part and skips batches
   already consumed: the position is (epoch, batches consumed), saved in the training checkpoint.
-- A corrupt tar member or truncated shard loses its records; the slot then re-reads records
-  from the start of its range to keep its count (counted as `resampled`). A sample whose JPEG
-  does not decode is replaced by another sample of the same batch (counted as `undecodable`).
-  Counts travel with each batch (`batch["reader_stats"]`) and are logged at a bounded rate.
+- Bad data never ends the job: a shard that cannot be opened (deleted after the start) or is
+  truncated loses its records (`corrupt_shards`), a record that is not in the format (`.json`
+  that does not decode, keys or frames missing) is skipped (`malformed`), the shard named in the
+  log. The slot then reads on from the start of its range, round the whole epoch sequence, to
+  keep its count (`resampled`). A sample whose JPEG does not decode is replaced by another
+  sample of the same batch (`undecodable`). Counts travel with each batch
+  (`batch["reader_stats"]`) and are logged at a bounded rate.
+- `shard_urls` checks that every shard of the manifest is present with its recorded size
+  before anything starts: one error lists those that are not.
 
 Evaluation (`iter_records`): shards in manifest order, every record exactly once.
 """
@@ -25,7 +30,8 @@ import random
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from itertools import chain
 from pathlib import Path
 
 from torch.utils.data import IterableDataset, get_worker_info
@@ -40,6 +46,18 @@ log = logging.getLogger(__name__)
 
 class ShardURLError(ValueError):
     """A shard URL the reader will not open."""
+
+
+class MissingShardsError(FileNotFoundError):
+    """Shards the manifest lists are absent or not the size it recorded."""
+
+    def __init__(self, shard_dir: str | Path, problems: list[str]):
+        self.problems = problems
+        shown = "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else "")
+        super().__init__(
+            f"{shard_dir}: {len(problems)} shard(s) of the manifest missing or changed: {shown} "
+            "(pack again, or `launch/shard.py verify`)"
+        )
 
 
 def open_shard(url: str, allow_pipe: bool = False):
@@ -60,9 +78,17 @@ def open_shard(url: str, allow_pipe: bool = False):
 def read_shard(
     url: str, allow_pipe: bool = False, on_error: Callable[[str, Exception], None] | None = None
 ):
-    """Records (dicts of field -> bytes, plus `__key__`) of one shard; a read error ends the
-    shard (a truncated tar has nothing after the break) and is reported to `on_error`."""
-    stream = open_shard(url, allow_pipe)
+    """Records (dicts of field -> bytes, plus `__key__`) of one shard; an open or read error
+    ends the shard (a truncated tar has nothing after the break) and is reported to `on_error`."""
+    try:
+        stream = open_shard(url, allow_pipe)
+    except ShardURLError:
+        raise
+    except Exception as err:  # FileNotFoundError (deleted after the start), fsspec errors, ...
+        if on_error is None:
+            raise
+        on_error(url, err)
+        return
     try:
         files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
         yield from group_by_keys(files)
@@ -81,15 +107,31 @@ def iter_records(urls: list[str], allow_pipe: bool = False) -> Iterator[dict]:
 
 
 def shard_urls(shard_dir: str | Path, manifest: dict) -> tuple[list[str], list[int]]:
+    """The manifest's shard paths and record counts; `MissingShardsError` listing every shard
+    that is absent or not the size the manifest recorded."""
     base = str(shard_dir).rstrip("/")
+    problems = []
+    for s in manifest["shards"]:
+        path = Path(base) / f"{s['name']}.tar"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{path.name} missing")
+            continue
+        if size != s["bytes"]:
+            problems.append(f"{path.name} has {size} bytes, the manifest {s['bytes']}")
+    if problems:
+        raise MissingShardsError(shard_dir, problems)
     return [f"{base}/{s['name']}.tar" for s in manifest["shards"]], [
         s["samples"] for s in manifest["shards"]
     ]
 
 
-def draw_triplet(record: dict, rng: random.Random, groups: dict[int, int] | None = None) -> dict:
+def draw_triplet(
+    record: dict, rng: random.Random, groups: dict[int, int] | None = None, meta=None
+) -> dict:
     """One training sample from a record: a random triplet (target mode: one per epoch)."""
-    meta = fmt.record_meta(record)
+    meta = meta if meta is not None else fmt.record_meta(record)
     sample = fmt.raw_triplet(record, rng.randrange(len(meta["triplets"])), meta)
     if groups is not None:
         sample["group"] = f"cluster{groups[meta['target_id']]}"
@@ -99,9 +141,17 @@ def draw_triplet(record: dict, rng: random.Random, groups: dict[int, int] | None
 @dataclass
 class ReaderCounts:
     corrupt_shards: int = 0
+    malformed: int = 0
     resampled: int = 0
     undecodable: int = 0
     _last_log: float = 0.0
+    _named: set = field(default_factory=set)  # shards already named for a malformed record
+
+    def malformed_record(self, url: str, err: Exception) -> None:
+        self.malformed += 1
+        first = url not in self._named  # each shard named at least once
+        self._named.add(url)
+        self.report("malformed record skipped", str(err), every_s=0.0 if first else 30.0)
 
     def report(self, what: str, detail: str, every_s: float = 30.0) -> None:
         now = time.monotonic()
@@ -112,6 +162,7 @@ class ReaderCounts:
     def as_dict(self) -> dict:
         return {
             "corrupt_shards": self.corrupt_shards,
+            "malformed": self.malformed,
             "resampled": self.resampled,
             "undecodable": self.undecodable,
         }
@@ -186,30 +237,42 @@ class ShardReader(IterableDataset):
 
     def _records(
         self, order: list[int], start: int, length: int, counts: ReaderCounts
-    ) -> Iterator[dict]:
-        """Exactly `length` records: the slot's range, re-read from its start (counted as
-        `resampled`) when corrupt shards lost some."""
+    ) -> Iterator[tuple[dict, dict]]:
+        """Exactly `length` well-formed (record, metadata) pairs: the slot's range, then, when
+        bad shards or records lost some, records read on from the range's start round the whole
+        epoch sequence (counted as `resampled`)."""
 
         def on_error(url, err):
             counts.corrupt_shards += 1
             counts.report("corrupt shard", f"{url}: {err}", every_s=0.0)
 
-        produced, passes = 0, 0
+        def valid(records):
+            for record in records:
+                try:
+                    yield record, fmt.record_meta(record)
+                except fmt.RecordError as err:
+                    counts.malformed_record(record.get("__url__", "?"), err)
+
+        produced = 0
+        for pair in valid(self._range(order, start, length, on_error)):
+            yield pair
+            produced += 1
+        total = sum(self.counts)
         while produced < length:
+            counts.report("resampling", f"{length - produced} records short")
             before = produced
-            for record in self._range(order, start, length, on_error):
-                if passes:
-                    counts.resampled += 1
-                yield record
+            around = chain(
+                self._range(order, start, total - start, on_error),
+                self._range(order, 0, start, on_error),
+            )
+            for pair in valid(around):
+                counts.resampled += 1
+                yield pair
                 produced += 1
                 if produced == length:
                     return
             if produced == before:
-                raise RuntimeError(
-                    f"no readable record in samples {start}..{start + length} of the shards"
-                )
-            passes += 1
-            counts.report("resampling", f"{length - produced} records short")
+                raise RuntimeError(f"no readable record in any of the {len(self.urls)} shards")
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -229,7 +292,8 @@ class ShardReader(IterableDataset):
         counts = ReaderCounts()
         rng = random.Random(f"{self.seed}-{self.epoch}-{slot}-draw")
         drawn = (
-            draw_triplet(r, rng, self.groups) for r in self._records(order, start, length, counts)
+            draw_triplet(r, rng, self.groups, meta)
+            for r, meta in self._records(order, start, length, counts)
         )
         buffer = max(self.sampler.buffer, self.batch_size)
         composer = BatchComposer(replace(self.sampler, buffer=buffer), self.batch_size,
@@ -243,7 +307,7 @@ class ShardReader(IterableDataset):
             for raw in raw_batch:
                 try:
                     samples.append(fmt.decode_sample(raw))
-                except fmt.ImageDecodeError as err:
+                except (fmt.ImageDecodeError, fmt.RecordError) as err:
                     counts.undecodable += 1
                     counts.report("undecodable sample", f"{raw['key']}: {err}")
             if not samples:

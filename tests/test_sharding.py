@@ -135,7 +135,7 @@ def test_missing_video_is_skipped_with_its_reason(small_corpus, tmp_path):
     victim = read_annotations(root / "train.csv")[0].pth1
     (videos / f"{victim}.mp4").unlink()
     manifest = pack(root / "train.csv", videos, tmp_path / "out", CFG)
-    assert manifest["totals"]["skipped"] >= 1
+    assert manifest["totals"]["skipped_triplets"] >= 1
     assert all(
         victim in s["video"] and "file not found" in s["reason"] for s in manifest["skipped"]
     )
@@ -255,8 +255,8 @@ def test_corrupt_shard_is_skipped_counted_and_batches_stay_equal(packed, tok, tm
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     victim = copy / f"{manifest['shards'][0]['name']}.tar"
+    reader = _reader(copy, tok, 0, 1)  # cut after the start (at the start it is an error)
     victim.write_bytes(victim.read_bytes()[:5000])
-    reader = _reader(copy, tok, 0, 1)
     batches = _epoch(reader, workers=1)
     assert len(batches) == reader.batches_per_epoch()
     stats = batches[-1]["reader_stats"]
