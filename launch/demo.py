@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     overrides = paths + list(args.overrides)
     cfg = load_config(args.config, overrides)  # every setting checked before anything runs
     _bootstrap.setup_logging()
+    from train.resume import check_before_start
+
+    check_before_start(cfg)  # a demo in --out trained with other settings: refused, keys named
 
     from data.corpus import build_synthetic
     from eval.run import EvalJob, evaluate, resolve_checkpoint

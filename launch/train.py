@@ -6,8 +6,10 @@
 
 One process per rank (the deepspeed launcher starts them); every rank reads the same config.
 Without a launcher the process is a world of one. Settings and the shard manifests are checked
-before anything heavy starts. `train.resume=auto` (default) continues from the newest complete
-checkpoint in train.out_dir.
+before anything heavy starts. `train.resume=auto` (default) continues from the newest intact
+checkpoint in train.out_dir, on any number of ranks; settings that change the training must
+match the checkpoint's (else exit 2 naming the keys); `train.resume=none` starts over, removing
+the directory's checkpoints.
 """
 
 import argparse
@@ -30,6 +32,9 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _bootstrap.preflight(cfg)  # before torch and deepspeed are imported
+    from train.resume import check_before_start
+
+    check_before_start(cfg)  # a checkpoint trained with other settings: refused, keys named
     _bootstrap.setup_logging()
 
     from train.loop import train

@@ -19,6 +19,10 @@ Training (`ShardReader`, an IterableDataset yielding ready batches):
   (`batch["reader_stats"]`) and are logged at a bounded rate.
 - `shard_urls` checks that every shard of the manifest is present with its recorded size
   before anything starts: one error lists those that are not.
+- Each batch carries the positions (in the epoch's record sequence) of its records. A job resumed
+  on another number of ranks or workers passes the positions its epoch consumed as `excluded`:
+  the rest of the sequence is cut into equal ranges for the new slots (what is left over, fewer
+  than one batch per slot, waits for the next epoch like the tail above).
 
 Evaluation (`iter_records`): shards in manifest order, every record exactly once.
 """
@@ -29,7 +33,8 @@ import logging
 import random
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
@@ -197,77 +202,91 @@ class ShardReader(IterableDataset):
         self.seed, self.allow_pipe = seed, allow_pipe
         self.groups = groups  # target_id -> k-means cluster, replaces the packed group key
         self.epoch, self.start_batch, self.num_workers = 0, 0, 1
+        self.excluded = np.zeros(0, dtype=np.int64)
 
-    def set_position(self, epoch: int, start_batch: int = 0, num_workers: int = 1) -> None:
+    def set_position(
+        self, epoch: int, start_batch: int = 0, num_workers: int = 1, excluded=()
+    ) -> None:
         """Call before creating the DataLoader iterator: epoch, batches of it already consumed
-        by this rank, and the DataLoader's worker count (0 counts as 1)."""
+        by this rank, the DataLoader's worker count (0 counts as 1), and the positions of the
+        epoch's records left out of its layout (consumed before the ranks or workers changed)."""
         self.epoch, self.start_batch, self.num_workers = epoch, start_batch, max(1, num_workers)
+        self.excluded = np.unique(np.asarray(excluded, dtype=np.int64))
 
     def batches_per_epoch(self) -> int:
-        """Batches this rank yields per epoch (the same on every rank)."""
+        """Batches this rank yields in the epoch (the same on every rank)."""
         slots = self.world * self.num_workers
-        per_slot = sum(self.counts) // slots
+        per_slot = (sum(self.counts) - len(self.excluded)) // slots
         if per_slot < self.batch_size:
+            if len(self.excluded):  # the rest of a re-split epoch: may be less than a batch
+                return 0
             raise ValueError(
                 f"{sum(self.counts)} samples over {self.world} ranks x {self.num_workers} workers leave "
                 f"{per_slot} per worker, less than one batch of {self.batch_size}: use fewer workers or ranks"
             )
         return (per_slot // self.batch_size) * self.num_workers
 
-    def _slot_range(self, slot: int, slots: int) -> tuple[list[int], int, int]:
+    def _slot_range(self, slot: int, slots: int) -> tuple[list[int], Sequence[int]]:
+        """The epoch's shard order and the (sorted) positions of the slot's records."""
         order = list(range(len(self.urls)))
         random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
-        per_slot = sum(self.counts) // slots
-        return order, slot * per_slot, per_slot
+        total = sum(self.counts)
+        per_slot = (total - len(self.excluded)) // slots
+        if not len(self.excluded):
+            return order, range(slot * per_slot, (slot + 1) * per_slot)
+        rest = np.setdiff1d(np.arange(total), self.excluded, assume_unique=True)
+        return order, rest[slot * per_slot : (slot + 1) * per_slot].tolist()
 
-    def _range(self, order: list[int], start: int, length: int, on_error) -> Iterator[dict]:
-        """Records [start, start + length) of the epoch's concatenated shard sequence."""
+    def _range(self, order: list[int], positions: Sequence[int], on_error) -> Iterator[tuple]:
+        """(position, record) at `positions` (sorted) of the epoch's concatenated shard sequence."""
         offset = 0
         for idx in order:
             n = self.counts[idx]
-            if offset < start + length and offset + n > start:
+            lo, hi = bisect_left(positions, offset), bisect_left(positions, offset + n)
+            if lo < hi:
+                wanted, last = set(positions[lo:hi]), positions[hi - 1]
                 for pos, record in enumerate(
                     read_shard(self.urls[idx], self.allow_pipe, on_error), offset
                 ):
-                    if pos >= start + length:
+                    if pos > last:
                         break
-                    if pos >= start:
-                        yield record
+                    if pos in wanted:
+                        yield pos, record
             offset += n
 
     def _records(
-        self, order: list[int], start: int, length: int, counts: ReaderCounts
-    ) -> Iterator[tuple[dict, dict]]:
-        """Exactly `length` well-formed (record, metadata) pairs: the slot's range, then, when
-        bad shards or records lost some, records read on from the range's start round the whole
-        epoch sequence (counted as `resampled`)."""
+        self, order: list[int], positions: Sequence[int], counts: ReaderCounts
+    ) -> Iterator[tuple[int, dict, dict]]:
+        """Exactly `len(positions)` well-formed (position, record, metadata): the slot's records,
+        then, when bad shards or records lost some, records read on from the slot's first
+        position round the whole epoch sequence (counted as `resampled`)."""
 
         def on_error(url, err):
             counts.corrupt_shards += 1
             counts.report("corrupt shard", f"{url}: {err}", every_s=0.0)
 
         def valid(records):
-            for record in records:
+            for pos, record in records:
                 try:
-                    yield record, fmt.record_meta(record)
+                    yield pos, record, fmt.record_meta(record)
                 except fmt.RecordError as err:
                     counts.malformed_record(record.get("__url__", "?"), err)
 
-        produced = 0
-        for pair in valid(self._range(order, start, length, on_error)):
-            yield pair
+        length, produced = len(positions), 0
+        for triple in valid(self._range(order, positions, on_error)):
+            yield triple
             produced += 1
-        total = sum(self.counts)
+        total, first = sum(self.counts), positions[0] if length else 0
         while produced < length:
             counts.report("resampling", f"{length - produced} records short")
             before = produced
             around = chain(
-                self._range(order, start, total - start, on_error),
-                self._range(order, 0, start, on_error),
+                self._range(order, range(first, total), on_error),
+                self._range(order, range(0, first), on_error),
             )
-            for pair in valid(around):
+            for triple in valid(around):
                 counts.resampled += 1
-                yield pair
+                yield triple
                 produced += 1
                 if produced == length:
                     return
@@ -286,14 +305,14 @@ class ShardReader(IterableDataset):
                 f"set_position(num_workers={workers}) before iterating (got {self.num_workers})"
             )
         slot, slots = self.rank * workers + worker, self.world * workers
-        order, start, length = self._slot_range(slot, slots)
+        order, positions = self._slot_range(slot, slots)
         my_batches = self.batches_per_epoch() // workers
         skip = max(0, (self.start_batch - worker + workers - 1) // workers)
         counts = ReaderCounts()
         rng = random.Random(f"{self.seed}-{self.epoch}-{slot}-draw")
         drawn = (
-            draw_triplet(r, rng, self.groups, meta)
-            for r, meta in self._records(order, start, length, counts)
+            {**draw_triplet(r, rng, self.groups, meta), "pos": pos}
+            for pos, r, meta in self._records(order, positions, counts)
         )
         buffer = max(self.sampler.buffer, self.batch_size)
         composer = BatchComposer(replace(self.sampler, buffer=buffer), self.batch_size,
@@ -316,5 +335,6 @@ class ShardReader(IterableDataset):
                 samples.append(samples[len(samples) % len(samples)])
             batch = self.collate(samples)
             batch["keys"] = [s["key"] for s in samples]
+            batch["positions"] = [raw["pos"] for raw in raw_batch]
             batch["reader_stats"] = {"worker": worker, **counts.as_dict()}
             yield batch

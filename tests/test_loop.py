@@ -17,7 +17,7 @@ class Reader(IterableDataset):
     def __init__(self, n: int):
         self.n, self.start = n, 0
 
-    def set_position(self, epoch, start_batch, num_workers):
+    def set_position(self, epoch, start_batch, num_workers, excluded=()):
         self.start = start_batch
 
     def batches_per_epoch(self):
@@ -25,7 +25,7 @@ class Reader(IterableDataset):
 
     def __iter__(self):
         for i in range(self.start, self.n):
-            yield {"reader_stats": {"worker": 0, "undecodable": 0}, "keys": [str(i)],
+            yield {"reader_stats": {"worker": 0, "undecodable": 0}, "keys": [str(i)], "positions": [i],
                    "target_ids": torch.tensor([i, i]), "loss": torch.tensor(float(i))}  # fmt: skip
 
 
@@ -97,6 +97,7 @@ def test_the_loop_resumes_inside_an_epoch_and_stops_at_the_last_step():
     train_epoch(job, meter)
     assert (job.state.step, job.state.batch_in_epoch) == (3, 3)
     assert [m["loss"] for _, m in job.tracker.records] == [1.0, 2.0]
+    assert job.state.consumed == [1, 2]  # the positions a checkpoint gathers into `seen`
 
 
 def test_time_left_counts_from_after_the_first_step(monkeypatch):

@@ -13,7 +13,9 @@ from train import network
 from train.network import free_port  # noqa: F401  (launch/demo.py, benches)
 
 
-def deepspeed_config(cfg: Config) -> dict:
+def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
+    """`load_universal`: the checkpoint to load is in DeepSpeed's universal format (a job resumed
+    on another number of ranks)."""
     ds, tr = cfg.deepspeed, cfg.train
     zero: dict = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
@@ -31,6 +33,8 @@ def deepspeed_config(cfg: Config) -> dict:
         "wall_clock_breakdown": False,
         "gradient_clipping": cfg.optim.grad_clip,  # always: DeepSpeed clips at 1.0 when unset
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if ds.offload_optimizer:  # ZeRO-Offload needs DeepSpeed's CPU Adam: name it in the config
         o = cfg.optim
         config["optimizer"] = {

@@ -28,6 +28,7 @@ from sharding.groups import read_groups
 from sharding.manifest import read_manifest
 from sharding.reader import ShardReader, shard_urls
 from train import checkpoint as ckpt
+from train import resume
 from train.device import pin_memory_for, to_device
 from train.engine import (
     build_engine,
@@ -163,6 +164,8 @@ def build(cfg: Config, rank: int, world: int) -> Job:
     queue = TargetQueue(cfg.queue.size, (tokens, dim)) if cfg.queue.size else None
     state = TrainState(queue=queue, momentum=momentum)
 
+    resumed = resume.find(cfg, out / "checkpoints", state, world)  # shared state, data position
+
     image_size = model.hf.config.vision_config.image_size
     batch_collate = partial(
         collate, tokenizer=tok, image_size=image_size, max_text_len=cfg.model.max_text_len
@@ -176,6 +179,12 @@ def build(cfg: Config, rank: int, world: int) -> Job:
     reader.set_position(0, 0, cfg.shards.loader_workers)
     steps_per_epoch = reader.batches_per_epoch() // cfg.train.grad_accum
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    reader.set_position(
+        state.epoch, state.batch_in_epoch, cfg.shards.loader_workers, state.excluded
+    )
+    if resumed and resumed.moved and not cfg.train.max_steps:  # the steps left: the new split's
+        left = (cfg.train.epochs - state.epoch - 1) * steps_per_epoch
+        total_steps = state.step + reader.batches_per_epoch() // cfg.train.grad_accum + left
 
     torch.manual_seed(cfg.train.seed + rank)  # per-rank randomness (dropout) from here on
     params = model.trainable_parameters()
@@ -187,13 +196,10 @@ def build(cfg: Config, rank: int, world: int) -> Job:
         partial(
             build_scheduler, cfg=cfg.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch
         ),
-        deepspeed_config(cfg),
+        deepspeed_config(cfg, load_universal=bool(resumed and resumed.universal)),
     )  # the engine steps the schedule at each optimizer step and checkpoints it
-
-    ckpt_dir = out / "checkpoints"
-    tags = ckpt.complete_tags(ckpt_dir) if cfg.train.resume == "auto" else []
-    if tags:
-        ckpt.load_checkpoint(engine, ckpt_dir, tags[-1], state)
+    if resumed:
+        resumed.load(engine, world)  # model, optimizer, schedule; this rank's RNG
 
     tracker = Tracker(cfg.tracking.uri or default_uri(out), cfg.tracking.experiment, out, cfg.tracking.run_name,
                       run_id=state.run_id, enabled=rank == 0, parent_run_id=cfg.tracking.parent_run_id or None,
@@ -204,9 +210,8 @@ def build(cfg: Config, rank: int, world: int) -> Job:
 
     job = Job(cfg, rank, world, out, engine, scheduler, tok, reader,
               itc_loss if cfg.train.stage == "itc" else covr_loss, state, tracker, total_steps)  # fmt: skip
-    if tags:
-        job.say("resumed from %s: step %d, epoch %d, batch %d", ckpt_dir / tags[-1], state.step,
-                state.epoch, state.batch_in_epoch)  # fmt: skip
+    for line in resumed.describe(state, reader) if resumed else []:
+        job.say(line)
     job.say("training %d steps (%d per epoch) on %d rank(s), %d samples per step", total_steps,
             steps_per_epoch, world, cfg.train.batch_size * cfg.train.grad_accum * world)  # fmt: skip
     return job
@@ -219,7 +224,7 @@ def train_epoch(job: Job, meter: Meter) -> None:
     """Micro-steps from the state's position until the epoch's batches are spent or the last
     optimizer step is done."""
     state, workers = job.state, job.cfg.shards.loader_workers
-    job.reader.set_position(state.epoch, state.batch_in_epoch, workers)
+    job.reader.set_position(state.epoch, state.batch_in_epoch, workers, state.excluded)
     # own generator: starting workers must not draw from the global RNG (dropout), or a
     # resumed run, which starts its loader at another point, would diverge
     seeded = torch.Generator().manual_seed(job.cfg.train.seed * 1000 + state.epoch)
@@ -231,6 +236,7 @@ def train_epoch(job: Job, meter: Meter) -> None:
         meter.data_wait_s += time.perf_counter() - waited
         if batch is None:
             return
+        state.consumed += batch.pop("positions")  # gathered into the checkpoint's position
         metrics = micro_step(job, batch, meter)
         if job.engine.global_steps > state.step:  # the optimizer stepped (every grad_accum)
             state.step = job.engine.global_steps
@@ -267,7 +273,7 @@ def after_step(job: Job, metrics: dict, meter: Meter) -> None:
 
 
 def end_epoch(job: Job) -> None:
-    job.state.epoch, job.state.batch_in_epoch = job.state.epoch + 1, 0
+    job.state.next_epoch()
     if not job.cfg.train.eval_every:  # validation after every epoch
         log_validation(job, validate(job).metrics)
 
@@ -334,7 +340,9 @@ def log_validation(job: Job, metrics: dict) -> None:
 
 def save(job: Job) -> str:
     job.state.run_id = job.tracker.run_id  # created late if the server was away at the start
-    tag = ckpt.save_checkpoint(job.engine, job.ckpt_dir, job.state, job.cfg.train.keep_checkpoints)
+    job.state.gather_consumed()
+    tag = ckpt.save_checkpoint(job.engine, job.ckpt_dir, job.state, job.cfg.train.keep_checkpoints,
+                               config=to_dict(job.cfg))  # fmt: skip
     job.say("checkpoint saved: %s", job.ckpt_dir / tag)
     return tag
 
