@@ -1,0 +1,199 @@
+"""Chaos run: a 2-rank training killed with kill -9 at random moments and resumed each time must
+end with the same weights as an uninterrupted run, and its MLflow history must have every step
+once (with the same loss as the uninterrupted run).
+
+  python bench/chaos.py [--out DIR] [--kills 5] [--steps 200] [--seed 0]
+
+A tiny model on a small synthetic corpus; checkpoints every few steps. Each kill happens at a
+random step (read from rank 0's console), after a random extra delay, to the whole job (launcher
+and ranks, as a lost node or a pre-empted allocation does). Writes DIR/chaos.json.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CONFIG = """
+shards: {{dir: {shards}, target_frames: 3, loader_workers: 1}}
+model:
+  tokenizer: {tokenizer}
+  vision: {{hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, image_size: 32, patch_size: 8}}
+  text: {{hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, cross_attention_frequency: 1,
+          max_position_embeddings: 64}}
+  num_query_tokens: 4
+  embed_dim: 16
+  max_text_len: 16
+  freeze_vision: false
+  train_target_encoder: true
+queue: {{size: 16}}
+sampler: {{kind: hns, buffer: 8}}
+optim: {{lr: 1.0e-3, warmup_steps: 5}}
+train: {{max_steps: {steps}, batch_size: 4, log_every: 1, ckpt_every: {ckpt_every}, eval_every: 1000000}}
+eval: {{ks: [1, 5, 10], report_queries: 0}}
+"""
+
+STEP = re.compile(r" step (\d+)/\d+ ")
+
+
+def prepare(out: Path, steps: int, ckpt_every: int) -> Path:
+    from configs.schema import MiningConfig, ShardConfig, SynthConfig
+    from data.corpus import build_synthetic
+    from sharding.pack import pack
+
+    corpus = out / "corpus"
+    if not (corpus / "train.csv").exists():
+        build_synthetic(corpus, SynthConfig(videos=60, family_size=5, frames=12, size=32, workers=2, seed=7),
+                        MiningConfig(val_fraction=0.2, test_fraction=0.2, seed=7))  # fmt: skip
+    cfg = ShardConfig(samples_per_shard=5, target_frames=3, workers=2, seed=1)
+    for split in ("train", "val"):
+        pack(corpus / f"{split}.csv", corpus / "videos", out / "shards" / split, cfg)
+    path = out / "chaos.yaml"
+    path.write_text(CONFIG.format(shards=out / "shards", tokenizer=corpus / "tokenizer",
+                                  steps=steps, ckpt_every=ckpt_every))  # fmt: skip
+    return path
+
+
+class Job:
+    """One `deepspeed` launch (2 ranks) whose console is followed for the current step."""
+
+    def __init__(self, config: Path, out_dir: Path, log):
+        from train.engine import free_port
+
+        cmd = ["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()),
+               str(ROOT / "launch/train.py"), "--config", str(config), f"train.out_dir={out_dir}"]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True, env=env)  # fmt: skip
+        self.step = 0
+        self.reader = threading.Thread(target=self._follow, args=(log,), daemon=True)
+        self.reader.start()
+
+    def _follow(self, log) -> None:
+        for line in self.proc.stdout:
+            log.write(line)
+            m = STEP.search(line)
+            if m:
+                self.step = int(m.group(1))
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)  # launcher and ranks, no clean-up
+        self.proc.wait()
+        self.reader.join()
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        self.reader.join()
+        return code
+
+
+def run(config: Path, out_dir: Path, kill_at: list[tuple[int, float]], rng) -> list[dict]:
+    """Launch, kill at each (step, extra delay), relaunch; until a launch finishes."""
+    kills = []
+    with (out_dir.parent / f"{out_dir.name}.console.log").open("a") as log:
+        for target, delay in kill_at:
+            started = time.perf_counter()
+            job = Job(config, out_dir, log)
+            while job.proc.poll() is None and job.step < target:
+                time.sleep(0.02)
+            if job.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the job ended before step {target} (exit {job.proc.returncode})"
+                )
+            time.sleep(delay)
+            step = job.step
+            job.kill()
+            kills.append({"target_step": target, "extra_delay_s": round(delay, 2), "step_at_kill": step,
+                          "seconds_into_launch": round(time.perf_counter() - started, 1)})  # fmt: skip
+            print(f"killed at step {step} (target {target} + {delay:.2f} s)", flush=True)
+        job = Job(config, out_dir, log)
+        if job.wait() != 0:
+            raise RuntimeError(f"the last launch failed; see {log.name}")
+    return kills
+
+
+def compare(a_dir: Path, b_dir: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    a = load_file(a_dir / "export/model.safetensors")
+    b = load_file(b_dir / "export/model.safetensors")
+    assert a.keys() == b.keys()
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    ca, cb = (torch.load(d / "export/combiner.pt", weights_only=True) for d in (a_dir, b_dir))
+    diff = max([diff] + [(ca[k] - cb[k]).abs().max().item() for k in ca])
+    return {"tensors": len(a) + len(ca), "max_abs_diff": diff, "identical": diff == 0.0}
+
+
+def history(run_dir: Path) -> dict:
+    from mlflow import MlflowClient
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    points = client.get_metric_history(summary["mlflow_run_id"], "loss")
+    return {"run_id": summary["mlflow_run_id"], "steps": summary["steps"],
+            "loss": sorted((p.step, p.value) for p in points)}  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--out", default="runs/chaos")
+    parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--ckpt-every", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    for d in ("reference", "chaos"):
+        if (out / d).exists():
+            parser.exit(2, f"{out / d} exists: use a fresh --out\n")
+    out.mkdir(parents=True, exist_ok=True)
+    config = prepare(out, args.steps, args.ckpt_every)
+    rng = random.Random(args.seed)
+
+    start = time.perf_counter()
+    run(config, out / "reference", [], rng)
+    reference_s = time.perf_counter() - start
+    targets = sorted(rng.sample(range(1, args.steps - 1), args.kills))
+    kill_at = [(t, rng.uniform(0.0, 1.5)) for t in targets]
+    start = time.perf_counter()
+    kills = run(config, out / "chaos", kill_at, rng)
+    chaos_s = time.perf_counter() - start
+
+    weights = compare(out / "reference", out / "chaos")
+    ref, got = history(out / "reference"), history(out / "chaos")
+    steps = [s for s, _ in got["loss"]]
+    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    missing = sorted(set(range(1, args.steps + 1)) - set(steps))
+    ref_loss, got_loss = dict(ref["loss"]), {}
+    for s, v in got["loss"]:
+        got_loss.setdefault(s, v)
+    loss_diff = max(abs(ref_loss[s] - got_loss[s]) for s in ref_loss if s in got_loss)
+    result = {
+        "steps": args.steps, "ckpt_every": args.ckpt_every, "seed": args.seed, "kills": kills,
+        "weights": weights,
+        "mlflow_loss_history": {"points": len(steps), "every_step_once": steps == list(range(1, args.steps + 1)),
+                                "repeated_steps": repeated, "missing_steps": missing,
+                                "max_abs_loss_diff_vs_reference": loss_diff},
+        "seconds": {"reference": round(reference_s, 1), "chaos_with_restarts": round(chaos_s, 1)},
+    }  # fmt: skip
+    (out / "chaos.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    ok = weights["max_abs_diff"] <= 1e-5 and result["mlflow_loss_history"]["every_step_once"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
