@@ -59,6 +59,10 @@ def test_launchers_refuse_a_changed_setting_before_starting(tmp_path, script):
     paths = [f"data.root={tmp_path / 'corpus'}", f"shards.dir={tmp_path / 'shards'}",
              f"model.tokenizer={tmp_path / 'corpus' / 'tokenizer'}", f"train.out_dir={tmp_path / 'train'}"]  # fmt: skip
     _fake_checkpoint(tmp_path, load_config(CONFIG_DIR / "demo.yaml", paths))
+    (tmp_path / "corpus" / "tokenizer").mkdir(parents=True)  # what the train pre-flight looks for
+    for split in ("train", "val"):
+        (tmp_path / "shards" / split).mkdir(parents=True)
+        (tmp_path / "shards" / split / "manifest.json").write_text('{"shards": []}')
     if script == "demo":
         cmd = [
             sys.executable,
@@ -74,7 +78,7 @@ def test_launchers_refuse_a_changed_setting_before_starting(tmp_path, script):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "settings changed: " in proc.stderr and "optim.lr: 0.002 -> 0.0001" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "corpus").exists()  # refused before anything ran
+    assert not (tmp_path / "corpus" / "train.csv").exists()  # refused before anything ran
     # a fresh run is what the user asks for with train.resume=none: no refusal then
     cfg = load_config(CONFIG_DIR / "demo.yaml", [*paths, "optim.lr=1e-4", "train.resume=none"])
     assert check_before_start(cfg) == []
