@@ -8,8 +8,8 @@ One process per rank (the deepspeed launcher starts them); every rank reads the 
 Without a launcher the process is a world of one. Settings and the shard manifests are checked
 before anything heavy starts. `train.resume=auto` (default) continues from the newest intact
 checkpoint in train.out_dir, on any number of ranks; settings that change the training must
-match the checkpoint's (else exit 2 naming the keys); `train.resume=none` starts over, removing
-the directory's checkpoints.
+match the checkpoint's (else exit 2 naming the keys); `train.resume=none` starts over, moving
+the directory's checkpoints aside (checkpoints.replaced-<time>).
 """
 
 import argparse

@@ -216,3 +216,15 @@ def test_zero2_optimizer_state_moves_from_two_ranks_to_one_exactly(tmp_path):
                 assert torch.equal(x, y), (param, name)
                 compared += 1
     assert compared > 100
+
+
+def test_resume_none_moves_the_old_checkpoints_aside(tmp_path):
+    from train.checkpoint import clear
+
+    ckpt_dir = tmp_path / "checkpoints"
+    (ckpt_dir / "step00000010").mkdir(parents=True)
+    (ckpt_dir / "step00000010" / "COMPLETE").write_text("{}")
+    clear(ckpt_dir)
+    assert not ckpt_dir.exists()
+    (aside,) = tmp_path.glob("checkpoints.replaced-*")
+    assert (aside / "step00000010" / "COMPLETE").is_file()  # nothing deleted

@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 import shutil
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -132,11 +133,14 @@ def save_checkpoint(
 
 
 def clear(ckpt_dir: str | Path) -> None:
-    """`train.resume=none`: rank 0 removes the previous run's checkpoints (resuming them later,
-    or keeping them beside the new ones, would mix two runs)."""
-    if _rank() == 0 and Path(ckpt_dir).exists():
-        log.info("train.resume=none: removing the previous run's checkpoints in %s", ckpt_dir)
-        shutil.rmtree(ckpt_dir)
+    """`train.resume=none`: rank 0 moves the previous run's checkpoints aside to
+    `checkpoints.replaced-<time>` (resuming them later, or keeping them beside the new ones,
+    would mix two runs; deleting them would lose a run to a typo)."""
+    ckpt_dir = Path(ckpt_dir)
+    if _rank() == 0 and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        aside = ckpt_dir.with_name(f"{ckpt_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        ckpt_dir.rename(aside)
+        log.warning("train.resume=none: the previous run's checkpoints moved to %s", aside)
     _barrier()
 
 

@@ -75,7 +75,7 @@ def check_settings(cfg: Config, saved: dict, where: str | Path) -> list[str]:
             f"{where} was trained with other settings ({'; '.join(changed)}). Resuming would "
             "continue that model under the new settings. To train with them, use a fresh "
             "train.out_dir (launch/demo.py: --out DIR); train.resume=none starts over in this "
-            "one, removing its checkpoints."
+            "one, moving its checkpoints aside."
         )
     return [f"{k}: {_show(*v)}" for k, v in diff.items()]
 
