@@ -24,7 +24,8 @@ if sys.path[0] != str(ROOT):
 PACKAGES = ("configs", "data", "sharding", "train", "eval", "tune")  # our own exception classes
 QUIET = {
     "faiss.loader": logging.WARNING,  # one INFO line per instruction set tried, failures included
-    "alembic": logging.WARNING,  # MLflow's SQLite schema migrations, one line per revision
+    "alembic": logging.WARNING,
+    "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables..."  # MLflow's SQLite schema migrations, one line per revision
     "urllib3": logging.WARNING,
     "httpx": logging.WARNING,
     "matplotlib": logging.WARNING,  # "generated new fontManager" on a fresh machine

@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import pickle
 import shutil
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -284,8 +286,13 @@ def consolidated_state_dict(engine, ckpt_dir: str | Path, tag: str, zero_stage: 
         return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with _weights_only_torch_load():
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    # the converter narrates on stdout/stderr ("Parsing checkpoint ...", a bar per file): keep
+    # it in the debug log so the console shows our one export line
+    said = io.StringIO()
+    with _weights_only_torch_load(), redirect_stdout(said), redirect_stderr(said):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    log.debug("zero_to_fp32: %s", said.getvalue())
+    return state
 
 
 def export_model(state: dict, model_cfg: ModelConfig, tokenizer, out_dir: str | Path) -> Path:

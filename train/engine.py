@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 
 import torch
 
@@ -50,6 +51,11 @@ def build_engine(model, params, optimizer, lr_scheduler, config: dict):
     each step. There is nothing to average, so that pass is skipped (bench/engine_bench.py)."""
     import deepspeed
 
+    # ZeRO's partitioned gradients go through torch's renamed all_gather_into_tensor, which
+    # warns on every rank at the first step; the call is DeepSpeed's, not ours to change
+    warnings.filterwarnings(
+        "ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning
+    )
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
         config=config,

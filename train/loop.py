@@ -363,6 +363,7 @@ def finish(job: Job, meter: Meter) -> dict | None:
         zero = cfg.deepspeed.zero_stage
         state_dict = ckpt.consolidated_state_dict(job.engine, job.ckpt_dir, tag, zero)
         ckpt.export_model(state_dict, cfg.model, job.tok, export_dir)
+        job.say("exported the model (transformers format): %s", export_dir)
     torch.distributed.barrier()
     tracker = job.tracker
     summary = {"steps": job.state.step, "val": final, "export": str(export_dir), "mlflow_run_id": tracker.run_id,
