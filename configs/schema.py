@@ -119,6 +119,7 @@ class ModelConfig:
     combiner: Literal["fusion", "avg", "mlp", "text", "image"] = "fusion"
     reduce: Literal["mean", "max"] = "mean"  # over target tokens
     frame_score_temperature: float = 0.1
+    dropout: float = 0.1  # Q-Former / text encoder, hidden and attention (the reference's); 0 = off
 
 
 @dataclass
@@ -173,6 +174,9 @@ class TrainConfig:
     max_steps: int = 0  # > 0: stop after this many optimizer steps
     batch_size: int = 256  # per rank, per micro step (replaced when global_batch_size > 0)
     global_batch_size: int = 0  # > 0: batch_size = global / (world size * grad_accum)
+    # > 0: embed the batch in chunks of this many samples, loss over the whole global batch
+    # (gradient cache): activation memory follows the chunk, not the batch; 0 = off
+    chunk_size: int = 0
     grad_accum: int = 1
     log_every: int = 10
     eval_every: int = 0  # optimizer steps; 0 = after every epoch
@@ -247,6 +251,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"key 'train.global_batch_size': must be >= 0, got {cfg.train.global_batch_size}"
         )
+    if not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"key 'model.dropout': must be in [0, 1), got {cfg.model.dropout!r}")
+    if cfg.train.chunk_size < 0:
+        raise ConfigError(f"key 'train.chunk_size': must be >= 0, got {cfg.train.chunk_size}")
     if cfg.queue.size < 0:
         raise ConfigError(f"key 'queue.size': must be >= 0, got {cfg.queue.size}")
     for key in POSITIVE_RUN:

@@ -63,10 +63,11 @@ def _job(total_steps: int, accum: int, log_every: int) -> Job:
     cfg.train.grad_accum, cfg.train.log_every = accum, log_every
     cfg.train.eval_every, cfg.train.ckpt_every, cfg.shards.loader_workers = 0, 0, 0
 
-    def loss_fn(engine, batch, loss_cfg, queue, momentum):
-        return batch["loss"], {"loss": batch["loss"]}
+    class Objective:
+        def loss(self, engine, batch, loss_cfg, queue, momentum):
+            return batch["loss"], {"loss": batch["loss"]}
 
-    return Job(cfg, 0, 2, Path("."), Engine(accum), Scheduler(), None, Reader(10), loss_fn,
+    return Job(cfg, 0, 2, Path("."), Engine(accum), Scheduler(), None, Reader(10), Objective(),
                TrainState(), Tracker(), total_steps)  # fmt: skip
 
 

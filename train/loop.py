@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -36,8 +35,9 @@ from train.engine import (
     enable_activation_checkpointing,
     init_distributed,
 )
+from train.gradcache import chunked_backward
 from train.models import build_model
-from train.objective import covr_loss, itc_loss
+from train.objective import COVR, ITC, Objective
 from train.optim import build_optimizer, build_scheduler
 from train.queue import MomentumEncoder, TargetQueue
 from train.state import TrainState
@@ -74,7 +74,7 @@ class Job:
     scheduler: object
     tok: object
     reader: ShardReader
-    loss_fn: Callable
+    objective: Objective  # the loss, in two halves (embed, contrast)
     state: TrainState  # step, epoch, batch position, run id, queue, EMA, RNG
     tracker: Tracker
     total_steps: int
@@ -129,7 +129,7 @@ def build_model_and_tokenizer(cfg: Config):
     if cfg.train.init_from:
         overrides = {
             k: getattr(cfg.model, k)
-            for k in ("combiner", "freeze_vision", "train_target_encoder", "reduce")
+            for k in ("combiner", "freeze_vision", "train_target_encoder", "reduce", "dropout")
         }
         return ckpt.load_exported(cfg.train.init_from, **overrides)
     tok_dir = cfg.model.tokenizer or cfg.model.pretrained
@@ -209,7 +209,7 @@ def build(cfg: Config, rank: int, world: int) -> Job:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
     job = Job(cfg, rank, world, out, engine, scheduler, tok, reader,
-              itc_loss if cfg.train.stage == "itc" else covr_loss, state, tracker, total_steps)  # fmt: skip
+              ITC if cfg.train.stage == "itc" else COVR, state, tracker, total_steps)  # fmt: skip
     for line in resumed.describe(state, reader) if resumed else []:
         job.say(line)
     job.say("training %d steps (%d per epoch) on %d rank(s), %d samples per step", total_steps,
@@ -249,10 +249,14 @@ def micro_step(job: Job, batch: dict, meter: Meter) -> dict:
     meter.reader_stats = batch.pop("reader_stats")
     batch.pop("keys")
     batch = to_device(batch, job.engine.device)
-    state = job.state
-    loss, metrics = job.loss_fn(job.engine, batch, job.cfg.loss, state.queue, state.momentum)
-    job.engine.backward(loss)
-    job.engine.step()
+    state, engine, cfg = job.state, job.engine, job.cfg
+    if cfg.train.chunk_size:  # gradient cache: activation memory follows the chunk
+        _, metrics = chunked_backward(engine, batch, job.objective, cfg.loss,
+                                      cfg.train.chunk_size, state.queue, state.momentum)  # fmt: skip
+    else:
+        loss, metrics = job.objective.loss(engine, batch, cfg.loss, state.queue, state.momentum)
+        engine.backward(loss)
+    engine.step()
     state.batch_in_epoch += 1
     meter.add(metrics["loss"], batch["target_ids"].shape[0] * job.world)
     return metrics

@@ -289,6 +289,19 @@ class BlipCoVR(CoVRModel):
         return F.normalize(self._part("text_proj", frozen)(hidden[:, 0]), dim=-1)
 
 
+def set_dropout(hf, arch: str, p: float) -> None:
+    """Dropout of the Q-Former (BLIP-2) / text encoder (BLIP), hidden and attention, also on
+    loaded weights: the modules read it at build time (`nn.Dropout.p`, BLIP-2's attention keeps
+    a float), so both are set, and the config for `save_pretrained`."""
+    text_cfg = hf.config.qformer_config if arch == "blip2" else hf.config.text_config
+    text_cfg.hidden_dropout_prob = text_cfg.attention_probs_dropout_prob = p
+    for module in (hf.qformer if arch == "blip2" else hf.text_encoder).modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p
+
+
 def hf_config(cfg: ModelConfig, vocab_size: int):
     """A transformers config of the sizes in `cfg` (used when no pretrained directory is given)."""
     v, t = cfg.vision, cfg.text
@@ -396,6 +409,7 @@ def build_model(cfg: ModelConfig, tokenizer) -> CoVRModel:
         if not cfg.train_target_encoder:
             log.warning("targets are encoded by %s itself: set model.pretrained to the starting "
                         "weights to encode them as the reference does", cfg.lavis_checkpoint)  # fmt: skip
+    set_dropout(hf, cfg.arch, cfg.dropout)
     if cfg.arch == "blip2":
         model = Blip2CoVR(hf, cfg)
     else:

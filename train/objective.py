@@ -8,6 +8,9 @@ caption_attention_mask (the target caption, for the CoVR-2 caption term).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from configs.schema import LossConfig
@@ -25,27 +28,66 @@ def _target(model: CoVRModel, batch: dict) -> torch.Tensor:
     return model("encode_target", source, batch.get("target_scores"), batch.get("target_mask"))
 
 
-def covr_loss(
+def covr_embed(
     model: CoVRModel,
     batch: dict,
     loss_cfg: LossConfig,
-    queue: TargetQueue | None = None,
     momentum: MomentumEncoder | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """Loss of this rank's batch against the global batch (+ queue); fills the queue after."""
-    reduce = model.cfg.reduce
+    keys: set[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """This rank's embeddings that the CoVR loss compares, row i = sample i, in fp32 (also under
+    bf16): `query` and `target` tokens (their means under reduce=mean), `caption` with the
+    caption term, `combiner_weights` for the mlp combiner. With `momentum`, also
+    `queue_entries`: the EMA encoder's view of the targets (no gradient). `keys`: compute only
+    the target / caption among them (None: all); the query side is always computed."""
+    want = lambda key: keys is None or key in keys  # noqa: E731
     query, weights = model(
         "compose", batch["query_frames"], batch["input_ids"], batch["attention_mask"]
     )
-    query, target = (
-        query.float(),
-        _target(model, batch).float(),
-    )  # the loss in fp32, also under bf16
-    if reduce == "mean":  # mean similarity is bilinear: reduce before gathering (Q x less traffic)
-        query, target = query.mean(1, keepdim=True), target.mean(1, keepdim=True)
-    all_query = gather_with_grad(query)
+    out = {"query": query.float()}
+    if want("target"):
+        out["target"] = _target(model, batch).float()
+    if model.cfg.reduce == "mean":  # mean similarity is bilinear: reduce before gathering
+        out = {k: v.mean(1, keepdim=True) for k, v in out.items()}  # (Q x less traffic)
+    if loss_cfg.caption_weight > 0 and want("caption"):  # the target's caption: a target
+        out["caption"] = model(
+            "encode_caption", batch["caption_input_ids"], batch["caption_attention_mask"]
+        ).float()
+    if weights is not None:
+        out["combiner_weights"] = weights
+    if momentum is not None:  # trainable target encoder: the queue gets the EMA encoder's view
+        out["queue_entries"] = _momentum_targets(model, batch, momentum)
+    return out
+
+
+@torch.no_grad()
+def _momentum_targets(model: CoVRModel, batch: dict, momentum: MomentumEncoder) -> torch.Tensor:
+    b, f = batch["target_frames"].shape[:2]
+    frames = momentum.encode_target_frames(batch["target_frames"].flatten(0, 1))
+    frames = frames.view(b, f, *frames.shape[1:])
+    queued = pool_frames(
+        frames,
+        batch.get("target_scores"),
+        batch.get("target_mask"),
+        model.cfg.frame_score_temperature,
+    )
+    return queued.mean(1, keepdim=True) if model.cfg.reduce == "mean" else queued
+
+
+def covr_contrast(
+    emb: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    loss_cfg: LossConfig,
+    reduce: str,
+    queue: TargetQueue | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """HN-NCE of this rank's embeddings (`covr_embed`) against the global batch (gathered in
+    rank order) and the queue; then the global batch enters the queue. `ids`: this rank's
+    target ids."""
+    all_query = gather_with_grad(emb["query"])
+    target = emb["target"]
     all_target = gather_with_grad(target) if target.requires_grad else gather(target)
-    all_ids = gather(batch["target_ids"])
+    all_ids = gather(ids)
     sim = similarity(all_query, all_target, reduce)
 
     extra = extra_mask = None
@@ -61,51 +103,82 @@ def covr_loss(
     )
     metrics = {"loss_video": loss.detach()}
     if c.caption_weight > 0:
-        caption = model(
-            "encode_caption", batch["caption_input_ids"], batch["caption_attention_mask"]
-        ).float()
+        caption = emb["caption"]
         all_caption = gather_with_grad(caption) if caption.requires_grad else gather(caption)
         caption_loss = hn_nce(all_query.mean(1), all_caption, c.temperature, c.alpha, c.beta)
         loss = loss + c.caption_weight * caption_loss
         metrics["loss_caption"] = caption_loss.detach()
 
     if queue is not None:
-        with torch.no_grad():
-            if momentum is not None:  # trainable target encoder: queue the EMA encoder's view
-                b, f = batch["target_frames"].shape[:2]
-                frames = momentum.encode_target_frames(batch["target_frames"].flatten(0, 1))
-                frames = frames.view(b, f, *frames.shape[1:])
-                queued = pool_frames(
-                    frames,
-                    batch.get("target_scores"),
-                    batch.get("target_mask"),
-                    model.cfg.frame_score_temperature,
-                )
-                if reduce == "mean":
-                    queued = queued.mean(1, keepdim=True)
-                queued = gather(queued)
-            else:
-                queued = all_target.detach()
-            queue.enqueue(queued, all_ids)
+        entries = emb.get("queue_entries")
+        queue.enqueue(all_target.detach() if entries is None else gather(entries), all_ids)
         metrics["queue_filled"] = torch.tensor(float(queue.filled))
-    if weights is not None:
-        metrics["combiner_weights"] = weights.detach()
+    if "combiner_weights" in emb:
+        metrics["combiner_weights"] = emb["combiner_weights"].detach()
     metrics["loss"] = loss.detach()
     return loss, metrics
 
 
-def itc_loss(
+def itc_embed(
+    model: CoVRModel,
+    batch: dict,
+    loss_cfg: LossConfig,
+    momentum: MomentumEncoder | None = None,
+    keys: set[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The target caption's and (unless `keys` leaves it out) the target video's embeddings."""
+    text = model("encode_text", batch["caption_input_ids"], batch["caption_attention_mask"])
+    out = {"text": text.float()}
+    if keys is None or "video" in keys:
+        out["video"] = _target(model, batch).float().mean(1)
+    return out
+
+
+def itc_contrast(
+    emb: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    loss_cfg: LossConfig,
+    reduce: str,
+    queue: TargetQueue | None = None,
+) -> tuple[torch.Tensor, dict]:
+    c, video = loss_cfg, emb["video"]
+    all_video = gather_with_grad(video) if video.requires_grad else gather(video)
+    loss = hn_nce(gather_with_grad(emb["text"]), all_video, c.temperature, c.alpha, c.beta)
+    return loss, {"loss": loss.detach()}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A loss in two halves, so that the gradient cache (`train.gradcache`) can embed a batch in
+    chunks and compute the loss once: `embed(model, batch, loss_cfg, momentum, keys)` gives this rank's
+    embeddings {name: (B, ...)} (all; or the query side and `keys`); `contrast(embeddings, ids, loss_cfg, reduce, queue)` gives
+    (loss, metrics) over the global batch and updates the queue."""
+
+    embed: Callable
+    contrast: Callable
+
+    def loss(self, model, batch, loss_cfg, queue=None, momentum=None):
+        emb = self.embed(model, batch, loss_cfg, momentum if queue is not None else None)
+        return self.contrast(emb, batch["target_ids"], loss_cfg, model.cfg.reduce, queue)
+
+
+COVR = Objective(covr_embed, covr_contrast)
+# image-text contrastive pretraining (BLIP-2 ITC): target video against its caption, with the
+# same HN-NCE and global negatives; for random weights, where the frozen or untrained encoders
+# give no meaningful target embeddings yet
+ITC = Objective(itc_embed, itc_contrast)
+
+
+def covr_loss(
     model: CoVRModel,
     batch: dict,
     loss_cfg: LossConfig,
     queue: TargetQueue | None = None,
     momentum: MomentumEncoder | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Image-text contrastive pretraining (BLIP-2 ITC): target video against its caption, with
-    the same HN-NCE and global negatives. For starting from random weights, where the frozen
-    or untrained encoders give no meaningful target embeddings yet."""
-    text = model("encode_text", batch["caption_input_ids"], batch["caption_attention_mask"]).float()
-    video = _target(model, batch).float().mean(1)
-    c = loss_cfg
-    loss = hn_nce(gather_with_grad(text), gather_with_grad(video), c.temperature, c.alpha, c.beta)
-    return loss, {"loss": loss.detach()}
+    """Loss of this rank's batch against the global batch (+ queue); fills the queue after."""
+    return COVR.loss(model, batch, loss_cfg, queue, momentum)
+
+
+def itc_loss(model, batch, loss_cfg, queue=None, momentum=None) -> tuple[torch.Tensor, dict]:
+    return ITC.loss(model, batch, loss_cfg, queue, momentum)
