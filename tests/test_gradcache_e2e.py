@@ -89,7 +89,10 @@ def test_launcher_two_ranks_chunks_equal_the_whole_batch(setup, tmp_path, stage)
     a = load_file(tmp_path / "chunk0/export/model.safetensors")
     b = load_file(tmp_path / "chunk3/export/model.safetensors")
     assert a.keys() == b.keys()
-    for k in a:
+    # Adam divides by sqrt(v): the rounding noise of a zero gradient becomes a full step
+    compared = [k for k in a if not _zero_gradient(k)]
+    assert len(compared) > 50
+    for k in compared:
         assert torch.allclose(a[k], b[k], atol=1e-5), (k, (a[k] - b[k]).abs().max().item())
     assert abs(runs[0]["train"]["loss"] - runs[3]["train"]["loss"]) < 1e-5
 
