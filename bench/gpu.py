@@ -17,7 +17,9 @@ batch with embeddings, FAISS, the largest batch with frames. What they measure:
 2. FAISS: a 1M x 256 gallery, exact and IVF search on the GPU against the CPU index built by
    eval.search, top-10 agreement and score differences (on `--device cpu` both sides are CPU);
 3. the largest per-device batch that fits, per target kind (`largest_batch`: doubling, then
-   bisecting on out-of-memory).
+   bisecting on out-of-memory); with `--chunk-size N ...` also with packed embeddings and
+   `train.chunk_size=N` (the gradient cache: the batch's loss in one piece, its activations one
+   chunk at a time), per N.
 
 Trailing `key=value` arguments override the config (as in launch/train.py), e.g.
 `deepspeed.activation_checkpointing=false`. The batches are synthetic and already on the device:
@@ -54,8 +56,9 @@ from train.engine import (  # noqa: E402
     free_port,
     init_distributed,
 )
+from train.gradcache import chunked_backward  # noqa: E402
 from train.models import build_model  # noqa: E402
-from train.objective import covr_loss  # noqa: E402
+from train.objective import COVR, covr_loss  # noqa: E402
 from train.optim import build_optimizer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "covr2_blip2.yaml"
@@ -171,8 +174,11 @@ WORDS_TINY = "a red blue green circle square moving left right make it replace w
 
 
 def train_step(engine, batch, cfg) -> None:
-    loss, _ = covr_loss(engine, batch, cfg.loss)
-    engine.backward(loss)
+    if cfg.train.chunk_size:  # gradient cache: activations of one chunk at a time
+        chunked_backward(engine, batch, COVR, cfg.loss, cfg.train.chunk_size)
+    else:
+        loss, _ = covr_loss(engine, batch, cfg.loss)
+        engine.backward(loss)
     engine.step()
 
 
@@ -481,6 +487,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--frames-batch-size", type=int, default=16,
                         help="batch for targets from frames (15 ViT-g passes per sample)")  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=8192, help="largest batch tried")
+    parser.add_argument("--chunk-size", type=int, nargs="+", default=[], metavar="N",
+                        help="also the largest batch with train.chunk_size=N (embeddings)")  # fmt: skip
     parser.add_argument("--faiss-gallery", type=int, default=1_000_000)
     parser.add_argument("--faiss-queries", type=int, default=10_000)
     parser.add_argument("overrides", nargs="*", help="config key=value overrides")
@@ -557,6 +565,12 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"largest batch/{key}: {result}", flush=True)
 
         fit("embeddings", Deadline(deadline.left() - faiss_reserve))
+        for chunk in args.chunk_size:  # the gradient cache lifts the limit: by how much
+            fit(
+                "embeddings",
+                Deadline(deadline.left() - faiss_reserve),
+                (f"train.chunk_size={chunk}",),
+            )
         n = args.faiss_gallery if args.size == "full" else min(args.faiss_gallery, 20_000)
         nq = args.faiss_queries if args.size == "full" else min(args.faiss_queries, 500)
         if deadline.left() > 60:

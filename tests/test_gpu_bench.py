@@ -19,7 +19,7 @@ def test_tiny_cpu_run_writes_json_and_table(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu.py"), "--size", "tiny", "--device", "cpu",
-         "--steps", "2", "--out", str(out)],
+         "--steps", "2", "--chunk-size", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,6 +36,7 @@ def test_tiny_cpu_run_writes_json_and_table(tmp_path):
     for kind in ("exact", "ivf"):  # faiss-cpu on both sides: identical results
         assert f[kind]["top10_agreement"] == 100.0 and f[kind]["max_score_diff"] == 0.0
     assert 50 < f["ivf"]["top10_recall_vs_exact"] <= 100
+    assert set(r["largest_batch"]) == {"embeddings", "frames", "embeddings train.chunk_size=2"}
     for s in r["largest_batch"].values():
         assert s["largest"] >= r["train"][s["targets"]]["batch_size"] and s["tries"]
         assert all(t["fits"] and t["engines_alive"] == 0 for t in s["tries"])  # each try freed

@@ -17,8 +17,10 @@ class Engine:
 
     def __init__(self, module):
         self.module, self.device, self.boundaries = module, torch.device("cpu"), []
+        self.tasks = []  # the model calls made through the engine
 
     def __call__(self, *args):
+        self.tasks.append(args[0])
         return self.module(*args)
 
     @property
@@ -167,3 +169,23 @@ def test_model_dropout_setting(tmp_path, arch):
     a = model("encode_query", batch["query_frames"], batch["input_ids"], batch["attention_mask"])
     b = model("encode_query", batch["query_frames"], batch["input_ids"], batch["attention_mask"])
     assert not torch.equal(a, b)
+
+
+def test_frozen_targets_are_encoded_once(tmp_path, float64):
+    """train_target_encoder=false: targets and captions come from the frozen starting copy, so
+    the second pass re-encodes only the query side (after its first chunk finds that out)."""
+    torch.manual_seed(0)
+    model, tok = tiny_model(tmp_path, dropout=0.0)
+    batch, cfg = _batch(tok), LossConfig(caption_weight=0.5)
+    COVR.loss(model, batch, cfg)[0].backward()
+    whole = _grads(model)
+    model.zero_grad()
+    engine = Engine(model)
+    chunked_backward(engine, batch, COVR, cfg, 3)
+    tasks = engine.tasks
+    assert tasks.count("encode_target") == 3 + 1 and tasks.count("encode_caption") == 3 + 1
+    assert tasks.count("compose") == 3 + 3
+    chunked = _grads(model)
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        assert torch.allclose(whole[name], chunked[name], atol=1e-10, rtol=1e-8), name
