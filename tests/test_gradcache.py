@@ -189,3 +189,9 @@ def test_frozen_targets_are_encoded_once(tmp_path, float64):
     assert whole.keys() == chunked.keys()
     for name in whole:
         assert torch.allclose(whole[name], chunked[name], atol=1e-10, rtol=1e-8), name
+
+
+def test_a_resumed_run_may_change_the_chunk_size_not_the_dropout():
+    from train.resume import is_free
+
+    assert is_free("train.chunk_size") and not is_free("model.dropout")

@@ -27,6 +27,7 @@ FREE = (
     "tracking.", "eval.", "train.out_dir", "train.resume", "train.epochs", "train.max_steps",
     "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
     "shards.loader_workers", "shards.workers", "data.synth.workers", "deepspeed.timeout_s",
+    "train.chunk_size",  # the gradient cache gives the same steps: resume on a smaller device
 )  # fmt: skip
 
 
