@@ -69,9 +69,6 @@ class ShardConfig:
     target_frames: int = 15
     frame_size: int = 0  # resize frames to this square size before JPEG encoding; 0 keeps them
     jpeg_quality: int = 90
-    embed_model: str = (
-        ""  # exported CoVR model: pack target frame embeddings (frozen tower) not JPEGs
-    )
     workers: int = 2  # packing processes (or Ray tasks in flight)
     seed: int = 1234
     loader_workers: int = 2  # DataLoader workers per rank

@@ -31,6 +31,7 @@ from eval.metrics import map_at_k, positive_ranks
 from eval.search import IndexSpec, recall_from_topk, retrieve
 from eval.similarity import similarity
 from sharding import format as fmt
+from sharding.embed import check_embedded
 from sharding.format import decode_rgb
 from sharding.reader import iter_records, shard_urls
 
@@ -305,7 +306,9 @@ def webvid_covr(model, tokenizer, shard_dir, settings: EvalSettings | None = Non
 
     s = settings or EvalSettings()
     ks = s.ks or KS["webvid-covr"]
-    urls, _ = shard_urls(shard_dir, read_manifest(shard_dir))
+    manifest = read_manifest(shard_dir)
+    check_embedded(manifest, shard_dir, model)  # precomputed targets: from this model's
+    urls, _ = shard_urls(shard_dir, manifest)
     batch_collate = partial(collate, tokenizer=tokenizer, image_size=model.hf.config.vision_config.image_size,
                             max_text_len=model.cfg.max_text_len)  # fmt: skip
     emb = embed_split(model, urls, batch_collate, s.batch_size, s.rank, s.world, s.progress)

@@ -53,7 +53,6 @@ def main(argv=None) -> int:
     from eval.run import EvalJob, evaluate, resolve_checkpoint
     from sharding.pack import pack_splits
     from train.checkpoint import load_exported
-    from train.embedder import target_embedder
     from train.engine import free_port
     from train.tracking import Tracker, ui_command
 
@@ -62,9 +61,8 @@ def main(argv=None) -> int:
     corpus = build_synthetic(cfg.data.root, cfg.data.synth, cfg.data.mining, progress=True)
 
     print(f"[2/4] shards -> {cfg.shards.dir}", flush=True)
-    embed = target_embedder(cfg.shards.embed_model)
     for split, manifest in pack_splits(
-        cfg.data.root, cfg.shards.dir, cfg.shards, progress=True, embed=embed
+        cfg.data.root, cfg.shards.dir, cfg.shards, progress=True
     ).items():
         print(f"      {split}: {manifest['totals']}", flush=True)
 

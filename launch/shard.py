@@ -4,7 +4,10 @@
                               [--ray [--address HOST:PORT]] [key=value ...]
   python launch/shard.py pack-cirr --cirr-root DIR --split val --out DIR [--image-root DIR]
   python launch/shard.py verify DIR
-  python launch/shard.py groups DIR --k K     (k-means sampler groups from packed embeddings)
+  python launch/shard.py groups DIR --k K     (k-means sampler groups of embedded shards)
+
+Targets as the reference does them (frozen, computed once): `launch/embed_targets.py` rewrites
+packed shards with the starting model's target embeddings; train on its output.
 
 `pack` is resumable: run it again after a crash and it finishes the missing shards.
 Settings (samples per shard, epoch mode, frames, JPEG quality, seed) are the `shards.*` config.
@@ -47,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
     p.add_argument("dir")
-    p = sub.add_parser("groups", help="k-means sampler groups of packed target embeddings (FAISS)")
+    p = sub.add_parser("groups", help="k-means sampler groups of embedded targets (FAISS)")
     p.add_argument("dir")
     p.add_argument("--k", type=int, required=True, help="number of clusters")
     p.add_argument("--seed", type=int, default=1234)
@@ -85,17 +88,15 @@ def main(argv=None) -> int:
         print(json.dumps(report, indent=2))
         return 1 if report["corrupt"] else 0
     from sharding.pack import pack, pack_cirr
-    from train.embedder import target_embedder
 
-    embed = target_embedder(cfg.shards.embed_model)  # the frozen target encoder, if asked for
     if args.command == "pack-cirr":
         manifest = pack_cirr(args.cirr_root, args.split, args.out, cfg.shards, args.image_root,
-                             progress=True, embed=embed)  # fmt: skip
+                             progress=True)  # fmt: skip
         print(json.dumps(manifest["totals"], indent=2))
         return 0
     backend = "ray" if (args.ray or args.address) else "local"
     manifest = pack(args.annotations, args.video_root, args.out, cfg.shards, backend, args.address,
-                    progress=True, embed=embed, split=args.split)  # fmt: skip
+                    progress=True, split=args.split)  # fmt: skip
     print(json.dumps({**manifest["totals"], "seconds": manifest["seconds_this_run"]}, indent=2))
     for item in manifest["skipped"][:10]:
         print(f"skipped {item['key']}: {item['reason']}")

@@ -50,13 +50,11 @@ def main(argv=None) -> int:
     if sweep.synthetic:
         from data.corpus import build_synthetic
         from sharding.pack import pack_splits
-        from train.embedder import target_embedder
 
         cfg = load_config(sweep.base, overrides_of(sweep.overrides))
         print(f"synthetic corpus and shards -> {out}", flush=True)
         build_synthetic(cfg.data.root, cfg.data.synth, cfg.data.mining)
-        pack_splits(cfg.data.root, cfg.shards.dir, cfg.shards,
-                    embed=target_embedder(cfg.shards.embed_model))  # fmt: skip
+        pack_splits(cfg.data.root, cfg.shards.dir, cfg.shards)
 
     from train.tracking import ui_command
     from tune.sweep import run_sweep

@@ -3,7 +3,7 @@
 A sample is a dict: `query_frames` uint8 (Fq, H, W, 3); `target_frames` uint8 (Ft, H, W, 3) or
 `target_embeddings` float (Ft, Q, D); `edit` str; `scores` list of floats (one per target
 frame, else ignored); `target_id` int; `group` any hashable; optionally `caption` (target
-caption, for the caption term).
+caption, for the caption term) and `caption_embedding` float (D,) (its precomputed embedding).
 """
 
 from __future__ import annotations
@@ -54,5 +54,9 @@ def collate(samples: list[dict], tokenizer, image_size: int, max_text_len: int) 
         batch["caption_input_ids"], batch["caption_attention_mask"] = (
             captions.input_ids,
             captions.attention_mask,
+        )
+    if "caption_embedding" in samples[0]:
+        batch["caption_embeddings"] = torch.as_tensor(
+            np.stack([s["caption_embedding"] for s in samples]), dtype=torch.float32
         )
     return batch

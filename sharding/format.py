@@ -5,7 +5,9 @@ A record is one WebDataset sample, one tar member per field (readable by any Web
   KEY.json          {"target", "target_id", "triplets": [{"row", "pth1", "txt1", "txt2", "edit",
                      "scores", "group"}, ...]}
   KEY.t00.jpg ...   target frames (centres of `target_frames` equal intervals), or
-  KEY.target.npy    (Ft, Q, D) float16 target frame embeddings (packed with a frozen encoder)
+  KEY.target.npy    (Ft, Q, D) float16 target frame embeddings of the frozen starting model
+                    (`embedded_record`, written by the embed step, launch/embed_targets.py)
+  KEY.caption.npy   (T, D) float16 embeddings of each triplet's target caption (txt2), likewise
   KEY.q000_0.jpg    query frame(s) of triplet 0 (`q{triplet}_{frame}`)
 
 `decode_rgb` is the one image decoder (JPEG bytes from a record, or an image file).
@@ -24,6 +26,7 @@ from PIL import Image
 FORMAT = "covr-webdataset/1"
 META = "json"
 EMBEDDINGS = "target.npy"
+CAPTIONS = "caption.npy"
 
 
 class ImageDecodeError(ValueError):
@@ -68,19 +71,28 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 
 def encode_record(key: str, meta: dict, target: np.ndarray, queries: list[np.ndarray],
-                  size: int = 0, quality: int = 90, embedded: bool = False) -> dict:  # fmt: skip
-    """A WebDataset sample. `target`: (Ft, H, W, 3) uint8 frames, or with `embedded` the (Ft, Q, D)
-    float16 embeddings; `queries[j]`: the (Fq, H, W, 3) frames of `meta["triplets"][j]`."""
+                  size: int = 0, quality: int = 90) -> dict:  # fmt: skip
+    """A WebDataset sample. `target`: (Ft, H, W, 3) uint8 frames; `queries[j]`: the
+    (Fq, H, W, 3) frames of `meta["triplets"][j]`."""
     sample = {"__key__": key}
-    if embedded:
-        sample[EMBEDDINGS] = encode_npy(target)
-    else:
-        for f, frame in enumerate(target):
-            sample[target_member(f)] = encode_jpeg(frame, size, quality)
+    for f, frame in enumerate(target):
+        sample[target_member(f)] = encode_jpeg(frame, size, quality)
     for j, frames in enumerate(queries):
         for f, frame in enumerate(frames):
             sample[query_member(j, f)] = encode_jpeg(frame, size, quality)
     sample[META] = json.dumps(meta, sort_keys=True).encode("utf-8")
+    return sample
+
+
+def embedded_record(record: dict, target: np.ndarray, captions: np.ndarray) -> dict:
+    """A read record (field -> bytes) with its target JPEGs replaced by `target` (Ft, Q, D) and
+    the triplets' caption embeddings `captions` (T, D), both stored float16; the query frames and
+    the metadata are kept byte for byte."""
+    frames = {target_member(f) for f in range(len(target_jpegs(record)))}
+    sample = {k: v for k, v in record.items() if k not in frames and not k.startswith("__")}
+    sample["__key__"] = record["__key__"]
+    sample[EMBEDDINGS] = encode_npy(np.asarray(target, dtype=np.float16))
+    sample[CAPTIONS] = encode_npy(np.asarray(captions, dtype=np.float16))
     return sample
 
 
@@ -181,6 +193,8 @@ def raw_triplet(record: dict, j: int, meta: dict | None = None) -> dict:
         "query_jpegs": query_jpegs(record, j),
         "target_jpegs": target_jpegs(record),
         "target_npy": record.get(EMBEDDINGS),
+        "caption_npy": record.get(CAPTIONS),  # row j is this triplet's (decoded last)
+        "triplet": j,
     }
 
 
@@ -194,6 +208,8 @@ def decode_sample(raw: dict) -> dict:
     sample["query_frames"] = decode_frames(raw["query_jpegs"])
     if raw.get("target_npy") is not None:
         sample["target_embeddings"] = decode_npy(raw["target_npy"])
+    if raw.get("caption_npy") is not None:
+        sample["caption_embedding"] = decode_npy(raw["caption_npy"])[raw["triplet"]]
     else:
         sample["target_frames"] = decode_frames(raw["target_jpegs"])
     return sample

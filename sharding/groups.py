@@ -27,7 +27,7 @@ def kmeans_groups(
     for record in iter_records(urls):
         if fmt.EMBEDDINGS not in record:
             raise ValueError(
-                f"{record['__url__']}: no packed embeddings (pack with shards.embed_model)"
+                f"{record['__url__']}: no target embeddings (run launch/embed_targets.py first)"
             )
         emb = fmt.decode_npy(record[fmt.EMBEDDINGS]).astype(np.float32)  # (Ft, Q, D)
         vectors.append(emb.reshape(-1, emb.shape[-1]).mean(0))

@@ -22,7 +22,7 @@ from data.paths import UnsafePathError
 from data.webvid_covr import MissingVideosError, read_annotations, split_of
 from sharding.manifest import MANIFEST, write_manifest
 from sharding.records import build_records, cirr_records
-from sharding.writer import Embed, ShardJob, finished, media_files, run_local, run_ray
+from sharding.writer import ShardJob, finished, media_files, run_local, run_ray
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,13 @@ def _fingerprint(source: bytes, cfg: ShardConfig) -> str:
         "frame_size",
         "jpeg_quality",
         "seed",
-        "embed_model",
     ):
         h.update(f"{k}={getattr(cfg, k)}".encode())
     return h.hexdigest()[:16]
 
 
 def plan_jobs(records: list[dict], fp: str, media_root: str | Path, out_dir: str | Path,
-              cfg: ShardConfig, embed: Embed | None = None) -> list[ShardJob]:  # fmt: skip
+              cfg: ShardConfig) -> list[ShardJob]:  # fmt: skip
     """Records shuffled by seed and cut into shards: the same inputs give the same shards."""
     records = list(records)
     random.Random(cfg.seed).shuffle(records)
@@ -58,7 +57,6 @@ def plan_jobs(records: list[dict], fp: str, media_root: str | Path, out_dir: str
             out_dir=str(out_dir),
             cfg=cfg,
             fingerprint=fp,
-            embed=embed,
         )  # fmt: skip
         for i, start in enumerate(range(0, len(records), n))
     ]
@@ -72,7 +70,6 @@ def pack(
     backend: str = "local",
     ray_address: str | None = None,
     progress: bool = False,
-    embed: Embed | None = None,
     split: str | None = None,
 ) -> dict:
     """Pack (or finish packing) a WebVid-CoVR CSV and its videos; returns the manifest. `split`
@@ -83,7 +80,7 @@ def pack(
     fp = _fingerprint(csv_path.read_bytes(), cfg)
     split = split_of(csv_path) if split is None else split
     return pack_records(records, fp, csv_path, video_root, out_dir, cfg, backend, ray_address,
-                        progress, embed, split)  # fmt: skip
+                        progress, split=split)  # fmt: skip
 
 
 def pack_cirr(
@@ -94,7 +91,6 @@ def pack_cirr(
     image_root: str | Path | None = None,
     backend: str = "local",
     progress: bool = False,
-    embed: Embed | None = None,
 ) -> dict:
     """Pack CIRR triplets (for fine-tuning) in the same record layout; returns the manifest."""
     records = cirr_records(root, split, image_root)
@@ -102,7 +98,7 @@ def pack_cirr(
     source = Path(root) / "captions" / f"cap.rc2.{split}.json"
     media_root = image_root or Path(root) / "img_raw"
     return pack_records(
-        records, fp, source, media_root, out_dir, cfg, backend, None, progress, embed, split
+        records, fp, source, media_root, out_dir, cfg, backend, None, progress, split
     )
 
 
@@ -116,24 +112,17 @@ def pack_records(
     backend: str = "local",
     ray_address: str | None = None,
     progress: bool = False,
-    embed: Embed | None = None,
     split: str = "",
 ) -> dict:
-    """Pack (or finish packing) records into shards and write the manifest. `embed` (the frozen
-    target encoder of `cfg.embed_model`, e.g. `train.embedder.TargetEmbedder`) is needed exactly
-    when `cfg.embed_model` is set. A `test` split loses nothing (module doc)."""
-    if bool(cfg.embed_model) != (embed is not None):
-        raise ValueError(
-            "shards.embed_model and the embed function go together: "
-            f"embed_model={cfg.embed_model!r}, embed={'given' if embed else 'missing'}"
-        )
+    """Pack (or finish packing) records into shards and write the manifest. A `test` split loses
+    nothing (module doc)."""
     strict = split == "test"
     if strict and (absent := unusable_media(records, media_root)):
         raise MissingVideosError(split, absent)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    jobs = plan_jobs(records, fp, media_root, out, cfg, embed)
+    jobs = plan_jobs(records, fp, media_root, out, cfg)
     done = {job.name: s for job in jobs if (s := finished(job)) is not None}
     todo = [job for job in jobs if job.name not in done]
     log.info("%d shards planned, %d already complete", len(jobs), len(done))
@@ -165,8 +154,7 @@ def unusable_media(records: list[dict], media_root: str | Path) -> list[str]:
 
 
 def pack_splits(corpus_root: str | Path, shard_root: str | Path, cfg: ShardConfig,
-                splits=("train", "val", "test"), progress: bool = False,
-                embed: Embed | None = None) -> dict[str, dict]:  # fmt: skip
+                splits=("train", "val", "test"), progress: bool = False) -> dict[str, dict]:  # fmt: skip
     """Pack `<corpus_root>/<split>.csv` (videos under `<corpus_root>/videos`) into
     `<shard_root>/<split>/`; shards already complete are kept (packing resumes)."""
     root = Path(corpus_root)
@@ -177,7 +165,6 @@ def pack_splits(corpus_root: str | Path, shard_root: str | Path, cfg: ShardConfi
             Path(shard_root) / split,
             cfg,
             progress=progress,
-            embed=embed,
             split=split,
         )  # fmt: skip
         for split in splits

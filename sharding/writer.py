@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,8 +41,6 @@ from sharding import format as fmt
 
 log = logging.getLogger(__name__)
 
-# frames (Ft, H, W, 3) uint8 -> (Ft, Q, D) float16 target embeddings (a frozen target encoder)
-Embed = Callable[[np.ndarray], np.ndarray]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -55,7 +53,6 @@ class ShardJob:
     out_dir: str
     cfg: ShardConfig
     fingerprint: str
-    embed: Embed | None = None  # set: pack target embeddings instead of target JPEGs
 
 
 @dataclass
@@ -146,11 +143,8 @@ def encode_record(record: dict, job: ShardJob, stats: ShardStats) -> dict | None
     if not kept:
         stats.skipped_records += 1
         return None
-    if job.embed is not None:
-        target = job.embed(target)
     meta = {"target": record["target"], "target_id": record["target_id"], "triplets": kept}
-    return fmt.encode_record(record["key"], meta, target, queries, cfg.frame_size,
-                             cfg.jpeg_quality, embedded=job.embed is not None)  # fmt: skip
+    return fmt.encode_record(record["key"], meta, target, queries, cfg.frame_size, cfg.jpeg_quality)
 
 
 def _paths(job: ShardJob) -> tuple[Path, Path, Path]:

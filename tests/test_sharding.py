@@ -78,13 +78,16 @@ def test_a_packed_record_decodes_back_through_the_format(tmp_path):
             assert np.abs(got[0].astype(int) - original).mean() < 4  # JPEG-close to its own picture
     assert not np.array_equal(fmt.decode_rgb(fmt.query_jpegs(packed_record, 0)[0]),
                               fmt.decode_rgb(fmt.query_jpegs(packed_record, 1)[0]))  # fmt: skip
-    # packed embeddings instead of target frames come back exactly
-    emb = rng.standard_normal((3, 4, 8)).astype(np.float16)
-    sample = fmt.encode_record("k", {"target": "c", "target_id": 1, "triplets": trips[:1]}, emb,
-                               [pictures["a"][None]], embedded=True)  # fmt: skip
+    # embedded: target frames replaced by embeddings, each triplet's caption row; back exactly
+    emb = rng.standard_normal((1, 4, 8)).astype(np.float16)
+    captions = rng.standard_normal((2, 8)).astype(np.float16)
+    sample = fmt.embedded_record(packed_record, emb, captions)
     assert fmt.EMBEDDINGS in sample and not fmt.target_jpegs(sample)
-    decoded = fmt.decode_sample(fmt.raw_triplet(sample, 0))
-    assert np.array_equal(decoded["target_embeddings"], emb) and "target_frames" not in decoded
+    assert fmt.query_jpegs(sample, 1) == fmt.query_jpegs(packed_record, 1)
+    for j in range(2):
+        decoded = fmt.decode_sample(fmt.raw_triplet(sample, j))
+        assert np.array_equal(decoded["target_embeddings"], emb) and "target_frames" not in decoded
+        assert np.array_equal(decoded["caption_embedding"], captions[j])
     with pytest.raises(fmt.ImageDecodeError):
         fmt.decode_rgb(b"not an image")
 
@@ -289,25 +292,19 @@ def test_evaluation_order_is_fixed(packed):
     assert len(first_shard) == manifest["shards"][0]["samples"]
 
 
-def test_embedding_packing_and_kmeans_groups(small_corpus, tok, tmp_path):
+def test_kmeans_groups_of_embedded_targets(packed, tmp_path):
     import numpy as np
 
+    from sharding.embed import embed_dir
     from sharding.groups import kmeans_groups, read_groups
     from tests.tiny import tiny_model
-    from train.checkpoint import export_model
-    from train.embedder import TargetEmbedder
+    from train.embedder import TargetEncoder
 
-    root, _ = small_corpus
+    _, shards, _ = packed
     model, model_tok = tiny_model(tmp_path)
-    export_model(model.state_dict(), model.cfg, model_tok, tmp_path / "frozen")
     out = tmp_path / "emb"
-    frozen = str(tmp_path / "frozen")
-    manifest = pack(root / "train.csv", root / "videos", out, replace(CFG, embed_model=frozen),
-                    embed=TargetEmbedder(frozen))  # fmt: skip
+    manifest = embed_dir(shards, out, TargetEncoder(model, model_tok))
     records = list(iter_records(shard_urls(out, manifest)[0]))
-    assert "target.npy" in records[0] and not any(
-        k.endswith(".jpg") and k.startswith("t") for k in records[0]
-    )
     emb = np.load(__import__("io").BytesIO(records[0]["target.npy"]))
     assert emb.shape == (3, 4, 16) and emb.dtype == np.float16
     groups = kmeans_groups(out, k=4)
@@ -316,6 +313,8 @@ def test_embedding_packing_and_kmeans_groups(small_corpus, tok, tmp_path):
     reader = _reader(out, model_tok, groups=groups)
     batch = _epoch(reader, workers=1)[0]
     assert batch["target_embeddings"].shape[1:] == (3, 4, 16)
+    with pytest.raises(ValueError, match="no target embeddings"):
+        kmeans_groups(shards, k=4)
 
 
 def test_fsspec_urls_are_read(packed):

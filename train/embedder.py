@@ -1,35 +1,99 @@
-"""The frozen target encoder of an exported model as a plain function of frames, for packing
-target embeddings (`sharding.pack.pack(..., embed=TargetEmbedder(dir))`). It pickles as its
-directory and loads the model on first use, once per packing process or Ray task worker."""
+"""The embed step: every target of packed shards encoded once by the frozen starting model, the
+reference's way (`launch/embed_targets.py`). The model is the one training builds from the same
+config (same seed, same starting weights, same frozen target path); `sharding.embed` rewrites
+the shards with what `TargetEncoder` returns. On GPUs when present; every rank a share."""
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from configs.schema import Config
+from data.text import tokenize
 from data.video import to_model_input
+from sharding.embed import embed_dir
+
+log = logging.getLogger(__name__)
 
 
-class TargetEmbedder:
-    def __init__(self, model_dir: str):
-        self.model_dir = str(model_dir)
-        self._model = None
+class TargetEncoder:
+    """A CoVR model's frozen target path as plain functions of frames and texts (float16 out)."""
 
-    def __getstate__(self) -> dict:
-        return {"model_dir": self.model_dir, "_model": None}
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", batch_size: int = 64):
+        self.fingerprint = model.target_fingerprint()  # on the weights as built, before moving
+        self.model = model.eval().to(device)
+        self.tok, self.device, self.batch_size = tokenizer, torch.device(device), batch_size
+        self.size = model.hf.config.vision_config.image_size
+        c = model.cfg
+        self.info = {
+            "arch": c.arch,
+            "pretrained": c.pretrained,
+            "lavis_checkpoint": c.lavis_checkpoint,
+        }
 
-    def __call__(self, frames: np.ndarray) -> np.ndarray:
-        """(Ft, H, W, 3) uint8 -> (Ft, Q, D) float16."""
-        if self._model is None:
-            from train.checkpoint import load_exported
+    @torch.no_grad()
+    def frames(self, frames: np.ndarray) -> np.ndarray:
+        out = []
+        for k in range(0, len(frames), self.batch_size):
+            pixels = to_model_input(frames[k : k + self.batch_size], self.size).to(self.device)
+            out.append(self.model("encode_target_frames", pixels).float().cpu())
+        return torch.cat(out).numpy().astype(np.float16)
 
-            self._model = load_exported(self.model_dir)[0].eval()
-        with torch.no_grad():
-            size = self._model.hf.config.vision_config.image_size
-            out = self._model("encode_target_frames", to_model_input(frames, size))
-        return out.numpy().astype(np.float16)
+    @torch.no_grad()
+    def captions(self, texts: list[str]) -> np.ndarray:
+        out = []
+        for k in range(0, len(texts), self.batch_size):
+            text = tokenize(self.tok, texts[k : k + self.batch_size], self.model.cfg.max_text_len)
+            ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
+            out.append(self.model("encode_caption", ids, mask).float().cpu())
+        return torch.cat(out).numpy().astype(np.float16)
 
 
-def target_embedder(model_dir: str) -> TargetEmbedder | None:
-    """The embedder `shards.embed_model` asks for (None when it is empty)."""
-    return TargetEmbedder(model_dir) if model_dir else None
+def split_dirs(src: Path, out: Path) -> list[tuple[Path, Path]]:
+    """(source, output) pairs: `src` itself when it is one packed split, else each subdirectory
+    holding a manifest (train, val, test)."""
+    if (src / "manifest.json").is_file():
+        return [(src, out)]
+    pairs = [(d, out / d.name) for d in sorted(src.iterdir()) if (d / "manifest.json").is_file()]
+    if not pairs:
+        raise FileNotFoundError(f"{src}: no manifest.json here or in a subdirectory (pack first)")
+    return pairs
+
+
+def _all_gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def embed_targets(cfg: Config, src: str | Path, out: str | Path, frames_per_batch: int = 256,
+                  timeout_s: int = 24 * 3600) -> dict[str, dict] | None:  # fmt: skip
+    """Embed every split under `src` into `out`; returns {split: manifest} on rank 0."""
+    from train.engine import init_distributed
+    from train.loop import build_model_and_tokenizer
+
+    if cfg.model.train_target_encoder:
+        raise ValueError("model.train_target_encoder=true encodes targets at every step with the "
+                         "trained weights: there is nothing to precompute")  # fmt: skip
+    rank, world, local = 0, 1, 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, world, local = init_distributed(timeout_s)  # ranks wait for the slowest at the end
+    torch.manual_seed(cfg.train.seed)  # training builds its starting model after the same seed
+    model, tok = build_model_and_tokenizer(cfg)
+    device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    encoder = TargetEncoder(model, tok, device)
+    if rank == 0:
+        log.info("embedding targets on %d rank(s) (%s), model fingerprint %s", world, device,
+                 encoder.fingerprint)  # fmt: skip
+    manifests = {}
+    for split_src, split_out in split_dirs(Path(src), Path(out)):
+        manifests[split_src.name] = embed_dir(
+            split_src, split_out, encoder, rank, world, frames_per_batch,
+            gather=_all_gather, progress=lambda line: log.info("rank %d: %s", rank, line),
+        )  # fmt: skip
+    return manifests if rank == 0 else None

@@ -23,6 +23,7 @@ from data.tokenizer import load_tokenizer
 from eval.protocols import EvalSettings, Evaluation, webvid_covr
 from eval.report import write_report
 from sharding.batch import collate
+from sharding.embed import check_embedded
 from sharding.groups import read_groups
 from sharding.manifest import read_manifest
 from sharding.reader import ShardReader, shard_urls
@@ -120,9 +121,14 @@ class Meter:
 # --- build ---------------------------------------------------------------------------------
 
 
-def split_shards(cfg: Config, split: str) -> tuple[list[str], list[int]]:
+def split_shards(cfg: Config, split: str, model=None) -> tuple[list[str], list[int]]:
+    """The split's shard URLs and record counts; with `model`, shards holding precomputed
+    targets are checked to come from its frozen target path."""
     shard_dir = Path(cfg.shards.dir) / split
-    return shard_urls(shard_dir, read_manifest(shard_dir))
+    manifest = read_manifest(shard_dir)
+    if model is not None:
+        check_embedded(manifest, shard_dir, model)
+    return shard_urls(shard_dir, manifest)
 
 
 def build_model_and_tokenizer(cfg: Config):
@@ -170,7 +176,7 @@ def build(cfg: Config, rank: int, world: int) -> Job:
     batch_collate = partial(
         collate, tokenizer=tok, image_size=image_size, max_text_len=cfg.model.max_text_len
     )
-    urls, counts = split_shards(cfg, "train")
+    urls, counts = split_shards(cfg, "train", model)  # before ZeRO-3 partitions the weights
     reader = ShardReader(
         urls, counts, batch_size=cfg.train.batch_size, collate=batch_collate, sampler=cfg.sampler,
         rank=rank, world=world, seed=cfg.train.seed, allow_pipe=cfg.shards.allow_pipe,

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from configs.schema import ConfigError, ModelConfig
+from sharding.embed import weights_fingerprint
 from train.combiners import build_combiner
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class CoVRModel(nn.Module):
         self.cfg = cfg
         self.combiner = build_combiner(cfg.combiner, embed_dim)
         self.frozen_target = None
+        self._fingerprint = None
 
     def _copy_starting_target_path(self) -> None:
         """train_target_encoder=false: targets (frames, captions) are encoded by a frozen copy of
@@ -93,6 +95,25 @@ class CoVRModel(nn.Module):
         if frozen and self.frozen_target is not None and hasattr(self.frozen_target, name):
             return getattr(self.frozen_target, name)
         return getattr(self.hf, name)
+
+    def target_fingerprint(self) -> str:
+        """Names what targets are encoded with (the frozen starting copy and the frozen parts it
+        shares, and the settings that change the values): precomputed target embeddings are
+        usable exactly when they carry the same fingerprint. Computed at the first call and kept
+        (frozen weights do not change; under ZeRO-3 they are partitioned after the engine starts,
+        so training asks before)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
+        tensors = {n: p for n, p in self.hf.named_parameters() if not p.requires_grad}
+        if self.frozen_target is not None:
+            tensors.update(
+                {f"frozen_target.{n}": t for n, t in self.frozen_target.state_dict().items()}
+            )
+        c = self.cfg
+        settings = {"arch": c.arch, "image_size": self.hf.config.vision_config.image_size,
+                    "ln_vision_eps": c.ln_vision_eps, "caption_tokens": c.max_text_len}  # fmt: skip
+        self._fingerprint = weights_fingerprint(tensors, settings)
+        return self._fingerprint
 
     def train(self, mode: bool = True):
         super().train(mode)

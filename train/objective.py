@@ -3,7 +3,8 @@
 Batch (DESIGN.md): query_frames (B, Fq, 3, H, W); input_ids / attention_mask (edit text);
 target_frames (B, Ft, 3, H, W) or target_embeddings (B, Ft, Q, D); target_scores (B, Ft), NaN
 where missing; target_mask (B, Ft) bool; target_ids (B,) int; optional caption_input_ids /
-caption_attention_mask (the target caption, for the CoVR-2 caption term).
+caption_attention_mask (the target caption, for the CoVR-2 caption term) and, from embedded
+shards, caption_embeddings (B, D) (its frozen embedding, precomputed).
 """
 
 from __future__ import annotations
@@ -50,9 +51,12 @@ def covr_embed(
     if model.cfg.reduce == "mean":  # mean similarity is bilinear: reduce before gathering
         out = {k: v.mean(1, keepdim=True) for k, v in out.items()}  # (Q x less traffic)
     if loss_cfg.caption_weight > 0 and want("caption"):  # the target's caption: a target
-        out["caption"] = model(
-            "encode_caption", batch["caption_input_ids"], batch["caption_attention_mask"]
-        ).float()
+        caption = batch.get("caption_embeddings")  # embedded shards: precomputed, frozen
+        if caption is None or model.cfg.train_target_encoder:
+            caption = model(
+                "encode_caption", batch["caption_input_ids"], batch["caption_attention_mask"]
+            )
+        out["caption"] = caption.to(query.device).float()
     if weights is not None:
         out["combiner_weights"] = weights
     if momentum is not None:  # trainable target encoder: the queue gets the EMA encoder's view
