@@ -20,12 +20,14 @@ def pre_caption(text: str, max_words: int = MAX_WORDS) -> str:
     return " ".join(words[:max_words]) if len(words) > max_words else text
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int, max_words: int = MAX_WORDS):
-    """Cleaned texts, padded to `max_length` tokens and truncated on the right (the reference's
-    training tokenisation)."""
+def tokenize(tokenizer, texts: list[str], max_length: int, max_words: int = MAX_WORDS,
+             padding: str = "max_length"):  # fmt: skip
+    """Cleaned texts, truncated on the right to `max_length` tokens and padded to it (the
+    reference's training tokenisation) or, with padding="longest", to the longest text (its test
+    scripts, with max_length 64)."""
     return tokenizer(
         [pre_caption(t, max_words) for t in texts],
-        padding="max_length",
+        padding=padding,
         truncation=True,
         max_length=max_length,
         return_tensors="pt",

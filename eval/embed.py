@@ -78,15 +78,16 @@ def embed_images(
 
 
 def embed_image_queries(model, tokenizer, reference_paths: list, edits: list[str], batch_size=64,
-                        rank=0, world=1, progress=False) -> torch.Tensor:  # fmt: skip
-    """(reference image, edit text) pairs -> query tokens (Q, Tq, D)."""
+                        rank=0, world=1, progress=False, text_len: int = 64) -> torch.Tensor:  # fmt: skip
+    """(reference image, edit text) pairs -> query tokens (Q, Tq, D); edits tokenised as the
+    reference's test scripts: at most `text_len` tokens, padded to the batch's longest."""
     size = model.hf.config.vision_config.image_size
 
     device = next(model.parameters()).device
 
     def batch(indices):
         pixels = torch.stack([load_image(reference_paths[i], size) for i in indices])[:, None]
-        text = tokenize(tokenizer, [edits[i] for i in indices], model.cfg.max_text_len)
+        text = tokenize(tokenizer, [edits[i] for i in indices], text_len, padding="longest")
         return model(
             "encode_query",
             pixels.to(device),

@@ -3,9 +3,13 @@
 - `webvid_covr`: a split's shards; gallery = its targets, the query's reference removed.
 - `cirr`: val R@K and Recall_subset@K (rank among the query's image set minus the reference);
   test writes the two evaluation-server files.
-- `fashioniq`: R@10 / R@50 per category and their average.
+- `fashioniq`: R@10 / R@50 per category and their average; the candidate (reference) image is
+  removed from its ranking (CoVR's rule; `fashioniq_gallery="clip4cir"` keeps it).
 - `circo`: mAP@K (several correct targets); test writes the top-50 submission.
-All search through `eval.search.retrieve` (FAISS); every rank embeds its share of the items.
+All search through `eval.search.retrieve` (exact by default); every rank embeds its share of the
+items. Query edits are tokenised as the reference's test scripts do: `pre_caption`, at most
+`EVAL_TEXT_LEN` (64) tokens, padded to the longest in the batch. Each Evaluation says in
+`conventions` which rules it followed (written to results.json).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from data.benchmarks import (
     FASHIONIQ_CATEGORIES,
@@ -36,6 +41,11 @@ from sharding.format import decode_rgb
 from sharding.reader import iter_records, shard_urls
 
 PROTOCOLS = ("webvid-covr", "cirr", "fashioniq", "circo")
+FASHIONIQ_GALLERIES = {
+    "covr": "candidate removed (CoVR, src/test/*/fashioniq.py)",
+    "clip4cir": "candidate kept (CLIP4Cir)",
+}
+EVAL_TEXT_LEN = 64  # the reference's test tokenisation (src/test/*/*.py: longest, max 64)
 # each benchmark's standard K: R@K (webvid-covr, cirr, fashioniq), mAP@K (circo)
 KS = {"webvid-covr": (1, 5, 10, 50), "cirr": (1, 5, 10, 50), "fashioniq": (10, 50),
       "circo": (5, 10, 25, 50)}  # fmt: skip
@@ -68,6 +78,7 @@ class Evaluation:
     gallery_emb: torch.Tensor
     images: Images
     files: list[Path] = field(default_factory=list)  # submissions written
+    conventions: dict = field(default_factory=dict)  # the protocol's rules as run (results.json)
 
     def ranking_of(self, i: int, k: int) -> list[str]:
         return self.top_ids[i][:k]
@@ -93,10 +104,19 @@ class EvalSettings:
     ks: tuple = ()  # () = the protocol's standard KS
     reduce: str = "mean"
     batch_size: int = 64
-    index: IndexSpec = field(default_factory=IndexSpec)
+    index: IndexSpec = field(default_factory=IndexSpec)  # flat = exact
     rank: int = 0
     world: int = 1
     progress: bool = False
+    text_len: int = EVAL_TEXT_LEN
+    fashioniq_gallery: str = "covr"  # covr: the candidate removed; clip4cir: kept
+    seed: int = 1234  # WebVid-CoVR: which triplet of each target is the query
+
+
+def _search_conventions(s: EvalSettings) -> dict:
+    exact = s.index.kind == "flat"
+    return {"reduce": s.reduce, "search": "exact" if exact else f"approximate ({s.index.kind})",
+            "text_tokens": f"pre_caption, longest padding, at most {s.text_len}"}  # fmt: skip
 
 
 def _search_images(model, tokenizer, queries: list[CompositionQuery], gallery: dict[str, Path],
@@ -116,6 +136,7 @@ def _search_images(model, tokenizer, queries: list[CompositionQuery], gallery: d
         tokenizer,
         [gallery[q.reference] for q in queries],
         [q.caption for q in queries],
+        text_len=s.text_len,
         **args,
     )
     exclude = [[position[q.reference]] if exclude_reference else [] for q in queries]
@@ -171,6 +192,7 @@ def cirr(model, tokenizer, root, split: str = "val", image_root=None, out_dir=No
     ]
     metrics: dict = {}
     evaluation = _evaluation("cirr", metrics, queries, found, gallery)
+    evaluation.conventions = {**_search_conventions(s), "gallery": "reference removed"}
     if queries[0].target is None:  # test split: the server's files
         ranked = [
             [m[j] for j in torch.argsort(sc, descending=True, stable=True).tolist()]
@@ -207,15 +229,20 @@ def write_cirr_submission(
 
 def fashioniq(model, tokenizer, root, categories=FASHIONIQ_CATEGORIES, split: str = "val",
               settings: EvalSettings | None = None) -> Evaluation:  # fmt: skip
-    """R@10 / R@50 per category (the standard gallery keeps the candidate image) and averaged;
-    the returned Evaluation holds the queries of all categories, in order."""
+    """R@10 / R@50 per category and averaged; the candidate image is removed from its query's
+    ranking (CoVR, `fashioniq_gallery="covr"`) or kept (the CLIP4Cir convention, "clip4cir").
+    The returned Evaluation holds the queries of all categories, in order."""
     s = settings or EvalSettings()
     ks = s.ks or KS["fashioniq"]
+    if s.fashioniq_gallery not in FASHIONIQ_GALLERIES:
+        raise ValueError(f"unknown fashioniq_gallery {s.fashioniq_gallery!r}; one of "
+                         f"{tuple(FASHIONIQ_GALLERIES)}")  # fmt: skip
+    remove = s.fashioniq_gallery == "covr"
     metrics: dict = {}
     parts = []
     for cat in categories:
         queries, gallery = read_fashioniq(root, cat, split)
-        found = _search_images(model, tokenizer, queries, gallery, s, max(ks), False)
+        found = _search_images(model, tokenizer, queries, gallery, s, max(ks), remove)
         for k, v in _recall_table(found[4], found[3], [q.target for q in queries], ks).items():
             metrics[f"{cat}/{k}"] = v
         parts.append(_evaluation("fashioniq", {}, queries, found, gallery))
@@ -235,6 +262,8 @@ def fashioniq(model, tokenizer, root, categories=FASHIONIQ_CATEGORIES, split: st
                           gallery=lambda g: next(p.images.gallery(g) for p in parts if g in set(p.gallery_ids))),
         )  # fmt: skip
     first.metrics = metrics
+    first.conventions = {**_search_conventions(s),
+                         "gallery": FASHIONIQ_GALLERIES[s.fashioniq_gallery]}  # fmt: skip
     return first
 
 
@@ -250,6 +279,7 @@ def circo(model, tokenizer, root, split: str = "val", image_dir=None, out_dir=No
     top_ids = found[4]
     metrics: dict = {}
     evaluation = _evaluation("circo", metrics, queries, found, gallery)
+    evaluation.conventions = {**_search_conventions(s), "gallery": "reference removed"}
     if all(not q.targets for q in queries):  # test split: the submission file
         out_dir = Path(out_dir or ".")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,9 +340,11 @@ def webvid_covr(model, tokenizer, shard_dir, settings: EvalSettings | None = Non
     check_embedded(manifest, shard_dir, model)  # precomputed targets: from this model's
     urls, _ = shard_urls(shard_dir, manifest)
     batch_collate = partial(collate, tokenizer=tokenizer, image_size=model.hf.config.vision_config.image_size,
-                            max_text_len=model.cfg.max_text_len)  # fmt: skip
-    emb = embed_split(model, urls, batch_collate, s.batch_size, s.rank, s.world, s.progress)
-    scores, top = webvid_topk(emb, max(ks), s.reduce, s.index)
+                            max_text_len=s.text_len, padding="longest")  # fmt: skip
+    emb = embed_split(model, urls, batch_collate, s.batch_size, s.rank, s.world, s.progress,
+                      seed=s.seed)  # fmt: skip
+    scores, top = webvid_topk(emb, max(ks), s.reduce, s.index)  # targets re-normalised there
+    emb["gallery"] = F.normalize(emb["gallery"], dim=-1)  # what was compared (explanations)
     gallery_ids = emb["gallery_ids"]
     top_ids = [[gallery_ids[j] for j in row] for row in top]
     positives = [gallery_ids[p] for p in emb["positives"]]
@@ -323,4 +355,6 @@ def webvid_covr(model, tokenizer, shard_dir, settings: EvalSettings | None = Non
         edits=emb["edits"], references=emb["query_refs"], positives=[[p] for p in positives],
         top_ids=top_ids, top_scores=scores, gallery_ids=gallery_ids, query_emb=emb["query"],
         gallery_emb=emb["gallery"], images=_shard_images(urls, emb["query_sources"]),
+        conventions={**_search_conventions(s), "queries": f"one triplet per target (seed {s.seed})",
+                     "targets": "pooled tokens re-normalised", "gallery": "query's own video removed"},
     )  # fmt: skip

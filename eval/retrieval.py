@@ -1,15 +1,20 @@
 """Embedding a split from its shards and the WebVid-CoVR retrieval protocol.
 
-Gallery = one entry per target record; queries = every triplet of every record; the positive of
-a query is its own record; a gallery item that is the query's reference video scores -inf.
+Gallery = one entry per target record; queries = one triplet of each record, drawn by
+`query_triplet` from (seed, record key) as the reference's val evaluates one seeded triplet per
+target (test records hold one); the positive of a query is its own record; a gallery item that
+is the query's reference video scores -inf.
 With several ranks each embeds every world-th record (each record exactly once) and the
 embeddings are gathered in record order.
 """
 
 from __future__ import annotations
 
+import random
+
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from eval.search import IndexSpec, retrieve
@@ -25,9 +30,15 @@ def _gather_objects(obj, world: int) -> list:
     return out
 
 
+def query_triplet(key: str, n: int, seed: int) -> int:
+    """The triplet of a record evaluated as its query: seeded by record, so the same on any
+    world size and in every evaluation."""
+    return random.Random(f"{seed}-{key}").randrange(n)
+
+
 @torch.no_grad()
 def embed_split(model, urls: list[str], collate, batch_size: int = 64, rank: int = 0, world: int = 1,
-                progress: bool = False) -> dict:  # fmt: skip
+                progress: bool = False, seed: int = 1234) -> dict:  # fmt: skip
     """{"query": (Q, Tq, D), "gallery": (G, Tg, D), "positives", "query_refs", "edits",
     "query_sources", "gallery_ids"}. Rows are in record order whatever the world size: query row
     n is triplet `query_sources[n][1]` of the record keyed `query_sources[n][0]`."""
@@ -37,9 +48,9 @@ def embed_split(model, urls: list[str], collate, batch_size: int = 64, rank: int
     samples, sources = [], []  # sources: (record index, record key, triplet)
     for i, record in mine:
         meta = fmt.record_meta(record)
-        for j in range(len(meta["triplets"])):
-            samples.append(fmt.decode_sample(fmt.raw_triplet(record, j, meta)))
-            sources.append((i, record["__key__"], j))
+        j = query_triplet(record["__key__"], len(meta["triplets"]), seed)
+        samples.append(fmt.decode_sample(fmt.raw_triplet(record, j, meta)))
+        sources.append((i, record["__key__"], j))
     queries, targets = [], []
     gallery_samples = {}
     for s, (owner, _, _) in zip(samples, sources):
@@ -102,7 +113,10 @@ def embed_split(model, urls: list[str], collate, batch_size: int = 64, rank: int
 
 
 def webvid_topk(emb: dict, k: int, reduce: str = "mean", spec: IndexSpec | None = None):
-    """FAISS top-k (scores, gallery positions); the query's reference video is never an answer."""
+    """Top-k (scores, gallery positions) as the reference's test scores them: the pooled target
+    tokens L2-normalised again (training does not), the query's reference video never an
+    answer."""
     index = {g: n for n, g in enumerate(emb["gallery_ids"])}
     exclude = [[index[ref]] if ref in index else [] for ref in emb["query_refs"]]
-    return retrieve(emb["query"], emb["gallery"], k, reduce, exclude, spec)
+    gallery = F.normalize(torch.as_tensor(emb["gallery"]).float(), dim=-1)
+    return retrieve(emb["query"], gallery, k, reduce, exclude, spec)

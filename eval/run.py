@@ -33,6 +33,7 @@ class EvalJob:
     image_root: str | None = None  # CIRR images / CIRCO image directory when not under data
     categories: tuple = protocols.FASHIONIQ_CATEGORIES
     reduce: str | None = None  # default: the model's own setting (CIRR: max)
+    fashioniq_gallery: str = "covr"  # covr: the candidate removed from its ranking; clip4cir: kept
     index: IndexSpec = field(default_factory=IndexSpec)
     batch_size: int = 64
     report: int = 0  # queries in the qualitative report (0: none)
@@ -66,7 +67,7 @@ def job_reduce(job: EvalJob, model) -> str:
 def run_protocol(job: EvalJob, model, tok, rank: int = 0, world: int = 1) -> Evaluation:
     reduce = job_reduce(job, model)
     s = EvalSettings(reduce=reduce, batch_size=job.batch_size, index=job.index, rank=rank,
-                     world=world, progress=job.progress)  # fmt: skip
+                     world=world, progress=job.progress, fashioniq_gallery=job.fashioniq_gallery)  # fmt: skip
     if job.protocol == "webvid-covr":
         return protocols.webvid_covr(model, tok, job.data, s)
     if job.protocol == "cirr":
@@ -113,7 +114,8 @@ def explain_queries(
 
 
 def approximate_search_loss(evaluation: Evaluation, job: EvalJob, reduce: str) -> dict:
-    """How much of the exact top-10 an IVF / HNSW index finds (reported with its results)."""
+    """How much of the exact top-10 an IVF / HNSW index (with `max`: its shortlist by token
+    means, re-ranked) finds (reported with its results)."""
     exact = retrieve(evaluation.query_emb, evaluation.gallery_emb, 10, reduce)[1]
     approx = retrieve(evaluation.query_emb, evaluation.gallery_emb, 10, reduce, spec=job.index)[1]
     return {f"search_{job.index.kind}_top10_agreement": topk_agreement(exact, approx, 10)}
@@ -150,7 +152,8 @@ def evaluate(job: EvalJob, model, tok, tracker, rank: int = 0, world: int = 1) -
     result = {
         "protocol": job.protocol, "split": job.split, "checkpoint": str(model_dir), "metrics": metrics,
         "gallery_size": len(evaluation.gallery_ids), "queries": len(evaluation.query_ids),
-        "reduce": reduce, "index": asdict(job.index), "files": [str(f) for f in files],
+        "reduce": reduce, "index": asdict(job.index), "conventions": evaluation.conventions,
+        "files": [str(f) for f in files],
         "mlflow_tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=1))

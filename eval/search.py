@@ -1,11 +1,13 @@
 """FAISS search over a gallery of (multi-vector) embeddings.
 
-`retrieve` is what every protocol calls: the query and gallery tokens are reduced to one vector
-each by the token mean, FAISS finds the candidates (exact inner product by default; IVF or HNSW
-for galleries in the millions), and with `reduce="max"` the candidates are re-ranked exactly by
-the max-over-target-tokens similarity of `eval.similarity`. For `reduce="mean"` the
-FAISS score already is the exact similarity (mean(q) . mean(t)). Excluded items (the query's
-own reference) never appear in the result.
+`retrieve` is what every protocol calls. Exact by default (`IndexSpec(kind="flat")`): for
+`reduce="mean"` FAISS's flat inner product over the token means is the exact similarity
+(mean(q) . mean(t)); for `reduce="max"` (the best of every query-token / target-token pair)
+`exact_topk` scores every gallery item in chunks with `eval.similarity` (on the GPU when there is
+one). Approximate (`ivf` / `hnsw`, for galleries in the millions): FAISS finds candidates by the
+token means and, for `max`, the candidates are re-ranked exactly; a true top-k item outside the
+shortlist is then missed, so `eval.run` reports the agreement with the exact search. Excluded
+items (the query's own reference) never appear in the result.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import torch
+
+from eval.similarity import similarity
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 
@@ -80,6 +84,37 @@ def search(index: faiss.Index, queries, k: int) -> tuple[np.ndarray, np.ndarray]
     return index.search(_f32(queries), k)
 
 
+def exact_topk(query: torch.Tensor, gallery: torch.Tensor, k: int, reduce: str = "max",
+               exclude: list[list[int]] | None = None, pairs: int = 1 << 24,
+               device: str | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Top-k over the whole gallery: `query` (Q, Tq, D) x `gallery` (G, Tg, D) scored by
+    `similarity(reduce)` in chunks of about `pairs` token pairs; excluded positions score -inf.
+    Returns (scores, ids), both (Q, k), best first."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    nq, tq = query.shape[:2]
+    ng, tg = gallery.shape[:2]
+    per = max(1, int((pairs / (tq * tg)) ** 0.5))  # a square chunk of queries x gallery items
+    pairs_banned = [(row, j) for row, items in enumerate(exclude or []) for j in items]
+    ban_rows, ban_cols = torch.tensor(pairs_banned, dtype=torch.long).reshape(-1, 2).T.to(device)
+    out_scores, out_ids = [], []
+    for q0 in range(0, nq, per):
+        q = query[q0 : q0 + per].to(device)
+        best_s = torch.full((len(q), 0), float("-inf"), device=device)
+        best_i = torch.zeros((len(q), 0), dtype=torch.long, device=device)
+        for g0 in range(0, ng, per):
+            scores = similarity(q, gallery[g0 : g0 + per].to(device), reduce)
+            hit = (ban_rows >= q0) & (ban_rows < q0 + len(q)) & (ban_cols >= g0)
+            hit &= ban_cols < g0 + scores.shape[1]
+            scores[ban_rows[hit] - q0, ban_cols[hit] - g0] = float("-inf")
+            ids = torch.arange(g0, g0 + scores.shape[1], device=device).expand_as(scores)
+            best_s, best_i = torch.cat([best_s, scores], 1), torch.cat([best_i, ids], 1)
+            top = best_s.topk(min(k, best_s.shape[1]), dim=1)  # sorted, best first
+            best_s, best_i = top.values, best_i.gather(1, top.indices)
+        out_scores.append(best_s.cpu())
+        out_ids.append(best_i.cpu())
+    return torch.cat(out_scores).numpy(), torch.cat(out_ids).numpy()
+
+
 def retrieve(
     query,
     gallery,
@@ -92,28 +127,32 @@ def retrieve(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery positions for each query. `query` (Q, Tq, D), `gallery` (G, Tg, D) tokens
     (or (Q, D) / (G, D) vectors); `exclude[i]` lists positions query i must not retrieve.
-    Returns (scores, ids), both (Q, k'), k' = min(k, G - most excluded); rows sorted by score."""
+    Returns (scores, ids), both (Q, k'), k' = min(k, G - most excluded); rows sorted by score.
+    `max` with a flat spec is exact; with ivf / hnsw FAISS shortlists `candidates` by the token
+    means and only those are re-ranked (approximate)."""
     query, gallery = torch.as_tensor(query).float(), torch.as_tensor(gallery).float()
     if query.dim() == 2:
         query = query[:, None]
     if gallery.dim() == 2:
         gallery = gallery[:, None]
-    q_vec, g_vec = query.mean(1), gallery.mean(1)
-    if index is None:
-        index = build_index(g_vec, spec)
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"unknown reduce {reduce!r} (mean or max)")
     g = gallery.shape[0]
     most_excluded = max((len(e) for e in exclude), default=0) if exclude else 0
     k = min(k, g - most_excluded)
+    if reduce == "max" and (spec is None or spec.kind == "flat") and index is None:
+        return exact_topk(query, gallery, k, "max", exclude)
+    q_vec, g_vec = query.mean(1), gallery.mean(1)
+    if index is None:
+        index = build_index(g_vec, spec)
     want = k + most_excluded
     if reduce == "max":
         want = min(g, max(want, candidates))
-    elif reduce != "mean":
-        raise ValueError(f"unknown reduce {reduce!r} (mean or max)")
     scores, ids = search(index, q_vec, want)
-    if reduce == "max":  # exact re-ranking of the candidates with the max-token reduction
+    if reduce == "max":  # exact re-ranking of the shortlist with the all-pairs max
         cand = torch.from_numpy(ids.clip(min=0)).long()
         tokens = gallery[cand]  # (Q, C, Tg, D)
-        exact = torch.einsum("qd,qctd->qct", q_vec, tokens).amax(-1)
+        exact = torch.einsum("qsd,qctd->qcst", query, tokens).flatten(2).amax(-1)
         scores = np.where(ids >= 0, exact.numpy(), -np.inf).astype(np.float32)
     if exclude:
         for row, banned in enumerate(exclude):

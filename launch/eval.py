@@ -38,7 +38,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None, help="images when not in the benchmark's layout")
     p.add_argument("--categories", default="dress,shirt,toptee", help="FashionIQ categories")
     p.add_argument("--reduce", choices=("mean", "max"), default=None)
-    p.add_argument("--index", choices=INDEX_KINDS, default="flat", help="FAISS index")
+    p.add_argument(
+        "--fashioniq-gallery",
+        choices=("covr", "clip4cir"),
+        default="covr",
+        help="covr: the candidate image removed from its ranking; clip4cir: kept",
+    )
+    p.add_argument(
+        "--index",
+        choices=INDEX_KINDS,
+        default="flat",
+        help="flat: exact search; ivf / hnsw: approximate, agreement reported",
+    )
     p.add_argument("--nprobe", type=int, default=16)
     p.add_argument("--gpu-index", action="store_true", help="search on the GPU (faiss-gpu)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -70,6 +81,7 @@ def main(argv=None) -> int:
     job = EvalJob(
         protocol=a.protocol, checkpoint=a.checkpoint, data=a.data, out_dir=out, split=split,
         image_root=a.image_root, categories=tuple(a.categories.split(",")), reduce=a.reduce,
+        fashioniq_gallery=a.fashioniq_gallery,
         index=IndexSpec(a.index, nprobe=a.nprobe, gpu=a.gpu_index), batch_size=a.batch_size,
         report=a.report or len(chosen or []), report_queries=chosen, explain=a.explain,
         tracking_uri=a.tracking_uri, experiment=a.experiment, run_id=a.run_id,

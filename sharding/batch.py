@@ -25,8 +25,11 @@ def _pad_frames(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-def collate(samples: list[dict], tokenizer, image_size: int, max_text_len: int) -> dict:
-    edits = tokenize(tokenizer, [s["edit"] for s in samples], max_text_len)
+def collate(samples: list[dict], tokenizer, image_size: int, max_text_len: int,
+            padding: str = "max_length") -> dict:  # fmt: skip
+    """Model batch; texts at most `max_text_len` tokens, padded to it (training) or to the
+    longest of the batch (`padding="longest"`, evaluation)."""
+    edits = tokenize(tokenizer, [s["edit"] for s in samples], max_text_len, padding=padding)
     batch = {
         "query_frames": torch.stack(
             [to_model_input(s["query_frames"], image_size) for s in samples]
@@ -50,7 +53,9 @@ def collate(samples: list[dict], tokenizer, image_size: int, max_text_len: int) 
             scores[i, : len(s["scores"])] = torch.tensor(s["scores"], dtype=torch.float32)
     batch["target_scores"] = scores
     if "caption" in samples[0]:
-        captions = tokenize(tokenizer, [s["caption"] for s in samples], max_text_len)
+        captions = tokenize(
+            tokenizer, [s["caption"] for s in samples], max_text_len, padding=padding
+        )
         batch["caption_input_ids"], batch["caption_attention_mask"] = (
             captions.input_ids,
             captions.attention_mask,

@@ -341,6 +341,8 @@ def test_launch_eval_webvid_covr_logs_to_mlflow(small_corpus, tmp_path):
         "meanR4",
         "search_hnsw_top10_agreement",
     }
+    assert result["conventions"]["search"] == "approximate (hnsw)"  # with its agreement above
+    assert result["conventions"]["queries"].startswith("one triplet per target")
     run = MlflowClient(uri).get_run(result["mlflow_run_id"])
     assert run.data.metrics["webvid-covr/val/recall_at_1"] == pytest.approx(
         result["metrics"]["R@1"]
@@ -396,6 +398,32 @@ def test_fashioniq_per_category_and_average(cirr_setup, tmp_path):
     assert m["average/R@10"] == pytest.approx((m["dress/R@10"] + m["shirt/R@10"]) / 2)
     assert ev.edits[0] == "is red and has dots" and len(ev.query_ids) == 12
     assert ev.images.query(7).shape == (20, 20, 3)
+
+
+def test_fashioniq_removes_the_candidate_as_covr_or_keeps_it_as_clip4cir(cirr_setup, tmp_path):
+    from eval.protocols import EvalSettings, fashioniq
+
+    _, model, tok = cirr_setup
+    names = [f"dress{i}" for i in range(12)]
+    for i, n in enumerate(names):
+        _image(tmp_path / "images" / f"{n}.png", 7 * i)
+    caps = [{"candidate": names[i], "target": names[i + 2], "captions": ["is red", "longer"]}
+            for i in range(8)]  # fmt: skip
+    for sub, name, body in (("captions", "cap.dress.val.json", caps),
+                            ("image_splits", "split.dress.val.json", names)):  # fmt: skip
+        (tmp_path / sub).mkdir(exist_ok=True)
+        (tmp_path / sub / name).write_text(json.dumps(body))
+    covr = fashioniq(model, tok, tmp_path, ("dress",))
+    kept = fashioniq(
+        model, tok, tmp_path, ("dress",), settings=EvalSettings(fashioniq_gallery="clip4cir")
+    )
+    assert covr.conventions["gallery"].startswith("candidate removed")
+    assert kept.conventions["gallery"].startswith("candidate kept")
+    for i, cap in enumerate(caps):  # the same ranking, less the candidate
+        assert cap["candidate"] not in covr.top_ids[i] and cap["candidate"] in kept.top_ids[i]
+        assert covr.top_ids[i] == [g for g in kept.top_ids[i] if g != cap["candidate"]]
+    with pytest.raises(ValueError, match="fashioniq_gallery"):
+        fashioniq(model, tok, tmp_path, ("dress",), settings=EvalSettings(fashioniq_gallery="x"))
 
 
 def test_circo_map_and_test_submission(cirr_setup, tmp_path):
