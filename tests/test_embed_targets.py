@@ -263,3 +263,22 @@ def test_two_gloo_ranks_through_the_launcher_and_a_killed_job_resumes(embedded, 
             assert np.abs(a - b).max() < 1e-3
     kept = [p for p, t in done.items() if p.stat().st_mtime_ns == t]
     assert len(kept) == len(done) < total  # shards finished before the kill were not redone
+
+    # then training reads them (CoVR-2's caption term from the stored embeddings) ...
+    train = ["deepspeed", "--num_accelerators", "1", "--master_port", str(free_port()),
+             str(ROOT / "launch/train.py"), "--config", str(cfg_file), f"shards.dir={out}",
+             "shards.loader_workers=1", "train.batch_size=2", "train.max_steps=2", "train.epochs=1",
+             "loss.video_weight=0.5", "loss.caption_weight=0.5", "eval.ks=[1,5]",
+             "eval.report_queries=0", "deepspeed.zero_stage=0", *overrides]  # fmt: skip
+    done = subprocess.run([*train, f"train.out_dir={tmp_path / 'run'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and "R@1" in summary["val"]
+    # ... and refuse them for another starting model (here: other random weights)
+    other = subprocess.run([*train, f"train.out_dir={tmp_path / 'other'}", "train.seed=99"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert (
+        other.returncode != 0
+        and "target embeddings from another model" in other.stdout + other.stderr
+    )
