@@ -10,7 +10,7 @@ batch with embeddings, FAISS, the largest batch with frames. What they measure:
 1. training: the CoVR-2 recipe (configs/covr2_blip2.yaml: EVA ViT-g/14 at 364 px, frozen; BERT-base
    Q-Former, 32 query tokens; video + caption HN-NCE) from random weights, bf16, DeepSpeed ZeRO-2
    on one device, the engine from `train.engine.build_engine` and the project's DeepSpeed config;
-   targets from packed embeddings (what `shards.embed_model` packs) and from 15 frames. Reported:
+   targets from embedded shards (what `launch/embed_targets.py` writes) and from 15 frames. Reported:
    samples/s, peak memory (torch.cuda.max_memory_allocated), model FLOPs per sample counted by
    torch.utils.flop_counter over one forward+backward on the real shapes (activation
    recomputation not counted), and MFU = achieved FLOP/s / the device's peak dense bf16 FLOP/s;

@@ -1,9 +1,9 @@
 """Embed every target of packed shards once with the frozen starting model (the reference's
 precomputed targets), then train on the output.
 
-  deepspeed [--num_accelerators N] [--hostfile H] launch/embed_targets.py --config CFG.yaml \
-      --src shards --out shards-emb [key=value ...]
-  deepspeed launch/train.py --config CFG.yaml shards.dir=shards-emb
+  deepspeed --hostfile hosts launch/embed_targets.py --config configs/covr2_blip2.yaml model.pretrained=BLIP2_DIR --src shards --out shards-emb
+  python launch/embed_targets.py --config configs/demo.yaml --src runs/demo/shards --out runs/demo/shards-emb [key=value ...]
+  deepspeed --hostfile hosts launch/train.py --config configs/covr2_blip2.yaml model.pretrained=BLIP2_DIR shards.dir=shards-emb
 
 SRC is one packed split or a folder of them (train/, val/, test/); each is written to the same
 name under OUT with target JPEGs replaced by float16 frame embeddings and the target captions by
@@ -14,48 +14,40 @@ when present); a rerun skips finished shards, so a killed job is resumed by runn
 
 import argparse
 import json
-import logging
-import os
-import sys
+from pathlib import Path
 
-import _bootstrap  # noqa: F401  (repository root first on sys.path)
+import _bootstrap
 
-from configs import ConfigError, load_config
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", help="the training YAML config (model and its weights)")
+    p.add_argument("--src", required=True, help="packed shards: one split or a folder of them")
+    p.add_argument("--out", required=True, help="where the embedded shards go")
+    p.add_argument("--frames-per-batch", type=int, default=256, help="target frames per forward")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--config", help="the training YAML config (model and its weights)")
-    parser.add_argument("--src", required=True, help="packed shards: one split or a folder of them")
-    parser.add_argument("--out", required=True, help="where the embedded shards go")
-    parser.add_argument(
-        "--frames-per-batch", type=int, default=256, help="target frames per forward"
-    )
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        parser.exit(2, f"config error: {err}\n")
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    args = parser().parse_args(argv)
+    from configs import load_config
 
-    from sharding.embed import EmbedError
+    cfg = load_config(args.config, args.overrides)
+    _bootstrap.preflight(cfg, splits=())  # the model's files, before torch is imported
+    src = Path(args.src)
+    if not (src / "manifest.json").is_file() and not list(src.glob("*/manifest.json")):
+        raise FileNotFoundError(f"{src}: no manifest.json here or in a subdirectory (pack first)")
+    _bootstrap.setup_logging()
+
     from train.embedder import embed_targets
 
-    try:
-        manifests = embed_targets(cfg, args.src, args.out, args.frames_per_batch)
-    except (EmbedError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    manifests = embed_targets(cfg, src, args.out, args.frames_per_batch)
     if manifests is not None:  # rank 0
         print(json.dumps({split: m["totals"] for split, m in manifests.items()}, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _bootstrap.run(main)

@@ -49,8 +49,9 @@ class TargetEncoder(Protocol):
         """n texts -> (n, D) float16."""
 
 
-class EmbedError(RuntimeError):
-    """Shards that cannot be embedded, or an output directory from another encoder."""
+class EmbedError(ValueError):
+    """Shards that cannot be embedded, an output directory from another encoder, or embedded
+    shards that do not fit the model about to read them."""
 
 
 def _chunks(records: Iterator[dict], frames_per_batch: int) -> Iterator[list[dict]]:
@@ -66,9 +67,10 @@ def _chunks(records: Iterator[dict], frames_per_batch: int) -> Iterator[list[dic
         yield chunk
 
 
-def _embed_chunk(chunk: list[dict], encoder: TargetEncoder, stats: ShardStats) -> list[dict]:
+def _embed_chunk(chunk: list[dict], encoder: TargetEncoder, stats: ShardStats,
+                 strict: bool = False) -> list[dict]:  # fmt: skip
     """The chunk's records with embedded targets; a record whose target frames are missing or do
-    not decode is skipped and listed in `stats.skipped`."""
+    not decode is skipped and listed in `stats.skipped` (`strict`, a test split: an error)."""
     decoded, kept = [], []
     for record in chunk:
         key = record["__key__"]
@@ -82,8 +84,15 @@ def _embed_chunk(chunk: list[dict], encoder: TargetEncoder, stats: ShardStats) -
             decoded.append(fmt.decode_frames(jpegs))
             kept.append(record)
         except fmt.ImageDecodeError as err:
-            target = fmt.record_meta(record)["target"]
-            stats.skipped.append({"key": key, "video": target, "reason": f"target: {err}"})
+            if strict:
+                raise EmbedError(f"{record.get('__url__')}: record {key}: target {err} (a test "
+                                 "split loses nothing: repack it)") from None  # fmt: skip
+            meta = fmt.record_meta(record)
+            rows = [t["row"] for t in meta["triplets"]]
+            stats.skipped.append({"key": key, "video": meta["target"], "rows": rows,
+                                  "reason": f"target: {err}"})  # fmt: skip
+            stats.skipped_records += 1
+            stats.skipped_triplets += len(rows)
     if not kept:
         return []
     embedded = encoder.frames(np.concatenate(decoded))
@@ -100,7 +109,7 @@ def _embed_chunk(chunk: list[dict], encoder: TargetEncoder, stats: ShardStats) -
 
 
 def embed_shard(src: Path, out_dir: Path, name: str, encoder: TargetEncoder, fingerprint: str,
-                frames_per_batch: int = 256) -> ShardStats:  # fmt: skip
+                frames_per_batch: int = 256, strict: bool = False) -> ShardStats:  # fmt: skip
     """Write `out_dir/NAME.tar` from `src`, atomically, and its stats file last."""
     start = time.perf_counter()
     final, tmp = out_dir / f"{name}.tar", out_dir / f"{name}.tar.tmp"
@@ -108,7 +117,7 @@ def embed_shard(src: Path, out_dir: Path, name: str, encoder: TargetEncoder, fin
     with tmp.open("wb") as f:
         writer = TarWriter(f, encoder=False, mtime=0.0)
         for chunk in _chunks(read_shard(str(src)), frames_per_batch):
-            for sample in _embed_chunk(chunk, encoder, stats):
+            for sample in _embed_chunk(chunk, encoder, stats, strict):
                 writer.write(sample)
                 stats.samples += 1
                 stats.triplets += len(fmt.record_meta(sample)["triplets"])
@@ -177,9 +186,8 @@ def embed_dir(src_dir: str | Path, out_dir: str | Path, encoder: TargetEncoder, 
         fp = shard_fingerprint(encoder.fingerprint, entry["sha256"])
         stats = finished(out_dir, name, fp)
         if stats is None:
-            stats = embed_shard(
-                src_dir / f"{name}.tar", out_dir, name, encoder, fp, frames_per_batch
-            )
+            stats = embed_shard(src_dir / f"{name}.tar", out_dir, name, encoder, fp,
+                                frames_per_batch, strict=manifest.get("split") == "test")  # fmt: skip
             if progress:
                 progress(f"{out_dir / name}.tar: {stats.samples} records in {stats.seconds:.1f}s")
         mine[name] = stats
@@ -205,9 +213,12 @@ def write_embedded_manifest(src_dir: Path, out_dir: Path, source: dict,
             "samples": sum(s.samples for s in shards),
             "triplets": sum(s.triplets for s in shards),
             "bytes": sum(s.bytes for s in shards),
-            "skipped": source["totals"]["skipped"] + sum(len(s.skipped) for s in shards),
+            "skipped_records": source["totals"].get("skipped_records", 0)
+            + sum(s.skipped_records for s in shards),
+            "skipped_triplets": source["totals"].get("skipped_triplets", 0)
+            + sum(s.skipped_triplets for s in shards),
         },
-        "skipped": source["skipped"] + [item for s in shards for item in s.skipped],
+        "skipped": source.get("skipped", []) + [item for s in shards for item in s.skipped],
         "embedded": {"source": str(src_dir.resolve()), **info},
     }
     tmp = out_dir / (MANIFEST + ".tmp")
@@ -223,11 +234,11 @@ def check_embedded(manifest: dict, shard_dir, model) -> None:
     if embedded is None:
         return
     if model.cfg.train_target_encoder:
-        raise ValueError(f"{shard_dir}: holds precomputed target embeddings, but "
+        raise EmbedError(f"{shard_dir}: holds precomputed target embeddings, but "
                          "model.train_target_encoder=true needs the target frames: train on the "
                          f"packed JPEG shards ({embedded['source']})")  # fmt: skip
     ours = model.target_fingerprint()
     if embedded["fingerprint"] != ours:
-        raise ValueError(f"{shard_dir}: target embeddings from another model (fingerprint "
+        raise EmbedError(f"{shard_dir}: target embeddings from another model (fingerprint "
                          f"{embedded['fingerprint']}, {embedded.get('pretrained')}); this model's "
                          f"frozen targets have {ours}: embed the shards again with this config")  # fmt: skip

@@ -282,3 +282,34 @@ def test_two_gloo_ranks_through_the_launcher_and_a_killed_job_resumes(embedded, 
         other.returncode != 0
         and "target embeddings from another model" in other.stdout + other.stderr
     )
+
+
+def test_an_undecodable_target_is_skipped_and_counted_or_refused_in_a_test_split(packed, tmp_path):
+    from webdataset import TarWriter
+
+    from sharding.reader import read_shard
+
+    _, base = packed
+    source = read_manifest(base / "shards" / "train")
+    entry = source["shards"][0]
+    records = list(read_shard(str(base / "shards" / "train" / f"{entry['name']}.tar")))
+    records[0]["t00.jpg"] = b"not a jpeg"
+    src = tmp_path / "src"
+    src.mkdir()
+    with (src / f"{entry['name']}.tar").open("wb") as f:
+        writer = TarWriter(f, encoder=False)
+        for r in records:
+            writer.write({k: v for k, v in r.items() if k == "__key__" or not k.startswith("__")})
+        writer.close()
+    for split in ("train", "test"):
+        (src / "manifest.json").write_text(
+            json.dumps({**source, "split": split, "shards": [entry]})
+        )
+        if split == "test":
+            with pytest.raises(EmbedError, match="loses nothing"):
+                embed_dir(src, tmp_path / split, _FakeEncoder())
+            continue
+        out = embed_dir(src, tmp_path / split, _FakeEncoder())
+        assert out["shards"][0]["samples"] == len(records) - 1
+        assert out["totals"]["skipped_records"] == source["totals"]["skipped_records"] + 1
+        assert out["skipped"][-1]["key"] == records[0]["__key__"]

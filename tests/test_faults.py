@@ -459,21 +459,23 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_packing_workers_die_with_a_killed_parent(small_corpus, tmp_path):
     root, _ = small_corpus
-    # The embed function sleeps, so both workers are busy when the parent is killed.
+    # Reading media sleeps (forked workers inherit the patch), so both workers are busy when the
+    # parent is killed.
     script = textwrap.dedent(f"""
         import sys, time
         import numpy as np
         sys.path.insert(0, {str(ROOT)!r})
         from configs.schema import ShardConfig
+        from sharding import writer
         from sharding.pack import pack
 
-        def slow_embed(frames):
+        def slow_media(path, n):
             time.sleep(120)
-            return np.zeros((len(frames), 1, 4), np.float16)
+            return np.zeros((n, 8, 8, 3), np.uint8)
 
-        cfg = ShardConfig(samples_per_shard=2, target_frames=2, workers=2, embed_model="slow")
-        pack({str(root / "train.csv")!r}, {str(root / "videos")!r}, {str(tmp_path / "out")!r}, cfg,
-             embed=slow_embed)
+        writer.load_media = slow_media
+        cfg = ShardConfig(samples_per_shard=2, target_frames=2, workers=2)
+        pack({str(root / "train.csv")!r}, {str(root / "videos")!r}, {str(tmp_path / "out")!r}, cfg)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
     try:
@@ -484,7 +486,7 @@ def test_packing_workers_die_with_a_killed_parent(small_corpus, tmp_path):
             workers = _children(proc.pid)
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert len(workers) >= 2, "the pack never started its workers"
-        time.sleep(2.0)  # past the workers' initializer, into the sleeping embed call
+        time.sleep(2.0)  # past the workers' initializer, into the sleeping media read
         assert all(_alive(w) for w in workers)
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configs.schema import Config
+from configs.schema import Config, ConfigError
 from data.text import tokenize
 from data.video import to_model_input
 from sharding.embed import embed_dir
@@ -78,8 +78,8 @@ def embed_targets(cfg: Config, src: str | Path, out: str | Path, frames_per_batc
     from train.loop import build_model_and_tokenizer
 
     if cfg.model.train_target_encoder:
-        raise ValueError("model.train_target_encoder=true encodes targets at every step with the "
-                         "trained weights: there is nothing to precompute")  # fmt: skip
+        raise ConfigError("key 'model.train_target_encoder': true encodes targets at every step "
+                          "with the trained weights: there is nothing to precompute")  # fmt: skip
     rank, world, local = 0, 1, 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         rank, world, local = init_distributed(timeout_s)  # ranks wait for the slowest at the end
