@@ -308,9 +308,9 @@ def _shard_images(urls: list[str], sources: list[tuple[str, int]]) -> Images:
             return
         for record in iter_records(urls):
             meta = fmt.record_meta(record)
-            frames = fmt.target_jpegs(record)
-            if frames:  # (none where the shards hold target embeddings)
-                targets[meta["target"]] = frames[len(frames) // 2]
+            picture = fmt.target_picture(record)  # embedded shards keep a thumbnail
+            if picture is not None:
+                targets[meta["target"]] = picture
             for j in range(len(meta["triplets"])):
                 queries[record["__key__"], j] = fmt.query_jpegs(record, j)[0]
 
@@ -321,7 +321,7 @@ def _shard_images(urls: list[str], sources: list[tuple[str, int]]) -> Images:
     def gallery(g: str) -> np.ndarray:
         fill()
         if g not in targets:
-            raise KeyError(f"no frames of target {g!r} in the shards (packed as embeddings?)")
+            raise KeyError(f"no picture of target {g!r} in the shards")
         return fmt.decode_rgb(targets[g])
 
     return Images(query=query, gallery=gallery)

@@ -8,6 +8,7 @@ A record is one WebDataset sample, one tar member per field (readable by any Web
   KEY.target.npy    (Ft, Q, D) float16 target frame embeddings of the frozen starting model
                     (`embedded_record`, written by the embed step, launch/embed_targets.py)
   KEY.caption.npy   (T, D) float16 embeddings of each triplet's target caption (txt2), likewise
+  KEY.thumb.jpg     with those: the target's middle frame, kept for reports (`target_picture`)
   KEY.q000_0.jpg    query frame(s) of triplet 0 (`q{triplet}_{frame}`)
 
 `decode_rgb` is the one image decoder (JPEG bytes from a record, or an image file).
@@ -27,6 +28,7 @@ FORMAT = "covr-webdataset/1"
 META = "json"
 EMBEDDINGS = "target.npy"
 CAPTIONS = "caption.npy"
+THUMB = "thumb.jpg"
 
 
 class ImageDecodeError(ValueError):
@@ -88,9 +90,11 @@ def embedded_record(record: dict, target: np.ndarray, captions: np.ndarray) -> d
     """A read record (field -> bytes) with its target JPEGs replaced by `target` (Ft, Q, D) and
     the triplets' caption embeddings `captions` (T, D), both stored float16; the query frames and
     the metadata are kept byte for byte."""
-    frames = {target_member(f) for f in range(len(target_jpegs(record)))}
+    jpegs = target_jpegs(record)
+    frames = {target_member(f) for f in range(len(jpegs))}
     sample = {k: v for k, v in record.items() if k not in frames and not k.startswith("__")}
     sample["__key__"] = record["__key__"]
+    sample[THUMB] = jpegs[len(jpegs) // 2]  # what a report shows of the target
     sample[EMBEDDINGS] = encode_npy(np.asarray(target, dtype=np.float16))
     sample[CAPTIONS] = encode_npy(np.asarray(captions, dtype=np.float16))
     return sample
@@ -162,6 +166,12 @@ def _check_types(obj: dict, types: dict, where: str) -> None:
 def target_jpegs(record: dict) -> list[bytes]:
     """The target's frames in order ([] when the record holds embeddings)."""
     return _frames(record, target_member)
+
+
+def target_picture(record: dict) -> bytes | None:
+    """The target's middle frame (JPEG): from its frames, or the thumbnail embedded records keep."""
+    frames = target_jpegs(record)
+    return frames[len(frames) // 2] if frames else record.get(THUMB)
 
 
 def query_jpegs(record: dict, triplet: int) -> list[bytes]:

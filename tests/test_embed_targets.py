@@ -83,6 +83,7 @@ def test_targets_and_captions_are_the_frozen_starting_models(embedded):
         for src, rec in zip(source, out):
             meta = fmt.record_meta(rec)
             assert meta == fmt.record_meta(src) and fmt.target_jpegs(rec) == []
+            assert fmt.target_picture(rec) == fmt.target_picture(src)  # kept for reports
             for j in range(len(meta["triplets"])):  # query frames byte for byte
                 assert fmt.query_jpegs(rec, j) == fmt.query_jpegs(src, j)
             target = fmt.decode_npy(rec[fmt.EMBEDDINGS])
@@ -269,12 +270,13 @@ def test_two_gloo_ranks_through_the_launcher_and_a_killed_job_resumes(embedded, 
              str(ROOT / "launch/train.py"), "--config", str(cfg_file), f"shards.dir={out}",
              "shards.loader_workers=1", "train.batch_size=2", "train.max_steps=2", "train.epochs=1",
              "loss.video_weight=0.5", "loss.caption_weight=0.5", "eval.ks=[1,5]",
-             "eval.report_queries=0", "deepspeed.zero_stage=0", *overrides]  # fmt: skip
+             "eval.report_queries=2", "deepspeed.zero_stage=0", *overrides]  # fmt: skip
     done = subprocess.run([*train, f"train.out_dir={tmp_path / 'run'}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and "R@1" in summary["val"]
+    assert (tmp_path / "run" / "report" / "index.html").is_file()  # targets shown by thumbnail
     # ... and refuse them for another starting model (here: other random weights)
     other = subprocess.run([*train, f"train.out_dir={tmp_path / 'other'}", "train.seed=99"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
