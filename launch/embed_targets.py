@@ -2,7 +2,7 @@
 precomputed targets), then train on the output.
 
   deepspeed --hostfile hosts launch/embed_targets.py --config configs/covr2_blip2.yaml model.pretrained=BLIP2_DIR --src shards --out shards-emb
-  python launch/embed_targets.py --config configs/demo.yaml --src runs/demo/shards --out runs/demo/shards-emb [key=value ...]
+  python launch/embed_targets.py --config configs/covr_blip.yaml model.pretrained=BLIP_DIR --src shards/val --out shards-emb/val   (one process)
   deepspeed --hostfile hosts launch/train.py --config configs/covr2_blip2.yaml model.pretrained=BLIP2_DIR shards.dir=shards-emb
 
 SRC is one packed split or a folder of them (train/, val/, test/); each is written to the same

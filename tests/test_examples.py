@@ -78,7 +78,8 @@ def substitute(args: list[str], ws: Path, n: int) -> list[str]:
              "CIRCO_ROOT": "circo", "CAPTIONS.csv": f"{demo}/corpus/captions.csv",
              "A.csv": f"{demo}/corpus/train.csv", "M.jsonl": f"{demo}/corpus/metadata.jsonl",
              "KEPT.csv": f"out{n}/kept.csv", "CSV": f"{demo}/corpus/train.csv", "K": "2",
-             "N": "1", "S": "3", "H": "hosts", "BLIP2_DIR": "weights/blip2"}  # fmt: skip
+             "N": "1", "S": "3", "H": "hosts", "BLIP2_DIR": "weights/blip2",
+             "BLIP_DIR": "weights/blip"}  # fmt: skip
     by_flag = {"--video-root": "WebVid", "--cirr-root": str(CIRR_ROOT), "--out": f"out{n}",
                "--image-root": "images"}  # fmt: skip
     out = []
@@ -115,6 +116,9 @@ def workspace(small_corpus, tmp_path_factory):
     (ws / "WebVid").symlink_to(root / "videos")
     (ws / "hosts").write_text("localhost slots=1\n")
     (ws / "weights" / "blip2").mkdir(parents=True)  # stands in for the downloaded weights
+    (ws / "weights" / "blip").mkdir(parents=True)
+    # stands in for launch/embed_targets.py's output (a deepspeed launch: parsed, not run here)
+    (ws / "shards-emb").symlink_to(demo / "shards")
     tiny = ws / "tiny.yaml"
     tiny.write_text(CONFIG.format(shards=demo / "shards", tokenizer=demo / "corpus" / "tokenizer"))
 
@@ -197,6 +201,8 @@ def test_every_readme_and_help_example_runs(workspace, monkeypatch):
                 __import__("_bootstrap").preflight(load_config(parsed.config, parsed.overrides))
             elif script == "demo.py":
                 load_config(parsed.config, parsed.overrides)
+            elif script == "embed_targets.py":
+                __import__("_bootstrap").preflight(load_config(parsed.config, parsed.overrides), ())
             elif script == "tune.py":
                 load_sweep(parsed.config, parsed.overrides)
         except Exception as err:
