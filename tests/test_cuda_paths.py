@@ -18,14 +18,23 @@ def test_nccl_with_a_gpu_gloo_without(monkeypatch):
 
     calls = {}
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: calls.update(kw))
+    monkeypatch.setattr(
+        engine.network, "init_loopback_process_group", lambda b, t: calls.update(loopback=b)
+    )
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.update(device=i))
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 8)
-    monkeypatch.setenv("LOCAL_RANK", "3")
+    for key, value in {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8",
+                       "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)  # a multi-node job: the addresses the user gave
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert engine.init_distributed(60) == (3, 8, 3)
     assert calls["dist_backend"] == "nccl" and calls["device"] == 3  # each rank its own GPU
-    assert calls["timeout"].total_seconds() == 60
+    assert calls["timeout"].total_seconds() == 60 and "loopback" not in calls
+    calls.clear()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # a local job: its group is made on loopback
+    engine.init_distributed(60)
+    assert calls["loopback"] == calls["dist_backend"] == "nccl"
     calls.clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     engine.init_distributed(60)
@@ -71,11 +80,12 @@ def test_the_loop_moves_each_batch_to_the_engine_device():
     job.engine.device = torch.device("meta")  # stands for the GPU DeepSpeed put the model on
     seen = []
 
-    def loss_fn(engine, batch, loss_cfg, queue, momentum):
-        seen.append(batch["target_ids"].device.type)
-        return torch.tensor(1.0), {"loss": torch.tensor(1.0)}
+    class Objective:  # records where the batch is; the loss itself stays on the host
+        def loss(self, engine, batch, loss_cfg, queue, momentum):
+            seen.append(batch["target_ids"].device.type)
+            return torch.tensor(1.0), {"loss": torch.tensor(1.0)}
 
-    job.loss_fn = loss_fn
+    job.objective = Objective()
     train_epoch(job, Meter())
     assert seen == ["meta", "meta"]
 
