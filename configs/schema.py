@@ -142,6 +142,15 @@ class SamplerConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time augmentation of decoded frames (off in the reference recipes). Applied to a
+    sample's query and target frames alike, so what relates them (position, size) still does."""
+
+    hflip: float = 0.0  # probability of a horizontal flip
+    shift: int = 0  # max translation in pixels (model input), edges replicated
+
+
+@dataclass
 class OptimConfig:
     """AdamW + cosine schedule (the reference recipes: weight decay 0.05, no warm-up)."""
 
@@ -209,6 +218,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -225,8 +235,14 @@ POSITIVE_RUN = ("optim.lr", "train.epochs", "train.log_every", "train.keep_check
                 "model.embed_dim", "model.max_text_len")  # fmt: skip
 NON_NEGATIVE = ("train.max_steps", "train.eval_every", "train.ckpt_every", "optim.weight_decay", "optim.grad_clip",
                 "optim.warmup_steps", "shards.loader_workers", "shards.frame_size", "eval.report_queries",
-                "loss.beta", "loss.alpha")  # fmt: skip
-UNIT = ("optim.min_lr_ratio", "queue.momentum", "optim.beta1", "optim.beta2")  # in [0, 1]
+                "loss.beta", "loss.alpha", "augment.shift")  # fmt: skip
+UNIT = (
+    "optim.min_lr_ratio",
+    "queue.momentum",
+    "optim.beta1",
+    "optim.beta2",
+    "augment.hflip",
+)  # in [0, 1]
 
 
 def _get(cfg, dotted: str):

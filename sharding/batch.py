@@ -65,3 +65,40 @@ def collate(samples: list[dict], tokenizer, image_size: int, max_text_len: int,
             np.stack([s["caption_embedding"] for s in samples]), dtype=torch.float32
         )
     return batch
+
+
+def augment(batch: dict, rng, *, hflip: float = 0.0, shift: int = 0) -> dict:
+    """Training augmentation, in place on a collated batch: per sample, one horizontal flip (with
+    probability `hflip`) and one translation of up to `shift` pixels, the same for its query and
+    its target frames. `rng`: a `random.Random` (the reader seeds it per batch: resumable)."""
+    if not hflip and not shift:
+        return batch
+    if "target_frames" not in batch:
+        raise ValueError(
+            "augment.hflip/augment.shift need target frames; these shards hold packed target "
+            "embeddings (shards.embed_model): set both to 0"
+        )
+    for key in ("query_frames", "target_frames"):
+        if batch[key].ndim != 5:
+            raise ValueError(
+                f"batch[{key!r}]: expected (B, F, 3, H, W), got {tuple(batch[key].shape)}"
+            )
+    for i in range(batch["query_frames"].shape[0]):
+        flip = rng.random() < hflip
+        dx, dy = (rng.randint(-shift, shift), rng.randint(-shift, shift)) if shift else (0, 0)
+        for key in ("query_frames", "target_frames"):
+            x = batch[key][i]
+            if flip:
+                x = x.flip(-1)
+            if dx or dy:
+                x = _translate(x, dx, dy)
+            batch[key][i] = x
+    return batch
+
+
+def _translate(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """(..., H, W) moved right by dx and down by dy pixels; the uncovered edge repeats the border."""
+    h, w = x.shape[-2:]
+    cols = (torch.arange(w) - dx).clamp_(0, w - 1)
+    rows = (torch.arange(h) - dy).clamp_(0, h - 1)
+    return x[..., rows, :][..., cols]

@@ -8,7 +8,7 @@ Training (`ShardReader`, an IterableDataset yielding ready batches):
   batches whatever the shard sizes, and no record is read by two slots in one epoch.
 - Within a slot: records -> (target mode) one triplet drawn per record -> batch composition
   (`sharding.samplers.BatchComposer`: random / hns / fs / mix, which also shuffles) -> decoding ->
-  collate. Decoding comes last, so resuming mid-epoch replays the cheap part and skips batches
+  collate -> optional augmentation (`sharding.batch.augment`, seeded per batch). Decoding comes last, so resuming mid-epoch replays the cheap part and skips batches
   already consumed: the position is (epoch, batches consumed), saved in the training checkpoint.
 - Bad data never ends the job: a shard that cannot be opened (deleted after the start) or is
   truncated loses its records (`corrupt_shards`), a record that is not in the format (`.json`
@@ -190,6 +190,7 @@ class ShardReader(IterableDataset):
         seed: int = 0,
         allow_pipe: bool = False,
         groups: dict[int, int] | None = None,
+        augment: Callable[[dict, random.Random], dict] | None = None,
     ):
         if len(urls) != len(counts):
             raise ValueError("one sample count per shard URL is needed")
@@ -202,6 +203,7 @@ class ShardReader(IterableDataset):
         self.sampler = sampler or SamplerConfig()
         self.seed, self.allow_pipe = seed, allow_pipe
         self.groups = groups  # target_id -> k-means cluster, replaces the packed group key
+        self.augment = augment  # (batch, rng) -> batch, after collate (training only)
         self.epoch, self.start_batch, self.num_workers = 0, 0, 1
         self.excluded = np.zeros(0, dtype=np.int64)
 
@@ -335,6 +337,10 @@ class ShardReader(IterableDataset):
             while len(samples) < len(raw_batch):  # keep the batch size: ranks stay in step
                 samples.append(samples[len(samples) % len(samples)])
             batch = self.collate(samples)
+            if self.augment is not None:  # seeded per batch: a resumed run replays it exactly
+                self.augment(
+                    batch, random.Random(f"{self.seed}-{self.epoch}-{slot}-{index}-augment")
+                )
             batch["keys"] = [s["key"] for s in samples]
             batch["positions"] = [raw["pos"] for raw in raw_batch]
             batch["reader_stats"] = {"worker": worker, **counts.as_dict()}

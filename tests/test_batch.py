@@ -1,7 +1,10 @@
+import random
+
 import numpy as np
+import pytest
 import torch
 
-from sharding.batch import collate
+from sharding.batch import augment, collate
 from tests.tiny import tiny_model
 
 
@@ -22,3 +25,71 @@ def test_collate_pads_frames_and_falls_back_to_uniform_scores(tmp_path):
     assert torch.isnan(batch["target_scores"][1]).all()  # 3 scores for 2 frames: uniform
     assert batch["target_ids"].tolist() == [4, 9] and batch["input_ids"].shape == (2, 8)
     assert batch["caption_input_ids"].shape == (2, 8)
+
+
+def _marked_batch(b=16, ft=3, size=16):
+    """Each sample's query and target frames: one bright pixel at a per-sample place on zeros."""
+    q = torch.zeros(b, 1, 3, size, size)
+    for i in range(b):
+        q[i, 0, :, 3 + i % 5, 4 + i % 7] = 1.0
+    return {"query_frames": q, "target_frames": q.expand(b, ft, 3, size, size).clone()}
+
+
+def _where(img):  # (3, H, W) -> (row, col) of the marker
+    r, c = np.unravel_index(int(img[0].argmax()), img.shape[-2:])
+    return int(r), int(c)
+
+
+def test_augment_moves_query_and_target_together():
+    before = _marked_batch()
+    batch = augment(_marked_batch(), random.Random(0), hflip=0.5, shift=2)
+    moved, flipped = 0, 0
+    for i in range(16):
+        q = batch["query_frames"][i, 0]
+        for f in range(3):  # the target moved exactly as its query did
+            assert torch.equal(batch["target_frames"][i, f], q)
+        (r0, c0), (r, c) = _where(before["query_frames"][i, 0]), _where(q)
+        mirrored = 15 - c0
+        assert abs(r - r0) <= 2 and (abs(c - c0) <= 2 or abs(c - mirrored) <= 2)
+        moved += (r, c) != (r0, c0)
+        flipped += abs(c - mirrored) < abs(c - c0)
+    assert moved >= 10 and 3 <= flipped <= 13  # samples differ: per-sample draws
+
+
+def test_augment_flip_only_and_off():
+    before = _marked_batch()
+    flipped = augment(_marked_batch(), random.Random(0), hflip=1.0)
+    assert torch.equal(flipped["query_frames"], before["query_frames"].flip(-1))
+    assert torch.equal(flipped["target_frames"], before["target_frames"].flip(-1))
+    same = augment(_marked_batch(), random.Random(0))
+    assert torch.equal(same["query_frames"], before["query_frames"])
+
+
+def test_augment_shift_replicates_the_border():
+    img = torch.arange(16.0).view(4, 4)
+    idx = torch.arange(4)
+    candidates = {  # img moved right by dx, down by dy, edge rows/columns repeated
+        (dx, dy): img[(idx - dy).clamp(0, 3)][:, (idx - dx).clamp(0, 3)]
+        for dx in (-1, 0, 1)
+        for dy in (-1, 0, 1)
+    }
+    seen = set()
+    for seed in range(12):
+        x = img.expand(1, 1, 3, 4, 4).clone()
+        batch = augment(
+            {"query_frames": x, "target_frames": x.clone()}, random.Random(seed), shift=1
+        )
+        out = batch["query_frames"][0, 0, 0]
+        match = [d for d, c in candidates.items() if torch.equal(out, c)]
+        assert match, f"seed {seed}: not a translation by <= 1 pixel:\n{out}"
+        seen.add(match[0])
+    assert len(seen) >= 4  # several different shifts were drawn
+
+
+def test_augment_refuses_packed_embeddings():
+    batch = {
+        "query_frames": torch.zeros(2, 1, 3, 4, 4),
+        "target_embeddings": torch.zeros(2, 3, 8, 16),
+    }
+    with pytest.raises(ValueError, match="augment.hflip"):
+        augment(batch, random.Random(0), hflip=0.5)

@@ -51,6 +51,10 @@ def test_bad_values_name_the_key():
         load_config(None, ["sampler.beta=1.5"])
     with pytest.raises(ConfigError, match=r"key 'model.reduce': Invalid value 'sum'"):
         load_config(None, ["model.reduce=sum"])
+    with pytest.raises(ConfigError, match=r"key 'augment.hflip': must be in \[0, 1\]"):
+        load_config(None, ["augment.hflip=1.5"])
+    with pytest.raises(ConfigError, match=r"key 'augment.shift': must be >= 0"):
+        load_config(None, ["augment.shift=-2"])
 
 
 def test_choices_live_on_their_fields(tmp_path):

@@ -8,11 +8,12 @@ from dataclasses import replace
 from functools import partial
 
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from configs.schema import SamplerConfig, ShardConfig
 from data.webvid_covr import read_annotations
-from sharding.batch import collate
+from sharding.batch import augment, collate
 from sharding.manifest import read_manifest, verify
 from sharding.pack import pack
 from sharding.reader import ShardReader, ShardURLError, iter_records, shard_urls
@@ -243,6 +244,20 @@ def test_exact_mid_epoch_resume_two_ranks_two_workers(packed, tok):
         resumed = [k for b in first + rest for k in b["keys"]]
         assert resumed == full
         assert len(set(resumed)) == len(resumed)
+
+
+def test_augmentation_is_seeded_per_batch_and_resumes_exactly(packed, tok):
+    _, out, _ = packed
+    aug = partial(augment, hflip=0.5, shift=2)
+    full = _epoch(_reader(out, tok, augment=aug))
+    first = _epoch(_reader(out, tok, augment=aug), limit=2)
+    rest = _epoch(_reader(out, tok, augment=aug), start=2)
+    plain = _epoch(_reader(out, tok))
+    assert len(first + rest) == len(full) == len(plain)
+    for a, b in zip(full, first + rest):
+        assert torch.equal(a["query_frames"], b["query_frames"])
+        assert torch.equal(a["target_frames"], b["target_frames"])
+    assert any(not torch.equal(a["query_frames"], p["query_frames"]) for a, p in zip(full, plain))
 
 
 def test_epochs_differ_and_are_deterministic(packed, tok):

@@ -22,7 +22,7 @@ from configs.schema import Config, per_rank_batch_size, to_dict
 from data.tokenizer import load_tokenizer
 from eval.protocols import EvalSettings, Evaluation, webvid_covr
 from eval.report import write_report
-from sharding.batch import collate
+from sharding.batch import augment, collate
 from sharding.embed import check_embedded
 from sharding.groups import read_groups
 from sharding.manifest import read_manifest
@@ -181,6 +181,7 @@ def build(cfg: Config, rank: int, world: int) -> Job:
         urls, counts, batch_size=cfg.train.batch_size, collate=batch_collate, sampler=cfg.sampler,
         rank=rank, world=world, seed=cfg.train.seed, allow_pipe=cfg.shards.allow_pipe,
         groups=read_groups(Path(cfg.shards.dir) / "train"),
+        augment=partial(augment, hflip=cfg.augment.hflip, shift=cfg.augment.shift),
     )  # fmt: skip
     reader.set_position(0, 0, cfg.shards.loader_workers)
     steps_per_epoch = reader.batches_per_epoch() // cfg.train.grad_accum
