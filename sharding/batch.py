@@ -76,7 +76,7 @@ def augment(batch: dict, rng, *, hflip: float = 0.0, shift: int = 0) -> dict:
     if "target_frames" not in batch:
         raise ValueError(
             "augment.hflip/augment.shift need target frames; these shards hold packed target "
-            "embeddings (shards.embed_model): set both to 0"
+            "embeddings (launch/embed_targets.py): set both to 0"
         )
     for key in ("query_frames", "target_frames"):
         if batch[key].ndim != 5:
