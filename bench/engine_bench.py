@@ -55,11 +55,11 @@ def engine_steps(engine, batch, steps):
 
 
 def overhead(steps: int, size: str) -> None:
-    import deepspeed
+    from train.engine import init_distributed
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))  # fmt: skip
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(60)
     with tempfile.TemporaryDirectory() as tmp:
         plain_model, batch = model_and_batch(tmp, size)
         ds_model, _ = model_and_batch(tmp, size)
@@ -104,9 +104,9 @@ def _tensors(obj):
 def _memory(rank, world, stage, precision, out):
     """Model states a rank holds at their peak: after the backward pass of the second step, when
     gradients and the optimizer's moments exist together (the ZeRO paper's accounting)."""
-    import deepspeed
+    from train.engine import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(60)
     with tempfile.TemporaryDirectory() as tmp:
         model, batch = model_and_batch(tmp, "base")
     params = model.trainable_parameters()

@@ -91,11 +91,10 @@ def _step(engine, seed: int) -> None:
 
 
 def _crafted_files_are_refused(rank, world, out_dir):
-    import deepspeed
-
     from train.checkpoint import CheckpointError, load_checkpoint, read_state, save_checkpoint
+    from train.engine import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(60)
     out = Path(out_dir)
     engine = _engine(out)
     _step(engine, 0)
@@ -169,11 +168,10 @@ def test_a_crafted_checkpoint_file_is_refused_not_run_and_a_damaged_one_skipped(
 
 
 def _save_two_ranks(rank, world, out_dir):
-    import deepspeed
-
     from train.checkpoint import save_checkpoint
+    from train.engine import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(60)
     engine = _engine(Path(out_dir))
     for step in range(3):
         _step(engine, 10 * rank + step)
@@ -181,11 +179,10 @@ def _save_two_ranks(rank, world, out_dir):
 
 
 def _load_one_rank(rank, world, out_dir):
-    import deepspeed
-
     from train.checkpoint import load_checkpoint, needs_universal, save_checkpoint, to_universal
+    from train.engine import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(60)
     out = Path(out_dir)
     assert needs_universal(out / "ckpt", "step00000003", world)
     (out / "universal").touch()  # tells `_engine` to set checkpoint.load_universal

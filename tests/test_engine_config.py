@@ -57,17 +57,15 @@ def _engine_matches_plain_torch(rank, world, out_dir):
     of a plain PyTorch loop; under ZeRO-2 the reduction is left to DeepSpeed."""
     import copy
 
-    import deepspeed
-
     from bench.train_bench import make_batch
     from configs.schema import LossConfig
-    from train.engine import build_engine
+    from train.engine import build_engine, init_distributed
     from train.objective import covr_loss
 
     def sgd(params):  # linear in the gradients: Adam would magnify float-rounding differences
         return torch.optim.SGD(params, lr=0.01, momentum=0.9)
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(60)
     torch.manual_seed(0)
     model, tok = tiny_model(Path(out_dir))
     model.eval()  # no dropout: the two runs must match step for step

@@ -28,12 +28,12 @@ def _engine_steps(rank, world, out_dir):
     import deepspeed
 
     from configs import load_config
-    from train.engine import build_engine, deepspeed_config
+    from train.engine import build_engine, deepspeed_config, init_distributed
     from train.gradcache import chunked_backward
     from train.objective import COVR
     from train.queue import TargetQueue
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(60)
     from tests.test_gradcache import _batch
 
     for stage in (0, 1, 2, 3):

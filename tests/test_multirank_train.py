@@ -49,9 +49,10 @@ def _momentum_zero3(rank, world, out_dir):
     import deepspeed
 
     from tests.tiny import tiny_model
+    from train.engine import init_distributed
     from train.queue import MomentumEncoder
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(60)
     torch.manual_seed(0)
     model, _ = tiny_model(__import__("pathlib").Path(out_dir) / f"r{rank}", "blip2")
     model.eval()
@@ -94,9 +95,10 @@ def _frozen_targets_zero3(rank, world, out_dir):
     from configs.schema import LossConfig
     from tests.test_models import _batch
     from tests.tiny import tiny_model
+    from train.engine import init_distributed
     from train.objective import covr_loss
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(60)
     torch.manual_seed(0)
     model, tok = tiny_model(__import__("pathlib").Path(out_dir) / f"r{rank}", "blip2")
     model.eval()

@@ -42,6 +42,30 @@ def test_local_process_group_listens_on_loopback_only(tmp_path):
     assert ips and all(loopback(ip) for ip in ips), ips
 
 
+def _start_beside_a_stale_build_lock(rank, world, ext_dir):
+    import faulthandler
+
+    import torch.distributed as dist
+
+    from train.engine import init_distributed
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a wait on the lock fails, not hangs
+    os.environ["TORCH_EXTENSIONS_DIR"] = ext_dir
+    init_distributed(60)
+    dist.destroy_process_group()
+
+
+@pytest.mark.e2e
+def test_cpu_ranks_start_beside_a_stale_deepspeed_build_lock(tmp_path):
+    """A process killed while DeepSpeed JIT-built its CPU shared-memory op leaves `lock`
+    behind, and every later start waited on it forever (CI hung this way): nothing is built."""
+    stale = tmp_path / "deepspeed_shm_comm"
+    stale.mkdir()
+    (stale / "lock").touch()
+    run_ranks(_start_beside_a_stale_build_lock, 1, (str(tmp_path),))
+    assert [p.name for p in stale.iterdir()] == ["lock"]
+
+
 @pytest.mark.e2e
 def test_local_ray_listens_on_loopback_only():
     import ray

@@ -65,6 +65,15 @@ def build_engine(model, params, optimizer, lr_scheduler, config: dict):
     return engine, optimizer, scheduler
 
 
+def skip_cpu_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce when CPU ranks start (used only by its
+    tensor-parallel inference, never here). The build takes minutes on a fresh 2-core machine,
+    and a process killed mid-build leaves a lock file that every later start waits on forever."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(timeout_s: int) -> tuple[int, int, int]:
     """rank, world size, local rank; gloo without a GPU, NCCL with one. A process started
     without a launcher runs as a world of one; a job whose master is this machine (the local
@@ -73,6 +82,8 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int]:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        skip_cpu_shm_build()
     network.world_of_one_env()
     if network.is_loopback(os.environ.get("MASTER_ADDR")) and "RANK" in os.environ:
         network.init_loopback_process_group(backend, timeout)
