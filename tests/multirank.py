@@ -1,4 +1,6 @@
-"""Run a test function on N real processes (gloo), each rank with its own environment."""
+"""Run a test function on N real processes (gloo), each rank with its own environment; or once
+in a fresh process (a test that starts Ray: once gRPC ran in a process, a process forked from it,
+such as a DataLoader worker, may crash)."""
 
 import os
 import socket
@@ -36,3 +38,9 @@ def run_ranks(fn, world: int = 2, args: tuple = ()) -> None:
     except Exception as err:
         detail = errors.get() if not errors.empty() else str(err)
         raise AssertionError(detail) from None
+
+
+def in_fresh_process(fn, *args):
+    """`fn(*args)` in a spawned process; its return value (or its exception) comes back."""
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)

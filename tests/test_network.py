@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from sharding.local_ray import ray_init
-from tests.multirank import run_ranks
+from tests.multirank import in_fresh_process, run_ranks
 from train import network
 
 
@@ -66,19 +66,22 @@ def test_cpu_ranks_start_beside_a_stale_deepspeed_build_lock(tmp_path):
     assert [p.name for p in stale.iterdir()] == ["lock"]
 
 
-@pytest.mark.e2e
-def test_local_ray_listens_on_loopback_only():
+def _local_ray_addresses() -> list[str]:
     import ray
 
     ray_init(None, num_cpus=1, log_to_driver=False)
     try:
         assert ray.get(ray.remote(lambda: os.getpid()).remote()) > 0  # a worker is up too
         me = psutil.Process()
-        pids = {me.pid} | {p.pid for p in me.children(recursive=True)}
-        ips = listening(pids)
-        assert len(ips) >= 3 and all(loopback(ip) for ip in ips), ips  # GCS, raylet, worker, ...
+        return listening({me.pid} | {p.pid for p in me.children(recursive=True)})
     finally:
         ray.shutdown()
+
+
+@pytest.mark.e2e
+def test_local_ray_listens_on_loopback_only():
+    ips = in_fresh_process(_local_ray_addresses)
+    assert len(ips) >= 3 and all(loopback(ip) for ip in ips), ips  # GCS, raylet, worker, ...
 
 
 def test_world_of_one_env_fills_only_what_is_missing(monkeypatch):

@@ -219,17 +219,21 @@ def test_equal_batches_on_every_rank_with_uneven_shards(packed, tok):
     assert len(seen) == len(set(seen))  # nothing read twice in an epoch
 
 
-@pytest.mark.e2e
-def test_pack_with_ray_matches_local(packed, tmp_path):
+def _pack_with_ray(root, out):
     import ray
 
-    root, _, manifest = packed
     try:
-        ray_manifest = pack(
-            root / "train.csv", root / "videos", tmp_path / "ray", replace(CFG, workers=2), "ray"
-        )
+        return pack(root / "train.csv", root / "videos", out, replace(CFG, workers=2), "ray")
     finally:
         ray.shutdown()
+
+
+@pytest.mark.e2e
+def test_pack_with_ray_matches_local(packed, tmp_path):
+    from tests.multirank import in_fresh_process
+
+    root, _, manifest = packed
+    ray_manifest = in_fresh_process(_pack_with_ray, root, tmp_path / "ray")
     assert [s["sha256"] for s in ray_manifest["shards"]] == [
         s["sha256"] for s in manifest["shards"]
     ]

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from configs.schema import ConfigError, ShardConfig
 from sharding.pack import pack
+from tests.multirank import in_fresh_process
 from tests.test_engine_e2e import CONFIG
 from tune.space import load_sweep
 
@@ -89,7 +90,7 @@ def test_sweep_asha_stops_weak_trials_and_records_child_runs(base_config, tmp_pa
                  "eval.report_queries": 0, "deepspeed.zero_stage": 0}  # fmt: skip
     sweep = load_sweep(write_sweep(tmp_path / "s.yaml", base_config, space=space, overrides=overrides, metric="meanR3",
                                    scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2}))  # fmt: skip
-    summary = run_sweep(sweep, tmp_path / "sweep")
+    summary = in_fresh_process(run_sweep, sweep, tmp_path / "sweep")
     trials = summary["trials"]
     assert len(trials) == 4
     stopped = [t for t in trials if t["status"] == "stopped_early"]
@@ -148,7 +149,7 @@ def test_a_trial_whose_rank_is_killed_is_retried_from_its_checkpoint(base_config
         target=_kill_a_rank_after_first_checkpoint, args=(tmp_path / "sweep", killed)
     )
     watcher.start()
-    summary = run_sweep(sweep, tmp_path / "sweep")
+    summary = in_fresh_process(run_sweep, sweep, tmp_path / "sweep")
     watcher.join()
     (trial,) = summary["trials"]
     assert killed, "the rank was never killed"
