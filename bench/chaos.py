@@ -24,30 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CONFIG = """
-shards: {{dir: {shards}, target_frames: 3, loader_workers: 1}}
-model:
-  tokenizer: {tokenizer}
-  vision: {{hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, image_size: 32, patch_size: 8}}
-  text: {{hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, cross_attention_frequency: 1,
-          max_position_embeddings: 64}}
-  num_query_tokens: 4
-  embed_dim: 16
-  max_text_len: 16
-  freeze_vision: false
-  train_target_encoder: true
-queue: {{size: 16}}
-sampler: {{kind: hns, buffer: 8}}
-optim: {{lr: 1.0e-3, warmup_steps: 5}}
-train: {{max_steps: {steps}, batch_size: 4, log_every: 1, ckpt_every: {ckpt_every}, eval_every: 1000000}}
-eval: {{ks: [1, 5, 10], report_queries: 0}}
-"""
-
 STEP = re.compile(r" step (\d+)/\d+ ")
 
 
 def prepare(out: Path, steps: int, ckpt_every: int) -> Path:
-    from configs.schema import MiningConfig, ShardConfig, SynthConfig
+    from omegaconf import OmegaConf
+
+    from configs.schema import CONFIG_DIR, MiningConfig, ShardConfig, SynthConfig
     from data.corpus import build_synthetic
     from sharding.pack import pack
 
@@ -58,10 +41,14 @@ def prepare(out: Path, steps: int, ckpt_every: int) -> Path:
     cfg = ShardConfig(samples_per_shard=5, target_frames=3, workers=2, seed=1)
     for split in ("train", "val"):
         pack(corpus / f"{split}.csv", corpus / "videos", out / "shards" / split, cfg)
-    path = out / "chaos.yaml"
-    path.write_text(CONFIG.format(shards=out / "shards", tokenizer=corpus / "tokenizer",
-                                  steps=steps, ckpt_every=ckpt_every))  # fmt: skip
-    return path
+    # configs/tiny.yaml, run for `steps` with no validation: the kills fall on training steps
+    settings = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "tiny.yaml"), OmegaConf.from_dotlist([
+        f"shards.dir={out / 'shards'}", f"model.tokenizer={corpus / 'tokenizer'}",
+        "optim.warmup_steps=5", f"train.max_steps={steps}", f"train.ckpt_every={ckpt_every}",
+        "train.keep_checkpoints=2", "train.eval_every=1000000", "eval.report_queries=0",
+    ]))  # fmt: skip
+    OmegaConf.save(settings, out / "chaos.yaml")
+    return out / "chaos.yaml"
 
 
 class Job:

@@ -22,18 +22,16 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
-from webdataset import TarWriter
 
 from sharding import format as fmt
 from sharding.manifest import MANIFEST, read_manifest
 from sharding.reader import read_shard
-from sharding.writer import ShardStats
+from sharding.writer import ShardStats, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -112,25 +110,15 @@ def embed_shard(src: Path, out_dir: Path, name: str, encoder: TargetEncoder, fin
                 frames_per_batch: int = 256, strict: bool = False) -> ShardStats:  # fmt: skip
     """Write `out_dir/NAME.tar` from `src`, atomically, and its stats file last."""
     start = time.perf_counter()
-    final, tmp = out_dir / f"{name}.tar", out_dir / f"{name}.tar.tmp"
     stats = ShardStats(name=name, fingerprint=fingerprint)
-    with tmp.open("wb") as f:
-        writer = TarWriter(f, encoder=False, mtime=0.0)
-        for chunk in _chunks(read_shard(str(src)), frames_per_batch):
-            for sample in _embed_chunk(chunk, encoder, stats, strict):
-                writer.write(sample)
-                stats.samples += 1
-                stats.triplets += len(fmt.record_meta(sample)["triplets"])
-        writer.close()
-    data = tmp.read_bytes()
-    stats.bytes, stats.sha256 = len(data), hashlib.sha256(data).hexdigest()
-    tmp.replace(final)
-    stats.seconds = round(time.perf_counter() - start, 3)
-    stats_path = out_dir / f"{name}.stats.json"
-    stats_tmp = stats_path.with_suffix(".tmp")
-    stats_tmp.write_text(json.dumps(asdict(stats), indent=1))
-    stats_tmp.replace(stats_path)
-    return stats
+    samples = (
+        sample
+        for chunk in _chunks(read_shard(str(src)), frames_per_batch)
+        for sample in _embed_chunk(chunk, encoder, stats, strict)
+    )
+    return write_shard(
+        out_dir / f"{name}.tar", out_dir / f"{name}.stats.json", samples, stats, start
+    )
 
 
 def finished(out_dir: Path, name: str, fingerprint: str) -> ShardStats | None:

@@ -147,25 +147,32 @@ def encode_record(record: dict, job: ShardJob, stats: ShardStats) -> dict | None
     return fmt.encode_record(record["key"], meta, target, queries, cfg.frame_size, cfg.jpeg_quality)
 
 
-def _paths(job: ShardJob) -> tuple[Path, Path, Path]:
+def _paths(job: ShardJob) -> tuple[Path, Path]:
     out = Path(job.out_dir)
-    return out / f"{job.name}.tar", out / f"{job.name}.tar.tmp", out / f"{job.name}.stats.json"
+    return out / f"{job.name}.tar", out / f"{job.name}.stats.json"
 
 
 def pack_shard(job: ShardJob) -> ShardStats:
     """Write one shard atomically and its stats file last. Safe to call again after a crash."""
     start = time.perf_counter()
-    final, tmp, stats_path = _paths(job)
+    final, stats_path = _paths(job)
     # the inputs as they are before reading them: a file changed while packing is seen next time
     stats = ShardStats(name=job.name, fingerprint=job.fingerprint, inputs=inputs_signature(job))
+    samples = (encode_record(record, job, stats) for record in job.records)
+    return write_shard(final, stats_path, (s for s in samples if s is not None), stats, start)
+
+
+def write_shard(final: Path, stats_path: Path, samples: Iterable[dict], stats: ShardStats,
+                start: float) -> ShardStats:  # fmt: skip
+    """`samples` into the tar `final` under a temporary name, renamed when complete; counted
+    into `stats`, whose file is written last: its presence marks the shard done."""
+    tmp = final.with_name(final.name + ".tmp")
     with tmp.open("wb") as f:
         writer = TarWriter(f, encoder=False, mtime=0.0)
-        for record in job.records:
-            sample = encode_record(record, job, stats)
-            if sample is not None:
-                writer.write(sample)
-                stats.samples += 1
-                stats.triplets += len(fmt.record_meta(sample)["triplets"])
+        for sample in samples:
+            writer.write(sample)
+            stats.samples += 1
+            stats.triplets += len(fmt.record_meta(sample)["triplets"])
         writer.close()
     data = tmp.read_bytes()
     stats.bytes, stats.sha256 = len(data), hashlib.sha256(data).hexdigest()
@@ -180,7 +187,7 @@ def pack_shard(job: ShardJob) -> ShardStats:
 def finished(job: ShardJob) -> ShardStats | None:
     """The stats of a shard an earlier run completed from the same inputs, else None (a shard
     whose media files changed since is packed again)."""
-    final, _, path = _paths(job)
+    final, path = _paths(job)
     if not path.is_file() or not final.is_file():
         return None
     stats = ShardStats(**json.loads(path.read_text()))

@@ -18,27 +18,9 @@ from configs.schema import ShardConfig
 from sharding.pack import pack
 from tests.conftest import ROOT
 from tests.multirank import free_port
+from tests.tiny import write_tiny_config
 
 pytestmark = pytest.mark.e2e
-
-CONFIG = """
-shards: {{dir: {shards}, target_frames: 3, loader_workers: 1}}
-model:
-  tokenizer: {tokenizer}
-  vision: {{hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, image_size: 32, patch_size: 8}}
-  text: {{hidden_size: 32, layers: 1, heads: 2, intermediate_size: 64, cross_attention_frequency: 1,
-          max_position_embeddings: 64}}
-  num_query_tokens: 4
-  embed_dim: 16
-  max_text_len: 16
-  freeze_vision: false
-  train_target_encoder: true
-queue: {{size: 16}}
-sampler: {{kind: hns, buffer: 8}}
-train: {{epochs: 3, batch_size: 4, log_every: 1, ckpt_every: 2, keep_checkpoints: 3}}
-optim: {{lr: 1.0e-3, warmup_steps: 2}}
-eval: {{ks: [1, 5, 10]}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +30,7 @@ def setup(small_corpus, tmp_path_factory):
     cfg = ShardConfig(samples_per_shard=5, target_frames=3, workers=2)
     for split in ("train", "val", "test"):
         pack(root / f"{split}.csv", root / "videos", base / "shards" / split, replace(cfg, seed=1))
-    path = base / "cfg.yaml"
-    path.write_text(CONFIG.format(shards=base / "shards", tokenizer=root / "tokenizer"))
-    return path
+    return write_tiny_config(base / "cfg.yaml", base / "shards", root / "tokenizer")
 
 
 def launch(config, out_dir, *overrides, ranks=2, wait=True):

@@ -22,7 +22,7 @@ import pytest
 from configs.schema import ShardConfig
 from sharding.pack import pack
 from tests.conftest import CIRR_ROOT, ROOT
-from tests.test_engine_e2e import CONFIG
+from tests.tiny import write_tiny_config
 
 pytestmark = pytest.mark.e2e
 SCRIPTS = sorted(p.name for p in (ROOT / "launch").glob("*.py") if not p.name.startswith("_"))
@@ -120,7 +120,7 @@ def workspace(small_corpus, tmp_path_factory):
     # stands in for launch/embed_targets.py's output (a deepspeed launch: parsed, not run here)
     (ws / "shards-emb").symlink_to(demo / "shards")
     tiny = ws / "tiny.yaml"
-    tiny.write_text(CONFIG.format(shards=demo / "shards", tokenizer=demo / "corpus" / "tokenizer"))
+    write_tiny_config(tiny, demo / "shards", demo / "corpus" / "tokenizer")
 
     env = {k: v for k, v in __import__("os").environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip

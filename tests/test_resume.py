@@ -169,15 +169,14 @@ def test_a_re_split_with_nothing_left_yields_no_batch(shards):
 
 @pytest.fixture(scope="module")
 def e2e_config(small_corpus, tmp_path_factory):
-    from tests.test_engine_e2e import CONFIG
+    from tests.tiny import write_tiny_config
 
     root, _ = small_corpus
     base = tmp_path_factory.mktemp("resume")
     cfg = ShardConfig(samples_per_shard=5, target_frames=3, workers=2, seed=1)
     for split in ("train", "val"):
         pack(root / f"{split}.csv", root / "videos", base / "shards" / split, cfg)
-    path = base / "cfg.yaml"
-    path.write_text(CONFIG.format(shards=base / "shards", tokenizer=root / "tokenizer"))
+    path = write_tiny_config(base / "cfg.yaml", base / "shards", root / "tokenizer")
     records = read_manifest(base / "shards" / "train")["totals"]["samples"]
     return path, records
 

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from configs.schema import ConfigError, ShardConfig
 from sharding.pack import pack
 from tests.multirank import in_fresh_process
-from tests.test_engine_e2e import CONFIG
+from tests.tiny import write_tiny_config
 from tune.space import load_sweep
 
 
@@ -26,9 +26,7 @@ def base_config(small_corpus, tmp_path_factory):
     cfg = ShardConfig(samples_per_shard=5, target_frames=3, workers=2, seed=1)
     for split in ("train", "val", "test"):
         pack(root / f"{split}.csv", root / "videos", base / "shards" / split, replace(cfg))
-    path = base / "base.yaml"
-    path.write_text(CONFIG.format(shards=base / "shards", tokenizer=root / "tokenizer"))
-    return path
+    return write_tiny_config(base / "base.yaml", base / "shards", root / "tokenizer")
 
 
 def write_sweep(path: Path, base: Path, **fields) -> Path:

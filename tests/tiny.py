@@ -1,6 +1,10 @@
 """Tiny random configurations of the real model classes, shared by the tests."""
 
-from configs.schema import ModelConfig, TextSize, VisionSize
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from configs.schema import CONFIG_DIR, ModelConfig, TextSize, VisionSize
 from data.tokenizer import build_vocab_tokenizer
 from train.models import build_model
 
@@ -25,3 +29,13 @@ def tiny_model_config(arch: str = "blip2", **overrides) -> ModelConfig:
 def tiny_model(tmp_path, arch="blip2", **overrides):
     tok = build_vocab_tokenizer([WORDS], tmp_path / "tok")
     return build_model(tiny_model_config(arch, **overrides), tok), tok
+
+
+def write_tiny_config(path: Path, shards: Path, tokenizer: Path, *overrides: str) -> Path:
+    """configs/tiny.yaml with these shards, tokenizer and `key=value` overrides, as one file."""
+    dotlist = [f"shards.dir={shards}", f"model.tokenizer={tokenizer}", *overrides]
+    merged = OmegaConf.merge(
+        OmegaConf.load(CONFIG_DIR / "tiny.yaml"), OmegaConf.from_dotlist(dotlist)
+    )
+    OmegaConf.save(merged, path)
+    return path
