@@ -30,6 +30,7 @@ QUIET = {
     "httpx": logging.WARNING,
     "matplotlib": logging.WARNING,  # "generated new fontManager" on a fresh machine
 }
+GPU_DEVICES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dri")  # NVIDIA, AMD, Intel drivers
 
 
 def rank() -> int:
@@ -46,6 +47,10 @@ def setup_logging() -> None:
     if rank() != 0:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # a machine without a GPU driver: DeepSpeed is told it runs on the CPU rather than warning
+    # at every start that it "was unable to detect" a GPU (ranks and the launcher inherit this)
+    if not any(Path(dev).exists() for dev in GPU_DEVICES):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def expected(err: BaseException) -> bool:

@@ -77,7 +77,10 @@ def test_zero_stages_train_checkpoint_export_and_track(setup, tmp_path, stage):
     assert {"report/retrievals.png", "report/index.html", "report/recall.png"} <= report
     # the console: rank 0 speaks for the job, once
     console = (out / "console.log").read_text()
-    assert "one-time op compile" in console and console.count("building the job") == 1
+    assert console.count("building the job") == 1
+    # ranks are told the accelerator (launch/_bootstrap.py); the launcher's two processes, which
+    # start before our code, may still guess (launch/demo.py tells them too)
+    assert console.count("Setting accelerator to CPU") <= 2
     assert console.count('"mlflow_run_id"') == 1  # the summary, printed by rank 0 only
     assert f"step {summary['steps']}/{summary['steps']}" in console and " left " in console
     assert console.count("validation at step") == len(

@@ -52,8 +52,7 @@ def train(cfg: Config) -> dict | None:
     rank, world, _ = init_distributed(cfg.deepspeed.timeout_s)
     cfg.train.batch_size = per_rank_batch_size(cfg, world)  # from train.global_batch_size if set
     if rank == 0:
-        log.info("building the job: DeepSpeed start-up and its one-time op compile can take "
-                 "about a minute and a half on a first run")  # fmt: skip
+        log.info("building the job: model, data reader, DeepSpeed engine")
     job = build(cfg, rank, world)
     meter = Meter()
     while job.state.step < job.total_steps:
