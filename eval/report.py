@@ -123,9 +123,11 @@ def retrieval_html(evaluation: Evaluation, queries: list[int], k: int, out_dir: 
 def recall_plot(metrics: dict, path: Path) -> Path:
     names = [m for m in metrics if "R@" in m or "mAP@" in m or "Rsubset@" in m]
     fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(names)), 3))
-    ax.bar(names, [metrics[m] for m in names], color="tab:blue")
+    bars = ax.bar(names, [metrics[m] for m in names], color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f", fontsize=7)  # the numbers, not only the bars
     ax.set_ylabel("percent")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 110)  # room for the label of a bar at 100
+    ax.set_yticks(range(0, 101, 20))
     ax.tick_params(axis="x", rotation=45, labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
