@@ -28,11 +28,10 @@ STEP = re.compile(r" step (\d+)/\d+ ")
 
 
 def prepare(out: Path, steps: int, ckpt_every: int) -> Path:
-    from omegaconf import OmegaConf
-
-    from configs.schema import CONFIG_DIR, MiningConfig, ShardConfig, SynthConfig
+    from configs.schema import MiningConfig, ShardConfig, SynthConfig
     from data.corpus import build_synthetic
     from sharding.pack import pack
+    from tests.tiny import write_tiny_config
 
     corpus = out / "corpus"
     if not (corpus / "train.csv").exists():
@@ -42,13 +41,11 @@ def prepare(out: Path, steps: int, ckpt_every: int) -> Path:
     for split in ("train", "val"):
         pack(corpus / f"{split}.csv", corpus / "videos", out / "shards" / split, cfg)
     # configs/tiny.yaml, run for `steps` with no validation: the kills fall on training steps
-    settings = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "tiny.yaml"), OmegaConf.from_dotlist([
-        f"shards.dir={out / 'shards'}", f"model.tokenizer={corpus / 'tokenizer'}",
+    return write_tiny_config(
+        out / "chaos.yaml", out / "shards", corpus / "tokenizer",
         "optim.warmup_steps=5", f"train.max_steps={steps}", f"train.ckpt_every={ckpt_every}",
         "train.keep_checkpoints=2", "train.eval_every=1000000", "eval.report_queries=0",
-    ]))  # fmt: skip
-    OmegaConf.save(settings, out / "chaos.yaml")
-    return out / "chaos.yaml"
+    )  # fmt: skip
 
 
 class Job:
