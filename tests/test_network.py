@@ -37,7 +37,12 @@ def _group(rank, world, out_dir):
 
 @pytest.mark.e2e
 def test_local_process_group_listens_on_loopback_only(tmp_path):
+    shm = lambda: set(Path("/dev/shm").glob("deepspeed_allreduce_buffer*"))  # noqa: E731
+    before = shm()
     run_ranks(_group, 2, (str(tmp_path),))
+    # DeepSpeed's CPU shm all-reduce (not built: skip_cpu_shm_build) never unlinked its 66 MB
+    # buffers: 265 of them had filled 17 GiB of this machine's /dev/shm
+    assert shm() == before
     ips = [ip for r in (0, 1) for ip in json.loads((tmp_path / f"listen{r}.json").read_text())]
     assert ips and all(loopback(ip) for ip in ips), ips
 
