@@ -148,6 +148,7 @@ class AugmentConfig:
 
     hflip: float = 0.0  # probability of a horizontal flip
     shift: int = 0  # max translation in pixels (model input), edges replicated
+    target_frames: int = 0  # train on a random subset of this many of a target's frames; 0 = all
 
 
 @dataclass
@@ -235,7 +236,7 @@ POSITIVE_RUN = ("optim.lr", "train.epochs", "train.log_every", "train.keep_check
                 "model.embed_dim", "model.max_text_len")  # fmt: skip
 NON_NEGATIVE = ("train.max_steps", "train.eval_every", "train.ckpt_every", "optim.weight_decay", "optim.grad_clip",
                 "optim.warmup_steps", "shards.loader_workers", "shards.frame_size", "eval.report_queries",
-                "loss.beta", "loss.alpha", "augment.shift")  # fmt: skip
+                "loss.beta", "loss.alpha", "augment.shift", "augment.target_frames")  # fmt: skip
 UNIT = (
     "optim.min_lr_ratio",
     "queue.momentum",

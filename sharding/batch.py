@@ -67,12 +67,22 @@ def collate(samples: list[dict], tokenizer, image_size: int, max_text_len: int,
     return batch
 
 
-def augment(batch: dict, rng, *, hflip: float = 0.0, shift: int = 0) -> dict:
-    """Training augmentation, in place on a collated batch: per sample, one horizontal flip (with
+def augment(
+    batch: dict, rng, *, hflip: float = 0.0, shift: int = 0, target_frames: int = 0
+) -> dict:
+    """Training augmentation of a collated batch: per sample, one horizontal flip (with
     probability `hflip`) and one translation of up to `shift` pixels, the same for its query and
-    its target frames. `rng`: a `random.Random` (the reader seeds it per batch: resumable)."""
-    if not hflip and not shift:
-        return batch
+    its target frames; then, with `target_frames`, a random subset of that many of each target's
+    frames (or packed frame embeddings), in their order. `rng`: a `random.Random` (the reader
+    seeds it per batch: resumable)."""
+    if hflip or shift:
+        _flip_and_shift(batch, rng, hflip, shift)
+    if target_frames:
+        _subset_target_frames(batch, rng, target_frames)
+    return batch
+
+
+def _flip_and_shift(batch: dict, rng, hflip: float, shift: int) -> None:
     if "target_frames" not in batch:
         raise ValueError(
             "augment.hflip/augment.shift need target frames; these shards hold packed target "
@@ -93,7 +103,25 @@ def augment(batch: dict, rng, *, hflip: float = 0.0, shift: int = 0) -> dict:
             if dx or dy:
                 x = _translate(x, dx, dy)
             batch[key][i] = x
-    return batch
+
+
+def _subset_target_frames(batch: dict, rng, k: int) -> None:
+    """Keep k frames per target, drawn among its valid ones (a target with fewer keeps them all,
+    padded with masked slots): the target side then costs k / F of the packed frames."""
+    key = "target_frames" if "target_frames" in batch else "target_embeddings"
+    mask = batch["target_mask"]
+    if mask.shape[1] <= k:
+        return
+    rows = []
+    for valid in mask:
+        keep = valid.nonzero().flatten().tolist()
+        keep = sorted(rng.sample(keep, k)) if len(keep) > k else keep
+        pad = (~valid).nonzero().flatten().tolist()[: k - len(keep)]
+        rows.append(keep + pad)
+    index = torch.tensor(rows)
+    batch["target_mask"] = mask.gather(1, index)
+    batch["target_scores"] = batch["target_scores"].gather(1, index)
+    batch[key] = batch[key][torch.arange(len(rows))[:, None], index]
 
 
 def _translate(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:

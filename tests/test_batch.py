@@ -93,3 +93,33 @@ def test_augment_refuses_packed_embeddings():
     }
     with pytest.raises(ValueError, match="augment.hflip"):
         augment(batch, random.Random(0), hflip=0.5)
+
+
+@pytest.mark.parametrize("key", ["target_frames", "target_embeddings"])
+def test_augment_keeps_a_random_ordered_subset_of_each_targets_valid_frames(key):
+    shape = (4, 3, 2, 2) if key == "target_frames" else (4, 2)  # per frame
+    frame_no = torch.arange(3 * 4.0).view(3, 4, *[1] * len(shape[1:]))  # value = b * 4 + f
+    batch = {
+        "query_frames": torch.zeros(3, 1, 3, 2, 2),
+        key: frame_no.expand(3, *shape).clone(),
+        "target_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0]]).bool(),
+        "target_scores": torch.arange(3 * 4.0).view(3, 4),
+    }
+    seen = set()
+    for seed in range(20):
+        out = augment(
+            {k: v.clone() for k, v in batch.items()}, random.Random(seed), target_frames=2
+        )
+        kept = out[key].flatten(2)[..., 0]
+        assert (
+            out[key].shape[:2] == out["target_mask"].shape == out["target_scores"].shape == (3, 2)
+        )
+        assert torch.equal(out["target_scores"], kept)  # scores travel with their frames
+        for b in range(2):  # 4 and 3 valid frames: 2 distinct valid ones, in order
+            f = (kept[b] - 4 * b).long().tolist()
+            assert f[0] < f[1] and all(x < (4, 3)[b] for x in f) and out["target_mask"][b].all()
+            seen.add((b, *f))
+        assert kept[2, 0] == 8 and out["target_mask"][2].tolist() == [True, False]  # 1 valid
+    assert len(seen) >= 8  # the subsets vary with the seed (6 + 3 possible)
+    same = augment({k: v.clone() for k, v in batch.items()}, random.Random(0), target_frames=4)
+    assert torch.equal(same[key], batch[key])  # as many as packed: unchanged

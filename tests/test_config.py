@@ -55,6 +55,8 @@ def test_bad_values_name_the_key():
         load_config(None, ["augment.hflip=1.5"])
     with pytest.raises(ConfigError, match=r"key 'augment.shift': must be >= 0"):
         load_config(None, ["augment.shift=-2"])
+    with pytest.raises(ConfigError, match=r"key 'augment.target_frames': must be >= 0"):
+        load_config(None, ["augment.target_frames=-1"])
 
 
 def test_choices_live_on_their_fields(tmp_path):

@@ -180,7 +180,7 @@ def build(cfg: Config, rank: int, world: int) -> Job:
         urls, counts, batch_size=cfg.train.batch_size, collate=batch_collate, sampler=cfg.sampler,
         rank=rank, world=world, seed=cfg.train.seed, allow_pipe=cfg.shards.allow_pipe,
         groups=read_groups(Path(cfg.shards.dir) / "train"),
-        augment=partial(augment, hflip=cfg.augment.hflip, shift=cfg.augment.shift),
+        augment=partial(augment, **vars(cfg.augment)),
     )  # fmt: skip
     reader.set_position(0, 0, cfg.shards.loader_workers)
     steps_per_epoch = reader.batches_per_epoch() // cfg.train.grad_accum
