@@ -87,7 +87,19 @@ def run(main, also: tuple[type[BaseException], ...] = ()) -> None:
         if not (expected(err) or isinstance(err, also)) or os.environ.get("COVR_TRACEBACK"):
             raise
         code = fail(err)
+    if code == 0:
+        leave_process_group()
     sys.exit(code)
+
+
+def leave_process_group() -> None:
+    """Ranks that finished leave their process group together. Left to interpreter exit, a gloo
+    group was torn down while the other rank was still connected, and both ranks aborted after
+    their work was done ("terminate called without an active exception", exit status 250)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class PreflightError(ValueError):

@@ -47,6 +47,27 @@ def test_local_process_group_listens_on_loopback_only(tmp_path):
     assert ips and all(loopback(ip) for ip in ips), ips
 
 
+def _finish_and_leave(rank, world, out_dir):
+    import sys
+
+    import torch.distributed as dist
+
+    from train.engine import init_distributed
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "launch"))
+    from _bootstrap import leave_process_group
+
+    init_distributed(60)
+    leave_process_group()
+    Path(out_dir, f"left{rank}").write_text(str(dist.is_initialized()))
+
+
+@pytest.mark.e2e
+def test_finished_ranks_leave_their_process_group_together(tmp_path):
+    run_ranks(_finish_and_leave, 2, (str(tmp_path),))
+    assert [(tmp_path / f"left{r}").read_text() for r in (0, 1)] == ["False", "False"]
+
+
 def _start_beside_a_stale_build_lock(rank, world, ext_dir):
     import faulthandler
 
