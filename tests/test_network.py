@@ -54,7 +54,7 @@ def _finish_and_leave(rank, world, out_dir):
 
     from train.engine import init_distributed
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "launch"))
+    sys.path.append(str(Path(__file__).resolve().parent.parent / "launch"))  # after the packages
     from _bootstrap import leave_process_group
 
     init_distributed(60)
