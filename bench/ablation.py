@@ -46,9 +46,17 @@ TARGET_FRAMES = 4
 def model_config(combiner: str) -> ModelConfig:
     return ModelConfig(
         arch="blip2",
-        vision=VisionSize(hidden_size=64, layers=2, heads=4, intermediate_size=128, image_size=64, patch_size=8),
-        text=TextSize(hidden_size=64, layers=2, heads=4, intermediate_size=128, cross_attention_frequency=1,
-                      max_position_embeddings=64),
+        vision=VisionSize(
+            hidden_size=64, layers=2, heads=4, intermediate_size=128, image_size=64, patch_size=8
+        ),
+        text=TextSize(
+            hidden_size=64,
+            layers=2,
+            heads=4,
+            intermediate_size=128,
+            cross_attention_frequency=1,
+            max_position_embeddings=64,
+        ),
         num_query_tokens=8,
         embed_dim=64,
         max_text_len=24,
@@ -56,7 +64,7 @@ def model_config(combiner: str) -> ModelConfig:
         train_target_encoder=True,
         combiner=combiner,
         target_frames=TARGET_FRAMES,
-    )  # fmt: skip
+    )
 
 
 def load_split_samples(root: Path, split: str, target_index: dict) -> list[dict]:
@@ -161,8 +169,13 @@ def main() -> None:
     torch.set_num_threads(2)
     print(f"train {len(train)} triplets, test {len(test)} queries (gallery {len(test)})")
     results = {}
-    variants = {"composed": "fusion", "composed-mlp": "mlp", "composed-avg": "avg", "text-only": "text",
-                "image-only": "image"}  # fmt: skip
+    variants = {
+        "composed": "fusion",
+        "composed-mlp": "mlp",
+        "composed-avg": "avg",
+        "text-only": "text",
+        "image-only": "image",
+    }
     for name in args.variants.split(","):
         results[name] = train_variant(
             variants[name],

@@ -35,17 +35,26 @@ def prepare(out: Path, steps: int, ckpt_every: int) -> Path:
 
     corpus = out / "corpus"
     if not (corpus / "train.csv").exists():
-        build_synthetic(corpus, SynthConfig(videos=60, family_size=5, frames=12, size=32, workers=2, seed=7),
-                        MiningConfig(val_fraction=0.2, test_fraction=0.2, seed=7))  # fmt: skip
+        build_synthetic(
+            corpus,
+            SynthConfig(videos=60, family_size=5, frames=12, size=32, workers=2, seed=7),
+            MiningConfig(val_fraction=0.2, test_fraction=0.2, seed=7),
+        )
     cfg = ShardConfig(samples_per_shard=5, target_frames=3, workers=2, seed=1)
     for split in ("train", "val"):
         pack(corpus / f"{split}.csv", corpus / "videos", out / "shards" / split, cfg)
     # configs/tiny.yaml, run for `steps` with no validation: the kills fall on training steps
     return write_tiny_config(
-        out / "chaos.yaml", out / "shards", corpus / "tokenizer",
-        "optim.warmup_steps=5", f"train.max_steps={steps}", f"train.ckpt_every={ckpt_every}",
-        "train.keep_checkpoints=2", "train.eval_every=1000000", "eval.report_queries=0",
-    )  # fmt: skip
+        out / "chaos.yaml",
+        out / "shards",
+        corpus / "tokenizer",
+        "optim.warmup_steps=5",
+        f"train.max_steps={steps}",
+        f"train.ckpt_every={ckpt_every}",
+        "train.keep_checkpoints=2",
+        "train.eval_every=1000000",
+        "eval.report_queries=0",
+    )
 
 
 class Job:
@@ -54,11 +63,27 @@ class Job:
     def __init__(self, config: Path, out_dir: Path, log):
         from train.engine import free_port
 
-        cmd = ["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()),
-               str(ROOT / "launch/train.py"), "--config", str(config), f"train.out_dir={out_dir}"]  # fmt: skip
+        cmd = [
+            "deepspeed",
+            "--num_accelerators",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(ROOT / "launch/train.py"),
+            "--config",
+            str(config),
+            f"train.out_dir={out_dir}",
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True, env=env)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env=env,
+        )
         self.step = 0
         self.reader = threading.Thread(target=self._follow, args=(log,), daemon=True)
         self.reader.start()
@@ -97,8 +122,14 @@ def run(config: Path, out_dir: Path, kill_at: list[tuple[int, float]], rng) -> l
             time.sleep(delay)
             step = job.step
             job.kill()
-            kills.append({"target_step": target, "extra_delay_s": round(delay, 2), "step_at_kill": step,
-                          "seconds_into_launch": round(time.perf_counter() - started, 1)})  # fmt: skip
+            kills.append(
+                {
+                    "target_step": target,
+                    "extra_delay_s": round(delay, 2),
+                    "step_at_kill": step,
+                    "seconds_into_launch": round(time.perf_counter() - started, 1),
+                }
+            )
             print(f"killed at step {step} (target {target} + {delay:.2f} s)", flush=True)
         job = Job(config, out_dir, log)
         if job.wait() != 0:
@@ -125,8 +156,11 @@ def history(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     client = MlflowClient(summary["mlflow_tracking_uri"])
     points = client.get_metric_history(summary["mlflow_run_id"], "loss")
-    return {"run_id": summary["mlflow_run_id"], "steps": summary["steps"],
-            "loss": sorted((p.step, p.value) for p in points)}  # fmt: skip
+    return {
+        "run_id": summary["mlflow_run_id"],
+        "steps": summary["steps"],
+        "loss": sorted((p.step, p.value) for p in points),
+    }
 
 
 def main(argv=None) -> int:
@@ -166,13 +200,20 @@ def main(argv=None) -> int:
         got_loss.setdefault(s, v)
     loss_diff = max(abs(ref_loss[s] - got_loss[s]) for s in ref_loss if s in got_loss)
     result = {
-        "steps": args.steps, "ckpt_every": args.ckpt_every, "seed": args.seed, "kills": kills,
+        "steps": args.steps,
+        "ckpt_every": args.ckpt_every,
+        "seed": args.seed,
+        "kills": kills,
         "weights": weights,
-        "mlflow_loss_history": {"points": len(steps), "every_step_once": steps == list(range(1, args.steps + 1)),
-                                "repeated_steps": repeated, "missing_steps": missing,
-                                "max_abs_loss_diff_vs_reference": loss_diff},
+        "mlflow_loss_history": {
+            "points": len(steps),
+            "every_step_once": steps == list(range(1, args.steps + 1)),
+            "repeated_steps": repeated,
+            "missing_steps": missing,
+            "max_abs_loss_diff_vs_reference": loss_diff,
+        },
         "seconds": {"reference": round(reference_s, 1), "chaos_with_restarts": round(chaos_s, 1)},
-    }  # fmt: skip
+    }
     (out / "chaos.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     ok = weights["max_abs_diff"] <= 1e-5 and result["mlflow_loss_history"]["every_step_once"]

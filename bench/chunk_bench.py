@@ -45,15 +45,22 @@ def setup(size: str, batch_size: int):
     from train.optim import build_optimizer
 
     torch.set_num_threads(1)  # see main's --threads note
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # fmt: skip
+    os.environ.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
     init_distributed(600)
     with tempfile.TemporaryDirectory() as tmp:
         model, batch = model_and_batch(tmp, size, batch_size)
     cfg = load_config(None, [f"train.batch_size={batch_size}", "deepspeed.zero_stage=0"])
     params = model.trainable_parameters()
-    engine, *_ = build_engine(model, params, build_optimizer(params, cfg.optim), None,
-                              deepspeed_config(cfg))  # fmt: skip
+    engine, *_ = build_engine(
+        model, params, build_optimizer(params, cfg.optim), None, deepspeed_config(cfg)
+    )
 
     def step(b, chunk):
         if chunk:
@@ -73,8 +80,12 @@ def memory_one(size: str, batch_size: int, chunk: int) -> dict:
     base = peak_mib()
     step(batch, chunk)
     peak = peak_mib()
-    return {"chunk_size": chunk, "peak_mib": peak, "setup_peak_mib": base,
-            "activation_mib": peak - base}  # fmt: skip
+    return {
+        "chunk_size": chunk,
+        "peak_mib": peak,
+        "setup_peak_mib": base,
+        "activation_mib": peak - base,
+    }
 
 
 def timing(size: str, batch_size: int, chunks: list[int], rounds: int) -> dict:
@@ -113,8 +124,14 @@ def main() -> None:
         return print(json.dumps(memory_one(args.size, args.batch_size, args.memory)))
     if args.timing:
         return print(json.dumps(timing(args.size, args.batch_size, chunks, args.rounds)))
-    common = ["--size", args.size, "--batch-size", str(args.batch_size), "--fractions",
-              *map(str, args.fractions)]  # fmt: skip
+    common = [
+        "--size",
+        args.size,
+        "--batch-size",
+        str(args.batch_size),
+        "--fractions",
+        *map(str, args.fractions),
+    ]
     load = [os.getloadavg()[0]]
     rows = [child([*common, "--memory", str(c)]) for c in chunks]
     for r in rows:
@@ -124,16 +141,20 @@ def main() -> None:
     load.append(os.getloadavg()[0])
     print(json.dumps(times), flush=True)
     whole, t0 = rows[0], times["0"]
-    print(f"\n{args.size} model, batch {args.batch_size}, 1 rank ZeRO-0 fp32 (peak RSS); "
-          f"load average {', '.join(f'{x:.1f}' for x in load)}")  # fmt: skip
+    print(
+        f"\n{args.size} model, batch {args.batch_size}, 1 rank ZeRO-0 fp32 (peak RSS); "
+        f"load average {', '.join(f'{x:.1f}' for x in load)}"
+    )
     print("| chunk | activation memory (peak) | vs whole | step time | vs whole |")
     print("|---|---|---|---|---|")
     for r in rows:
         c = r["chunk_size"]
         name = "whole batch" if c == 0 else f"{c} (1/{args.batch_size // c})"
         t = times[str(c)]
-        print(f"| {name} | {r['activation_mib']:,.0f} MiB ({r['peak_mib']:,.0f}) | "
-              f"{r['activation_mib'] / whole['activation_mib']:.2f}x | {t:.2f} s | {t / t0:.2f}x |")  # fmt: skip
+        print(
+            f"| {name} | {r['activation_mib']:,.0f} MiB ({r['peak_mib']:,.0f}) | "
+            f"{r['activation_mib'] / whole['activation_mib']:.2f}x | {t:.2f} s | {t / t0:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

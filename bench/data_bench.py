@@ -92,11 +92,15 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=1_000_000)
     args = parser.parse_args()
     dec = bench_decoder(args.videos, args.frames, args.size)
-    print(f"decoder: project {dec['project']:.0f} frames/s, bare PyAV {dec['bare']:.0f} frames/s, "
-          f"ratio {dec['ratio_project_over_bare']:.3f}")  # fmt: skip
+    print(
+        f"decoder: project {dec['project']:.0f} frames/s, bare PyAV {dec['bare']:.0f} frames/s, "
+        f"ratio {dec['ratio_project_over_bare']:.3f}"
+    )
     m = bench_mining(args.captions)
-    print(f"mining: {m['captions']} captions in {m['seconds']:.1f} s = {m['captions_per_s']:.0f} captions/s; "
-          f"{m['caption_pairs']} caption pairs, {m['triplets_train']} train triplets")  # fmt: skip
+    print(
+        f"mining: {m['captions']} captions in {m['seconds']:.1f} s = {m['captions_per_s']:.0f} captions/s; "
+        f"{m['caption_pairs']} caption pairs, {m['triplets_train']} train triplets"
+    )
 
 
 if __name__ == "__main__":

@@ -57,15 +57,25 @@ def engine_steps(engine, batch, steps):
 def overhead(steps: int, size: str) -> None:
     from train.engine import init_distributed
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))  # fmt: skip
+    os.environ.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
     init_distributed(60)
     with tempfile.TemporaryDirectory() as tmp:
         plain_model, batch = model_and_batch(tmp, size)
         ds_model, _ = model_and_batch(tmp, size)
     params = ds_model.trainable_parameters()
-    engine, *_ = build_engine(ds_model, params, torch.optim.AdamW(params, lr=1e-4), None,
-                              {**DS_CONFIG, "zero_optimization": {"stage": 0}})  # fmt: skip
+    engine, *_ = build_engine(
+        ds_model,
+        params,
+        torch.optim.AdamW(params, lr=1e-4),
+        None,
+        {**DS_CONFIG, "zero_optimization": {"stage": 0}},
+    )
     plain_steps(plain_model, batch, 3), engine_steps(engine, batch, 3)  # warm-up
     plain, ds, ds_reduce = [], [], []
     for round_ in range(4):  # interleaved rounds, best of each; who goes first alternates, since
@@ -78,15 +88,24 @@ def overhead(steps: int, size: str) -> None:
         if round_ % 2 == 1:
             plain.append(plain_steps(plain_model, batch, steps))
     p, d, r = min(plain), min(ds), min(ds_reduce)
-    print(f"step time: plain PyTorch {p * 1e3:.1f} ms, project engine (DeepSpeed ZeRO-0) {d * 1e3:.1f} ms, "
-          f"overhead {100 * (d / p - 1):+.1f}%; with DeepSpeed's single-rank all-reduce {r * 1e3:.1f} ms, "
-          f"{100 * (r / p - 1):+.1f}%")  # fmt: skip
+    print(
+        f"step time: plain PyTorch {p * 1e3:.1f} ms, project engine (DeepSpeed ZeRO-0) {d * 1e3:.1f} ms, "
+        f"overhead {100 * (d / p - 1):+.1f}%; with DeepSpeed's single-rank all-reduce {r * 1e3:.1f} ms, "
+        f"{100 * (r / p - 1):+.1f}%"
+    )
 
 
 # where DeepSpeed's optimizers keep master weights and gradients (names differ by stage/precision)
-OPTIMIZER_TENSORS = ("fp32_groups", "fp32_groups_flat", "fp32_partitioned_groups_flat",
-                     "single_partition_of_fp32_groups", "fp32_groups_flat_partition",
-                     "fp32_groups_gradients_flat", "grad_partitions_flat_buffer", "averaged_gradients")  # fmt: skip
+OPTIMIZER_TENSORS = (
+    "fp32_groups",
+    "fp32_groups_flat",
+    "fp32_partitioned_groups_flat",
+    "single_partition_of_fp32_groups",
+    "fp32_groups_flat_partition",
+    "fp32_groups_gradients_flat",
+    "grad_partitions_flat_buffer",
+    "averaged_gradients",
+)
 
 
 def _tensors(obj):
@@ -110,9 +129,17 @@ def _memory(rank, world, stage, precision, out):
     with tempfile.TemporaryDirectory() as tmp:
         model, batch = model_and_batch(tmp, "base")
     params = model.trainable_parameters()
-    engine, opt, _ = build_engine(model, params, torch.optim.AdamW(params, lr=1e-4), None,
-                                  {**DS_CONFIG, "zero_optimization": {"stage": stage},
-                                   "bf16": {"enabled": precision == "bf16"}})  # fmt: skip
+    engine, opt, _ = build_engine(
+        model,
+        params,
+        torch.optim.AdamW(params, lr=1e-4),
+        None,
+        {
+            **DS_CONFIG,
+            "zero_optimization": {"stage": stage},
+            "bf16": {"enabled": precision == "bf16"},
+        },
+    )
     for step in range(2):
         loss, _ = covr_loss(engine, batch, LossConfig())
         engine.backward(loss)
@@ -135,8 +162,10 @@ def memory(precision: str) -> None:
         for stage in (0, 3):
             run_ranks(_memory, 2, (stage, precision, out))
             result[stage] = max(torch.load(f"{out}/mem{stage}{precision}_{r}.pt") for r in range(2))
-    print(f"[{precision}] per-rank params+grads+optimizer state, 2 ranks: ZeRO-0 {result[0] / 2**20:.2f} MiB, "
-          f"ZeRO-3 {result[3] / 2**20:.2f} MiB, ratio {result[3] / result[0]:.2f}")  # fmt: skip
+    print(
+        f"[{precision}] per-rank params+grads+optimizer state, 2 ranks: ZeRO-0 {result[0] / 2**20:.2f} MiB, "
+        f"ZeRO-3 {result[3] / 2**20:.2f} MiB, ratio {result[3] / result[0]:.2f}"
+    )
 
 
 def main() -> None:

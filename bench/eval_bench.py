@@ -52,23 +52,29 @@ def search_bench(g: int, q: int, d: int, k: int, hnsw: bool) -> None:
     t_flat, (_, flat_ids) = timed(lambda: search(flat, queries, k), 2)
     print(f"gallery {g} x {d}, {q} queries, top-{k}, {torch.get_num_threads()} threads")
     print(f"  torch matmul+topk      {t_torch * 1e3:9.1f} ms   1.00x")
-    print(f"  faiss flat (exact)     {t_flat * 1e3:9.1f} ms   {t_torch / t_flat:.2f}x faster   "
-          f"top-{k} agreement {topk_agreement(exact, flat_ids, k):.2f}%")  # fmt: skip
+    print(
+        f"  faiss flat (exact)     {t_flat * 1e3:9.1f} ms   {t_torch / t_flat:.2f}x faster   "
+        f"top-{k} agreement {topk_agreement(exact, flat_ids, k):.2f}%"
+    )
     start = time.perf_counter()
     ivf = build_index(gallery, IndexSpec("ivf", nlist=4096))
     build = time.perf_counter() - start
     for nprobe in (8, 32):
         ivf.nprobe = nprobe
         t_ivf, (_, ivf_ids) = timed(lambda: search(ivf, queries, k), 2)  # noqa: B023
-        print(f"  faiss ivf4096 nprobe {nprobe:<2} {t_ivf * 1e3:9.1f} ms   {t_torch / t_ivf:.2f}x faster   "
-              f"recall@{k} vs exact {topk_agreement(exact, ivf_ids, k):.2f}%   (build {build:.0f} s)")  # fmt: skip
+        print(
+            f"  faiss ivf4096 nprobe {nprobe:<2} {t_ivf * 1e3:9.1f} ms   {t_torch / t_ivf:.2f}x faster   "
+            f"recall@{k} vs exact {topk_agreement(exact, ivf_ids, k):.2f}%   (build {build:.0f} s)"
+        )
     if hnsw:
         start = time.perf_counter()
         index = build_index(gallery, IndexSpec("hnsw"))
         build = time.perf_counter() - start
         t_h, (_, h_ids) = timed(lambda: search(index, queries, k), 2)
-        print(f"  faiss hnsw32 ef128     {t_h * 1e3:9.1f} ms   {t_torch / t_h:.2f}x faster   "
-              f"recall@{k} vs exact {topk_agreement(exact, h_ids, k):.2f}%   (build {build:.0f} s)")  # fmt: skip
+        print(
+            f"  faiss hnsw32 ef128     {t_h * 1e3:9.1f} ms   {t_torch / t_h:.2f}x faster   "
+            f"recall@{k} vs exact {topk_agreement(exact, h_ids, k):.2f}%   (build {build:.0f} s)"
+        )
 
 
 @torch.no_grad()

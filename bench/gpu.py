@@ -65,13 +65,25 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "covr2_blip2.yaml"
 BASE = ["model.pretrained=null", "deepspeed.precision=bf16", "deepspeed.zero_stage=2"]
 SIZES = {  # overrides on top of the CoVR-2 config; `full` is the config itself
     "full": [],
-    "tiny": ["model.vision.hidden_size=32", "model.vision.layers=2", "model.vision.heads=2",
-             "model.vision.intermediate_size=64", "model.vision.image_size=32", "model.vision.patch_size=8",
-             "model.text.hidden_size=32", "model.text.layers=2", "model.text.heads=2",
-             "model.text.intermediate_size=64", "model.text.cross_attention_frequency=1",
-             "model.text.max_position_embeddings=64", "model.num_query_tokens=4", "model.embed_dim=16",
-             "model.max_text_len=12", "train.batch_size=8"],
-}  # fmt: skip
+    "tiny": [
+        "model.vision.hidden_size=32",
+        "model.vision.layers=2",
+        "model.vision.heads=2",
+        "model.vision.intermediate_size=64",
+        "model.vision.image_size=32",
+        "model.vision.patch_size=8",
+        "model.text.hidden_size=32",
+        "model.text.layers=2",
+        "model.text.heads=2",
+        "model.text.intermediate_size=64",
+        "model.text.cross_attention_frequency=1",
+        "model.text.max_position_embeddings=64",
+        "model.num_query_tokens=4",
+        "model.embed_dim=16",
+        "model.max_text_len=12",
+        "train.batch_size=8",
+    ],
+}
 BERT_VOCAB = 30522  # the Q-Former's word embeddings (bert-base-uncased)
 TARGETS = ("embeddings", "frames")
 
@@ -247,8 +259,12 @@ def measure(bench: Bench, targets: str, batch_size: int, steps: int, peak: float
     release(bench.device)
     flops = count_flops(bench, cfg, targets)  # a second model: only after the engine is gone
     rate = result["samples_per_s"]
-    return {**result, "tflop_per_sample": flops / 1e12, "achieved_tflops": flops * rate / 1e12,
-            "mfu": mfu(flops, rate, peak)}  # fmt: skip
+    return {
+        **result,
+        "tflop_per_sample": flops / 1e12,
+        "achieved_tflops": flops * rate / 1e12,
+        "mfu": mfu(flops, rate, peak),
+    }
 
 
 def _measure(bench, engine, cfg, targets, batch_size, steps) -> dict:
@@ -270,10 +286,14 @@ def _measure(bench, engine, cfg, targets, batch_size, steps) -> dict:
         else None
     )
     return {
-        "targets": targets, "batch_size": batch_size, "steps": steps, "step_s": step_s,
-        "samples_per_s": rate, "peak_memory_gib": peak_mem,
+        "targets": targets,
+        "batch_size": batch_size,
+        "steps": steps,
+        "step_s": step_s,
+        "samples_per_s": rate,
+        "peak_memory_gib": peak_mem,
         "param_dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch."),
-    }  # fmt: skip
+    }
 
 
 def train_section(bench, targets, batch_size, steps, peak) -> dict:
@@ -283,8 +303,12 @@ def train_section(bench, targets, batch_size, steps, peak) -> dict:
         result = attempt(lambda b=batch_size: measure(bench, targets, b, steps, peak))
         left = release(bench.device)
         if result is not None:
-            return {**result, **left, "requested_batch_size": requested,
-                    "section_s": time.perf_counter() - start}  # fmt: skip
+            return {
+                **result,
+                **left,
+                "requested_batch_size": requested,
+                "section_s": time.perf_counter() - start,
+            }
         batch_size //= 2
     raise RuntimeError(f"{targets}: not even batch 1 fits on {bench.device}")
 
@@ -292,8 +316,9 @@ def train_section(bench, targets, batch_size, steps, peak) -> dict:
 # --- the largest batch --------------------------------------------------------------------------
 
 
-def search_largest(fits: Callable[[int], bool], start: int, cap: int, known: int = 0,
-                   resolution: int = 8):  # fmt: skip
+def search_largest(
+    fits: Callable[[int], bool], start: int, cap: int, known: int = 0, resolution: int = 8
+):
     """(largest size that fits, smallest that does not or None): doubling from `start` up to
     `cap`, then bisecting until the gap is at most 1/`resolution` of the fit. `known` is a size
     already known to fit (0: none). Assumes that what fits at b fits at every smaller b."""
@@ -314,8 +339,15 @@ def search_largest(fits: Callable[[int], bool], start: int, cap: int, known: int
     return lo, hi
 
 
-def largest_batch(bench: Bench, overrides: list[str], targets: str, known: int, cap: int,
-                  deadline: Deadline, s_per_sample: float) -> dict:  # fmt: skip
+def largest_batch(
+    bench: Bench,
+    overrides: list[str],
+    targets: str,
+    known: int,
+    cap: int,
+    deadline: Deadline,
+    s_per_sample: float,
+) -> dict:
     """The largest per-device batch whose training steps fit in memory under the config with
     `overrides` (e.g. ["deepspeed.activation_checkpointing=false"]; a chunk-size sweep adds its
     key here), doubling from `known` (a batch that fits, e.g. the measured one) up to `cap`.
@@ -344,14 +376,27 @@ def largest_batch(bench: Bench, overrides: list[str], targets: str, known: int, 
         start_t = time.perf_counter()
         result = attempt(lambda: run(b))
         left = release(bench.device)
-        tries.append({"batch_size": b, "fits": result is not None, **(result or {}), **left,
-                      "seconds": time.perf_counter() - start_t})  # fmt: skip
+        tries.append(
+            {
+                "batch_size": b,
+                "fits": result is not None,
+                **(result or {}),
+                **left,
+                "seconds": time.perf_counter() - start_t,
+            }
+        )
         return result is not None
 
     best, first_oom = search_largest(fits, 2 * known, cap, known)
-    return {"targets": targets, "overrides": overrides, "largest": best,
-            "first_oom": None if stopped else first_oom, "cap": cap, "stopped_by_budget": stopped,
-            "tries": tries}  # fmt: skip
+    return {
+        "targets": targets,
+        "overrides": overrides,
+        "largest": best,
+        "first_oom": None if stopped else first_oom,
+        "cap": cap,
+        "stopped_by_budget": stopped,
+        "tries": tries,
+    }
 
 
 # --- FAISS ------------------------------------------------------------------------------------
@@ -393,11 +438,13 @@ def faiss_section(n: int, d: int, nq: int, k: int, gpu: bool) -> dict:
         (cs, ci), cpu_s = _timed(lambda: search(cpu_index, q, k))
         (os_, oi), other_s = _timed(lambda: search(other_index, q, k))
         result[name] = {
-            "cpu_build_s": build_cpu_s, "other_build_s": build_other_s,
-            "cpu_queries_per_s": nq / cpu_s, "other_queries_per_s": nq / other_s,
+            "cpu_build_s": build_cpu_s,
+            "other_build_s": build_other_s,
+            "cpu_queries_per_s": nq / cpu_s,
+            "other_queries_per_s": nq / other_s,
             "top10_agreement": topk_agreement(ci, oi, min(10, k)),
             "max_score_diff": float(np.abs(cs - os_).max()),
-        }  # fmt: skip
+        }
         return ci
 
     flat_cpu, t_cpu = _timed(lambda: build_index(x, IndexSpec("flat")))
@@ -413,8 +460,11 @@ def faiss_section(n: int, d: int, nq: int, k: int, gpu: bool) -> dict:
         ivf_other, t_other = _timed(lambda: faiss.clone_index(ivf_cpu))
     ivf_other.nprobe = ivf_cpu.nprobe  # the same cells visited on both sides
     ivf_ids = compare("ivf", ivf_cpu, ivf_other, t_cpu, t_other)
-    result["ivf"].update(nlist=ivf_cpu.nlist, nprobe=ivf_cpu.nprobe,
-                         top10_recall_vs_exact=topk_agreement(exact_ids, ivf_ids, min(10, k)))  # fmt: skip
+    result["ivf"].update(
+        nlist=ivf_cpu.nlist,
+        nprobe=ivf_cpu.nprobe,
+        top10_recall_vs_exact=topk_agreement(exact_ids, ivf_ids, min(10, k)),
+    )
     result["section_s"] = time.perf_counter() - start
     return result
 
@@ -428,40 +478,56 @@ def _fmt(value, spec=".1f", unit="", none="n/a") -> str:
 
 def markdown(r: dict) -> str:
     """The tables for bench/RESULTS.md."""
-    lines = [f"Device: {r['device']} ({r['size']} size; peak bf16 {_fmt(r['peak_tflops'], '.0f')} "
-             f"TFLOP/s; torch {r['versions']['torch']}, DeepSpeed {r['versions']['deepspeed']}, "
-             f"FAISS {r['versions']['faiss']})", "",
-             "| targets | batch | samples/s | step | peak memory | TFLOP/sample | TFLOP/s | MFU |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"Device: {r['device']} ({r['size']} size; peak bf16 {_fmt(r['peak_tflops'], '.0f')} "
+        f"TFLOP/s; torch {r['versions']['torch']}, DeepSpeed {r['versions']['deepspeed']}, "
+        f"FAISS {r['versions']['faiss']})",
+        "",
+        "| targets | batch | samples/s | step | peak memory | TFLOP/sample | TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for t in r["train"].values():
         lines.append(
             f"| {t['targets']} | {t['batch_size']} | {t['samples_per_s']:.1f} | {t['step_s'] * 1e3:.0f} ms "
             f"| {_fmt(t['peak_memory_gib'], '.1f', ' GiB')} | {t['tflop_per_sample']:.4g} "
             f"| {t['achieved_tflops']:.3g} | {_fmt(t['mfu'] and 100 * t['mfu'], '.1f', '%')} |"
-        )  # fmt: skip
+        )
     if r.get("faiss"):
         f = r["faiss"]
-        lines += ["", f"FAISS, {f['gallery']:,} x {f['dim']} gallery, {f['queries']:,} queries, "
-                  f"top-{f['k']}, {f['other_side']} against CPU:", "",
-                  f"| index | CPU queries/s | {f['other_side'].upper()} queries/s | top-10 agreement | max score diff |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"FAISS, {f['gallery']:,} x {f['dim']} gallery, {f['queries']:,} queries, "
+            f"top-{f['k']}, {f['other_side']} against CPU:",
+            "",
+            f"| index | CPU queries/s | {f['other_side'].upper()} queries/s | top-10 agreement | max score diff |",
+            "|---|---|---|---|---|",
+        ]
         for kind in ("exact", "ivf"):
             s = f[kind]
-            lines.append(f"| {kind} | {s['cpu_queries_per_s']:,.0f} | {s['other_queries_per_s']:,.0f} "
-                         f"| {s['top10_agreement']:.2f}% | {s['max_score_diff']:.1e} |")  # fmt: skip
+            lines.append(
+                f"| {kind} | {s['cpu_queries_per_s']:,.0f} | {s['other_queries_per_s']:,.0f} "
+                f"| {s['top10_agreement']:.2f}% | {s['max_score_diff']:.1e} |"
+            )
         ivf = f["ivf"]
-        lines.append(f"\nIVF: nlist {ivf['nlist']}, nprobe {ivf['nprobe']}, top-10 recall against "
-                     f"exact {ivf['top10_recall_vs_exact']:.1f}%")  # fmt: skip
+        lines.append(
+            f"\nIVF: nlist {ivf['nlist']}, nprobe {ivf['nprobe']}, top-10 recall against "
+            f"exact {ivf['top10_recall_vs_exact']:.1f}%"
+        )
     if r.get("largest_batch"):
-        lines += ["", "| targets | overrides | largest batch that fits | first OOM | tries |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "| targets | overrides | largest batch that fits | first OOM | tries |",
+            "|---|---|---|---|---|",
+        ]
         for s in r["largest_batch"].values():
             top = f"{s['largest']}" + (
                 " (cap)" if s["first_oom"] is None and not s["stopped_by_budget"] else ""
             )
             top += " (budget)" if s["stopped_by_budget"] else ""
-            lines.append(f"| {s['targets']} | {' '.join(s['overrides']) or '-'} | {top} "
-                         f"| {_fmt(s['first_oom'], 'd', none='-')} | {len(s['tries'])} |")  # fmt: skip
+            lines.append(
+                f"| {s['targets']} | {' '.join(s['overrides']) or '-'} | {top} "
+                f"| {_fmt(s['first_oom'], 'd', none='-')} | {len(s['tries'])} |"
+            )
     if r["skipped"]:
         lines.append(
             "\nSkipped (time budget, or its measurement failed): " + ", ".join(r["skipped"])
@@ -484,11 +550,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s (default: table)")
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting work after this")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per measure")
-    parser.add_argument("--frames-batch-size", type=int, default=16,
-                        help="batch for targets from frames (15 ViT-g passes per sample)")  # fmt: skip
+    parser.add_argument(
+        "--frames-batch-size",
+        type=int,
+        default=16,
+        help="batch for targets from frames (15 ViT-g passes per sample)",
+    )
     parser.add_argument("--max-batch", type=int, default=8192, help="largest batch tried")
-    parser.add_argument("--chunk-size", type=int, nargs="+", default=[], metavar="N",
-                        help="also the largest batch with train.chunk_size=N (embeddings)")  # fmt: skip
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="also the largest batch with train.chunk_size=N (embeddings)",
+    )
     parser.add_argument("--faiss-gallery", type=int, default=1_000_000)
     parser.add_argument("--faiss-queries", type=int, default=10_000)
     parser.add_argument("overrides", nargs="*", help="config key=value overrides")
@@ -497,8 +573,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: use --device cpu (and --size tiny)")
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # fmt: skip
+    os.environ.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
     init_distributed(600)  # the project's start-up: NCCL on a GPU, gloo on CPU
     import deepspeed
     import faiss
@@ -506,11 +588,21 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     peak = args.peak_tflops or peak_tflops(name)
     report = {
-        "device": name, "size": args.size, "peak_tflops": peak, "overrides": args.overrides,
-        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                     "faiss": faiss.__version__},
-        "train": {}, "faiss": None, "largest_batch": {}, "skipped": [], "errors": {},
-    }  # fmt: skip
+        "device": name,
+        "size": args.size,
+        "peak_tflops": peak,
+        "overrides": args.overrides,
+        "versions": {
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+            "faiss": faiss.__version__,
+        },
+        "train": {},
+        "faiss": None,
+        "largest_batch": {},
+        "skipped": [],
+        "errors": {},
+    }
 
     def save():
         report["elapsed_s"] = time.perf_counter() - started
@@ -558,8 +650,12 @@ def main(argv: list[str] | None = None) -> dict:
             if measured is None:
                 return report["skipped"].append(f"largest_batch/{key}")
             s_per_sample = measured["step_s"] / measured["batch_size"]
-            result = guarded(f"largest_batch/{key}", lambda: largest_batch(
-                bench, overrides, targets, measured["batch_size"], cap, until, s_per_sample))  # fmt: skip
+            result = guarded(
+                f"largest_batch/{key}",
+                lambda: largest_batch(
+                    bench, overrides, targets, measured["batch_size"], cap, until, s_per_sample
+                ),
+            )
             if result is not None:
                 report["largest_batch"][key] = result
                 print(f"largest batch/{key}: {result}", flush=True)

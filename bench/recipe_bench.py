@@ -94,7 +94,7 @@ def reference(model, batch, loss_cfg) -> None:
             encoder_hidden_states=image,
             encoder_attention_mask=image_mask,
         ).last_hidden_state
-        query = F.normalize(hf.text_proj(hidden[:, 0]), dim=-1)  # fmt: skip
+        query = F.normalize(hf.text_proj(hidden[:, 0]), dim=-1)
     target = batch["target_embeddings"].mean(1).mean(1)  # the dataset's pooling, then token mean
     c = loss_cfg
     loss = c.video_weight * hn_nce(query, target, c.temperature, c.alpha, c.beta)
@@ -147,8 +147,12 @@ def base_step_times(tmp: str, b: int, steps: int) -> dict:
     loss_cfg = load_config(RECIPES["blip2"]).loss
     batches = {k: batch_for(model, b, 15, k == "embedded", "cpu") for k in ("embedded", "jpeg")}
     for batch in batches.values():  # a real tokenised edit, not all-ones
-        batch["input_ids"] = tok(["replace circle with square"] * b, padding="max_length",
-                                 max_length=cfg.max_text_len, return_tensors="pt").input_ids  # fmt: skip
+        batch["input_ids"] = tok(
+            ["replace circle with square"] * b,
+            padding="max_length",
+            max_length=cfg.max_text_len,
+            return_tensors="pt",
+        ).input_ids
     best = {k: float("inf") for k in batches}
     for round_ in range(3):  # interleaved rounds, best of each
         for kind in list(batches) if round_ % 2 == 0 else list(batches)[::-1]:
@@ -170,15 +174,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in ("blip2", "blip"):
             f = full_size(arch, tmp)
-            print(f"{arch} full size, GFLOPs per training sample: ours (embedded shards) "
-                  f"{f['ours_embedded'] / 1e9:,.1f}, ours (JPEG shards) {f['ours_jpeg'] / 1e9:,.1f}, "
-                  f"reference {f['reference'] / 1e9:,.1f}; ratio embedded / reference "
-                  f"{f['ours_embedded'] / f['reference']:.3f}, JPEG / reference "
-                  f"{f['ours_jpeg'] / f['reference']:.2f}", flush=True)  # fmt: skip
+            print(
+                f"{arch} full size, GFLOPs per training sample: ours (embedded shards) "
+                f"{f['ours_embedded'] / 1e9:,.1f}, ours (JPEG shards) {f['ours_jpeg'] / 1e9:,.1f}, "
+                f"reference {f['reference'] / 1e9:,.1f}; ratio embedded / reference "
+                f"{f['ours_embedded'] / f['reference']:.3f}, JPEG / reference "
+                f"{f['ours_jpeg'] / f['reference']:.2f}",
+                flush=True,
+            )
         t = base_step_times(tmp, a.batch_size, a.steps)
-    print(f"base size on CPU, step time per sample (fwd + loss + bwd + AdamW, batch {a.batch_size}): "
-          f"embedded {t['embedded'] * 1e3:.1f} ms, JPEG targets {t['jpeg'] * 1e3:.1f} ms, "
-          f"ratio {t['jpeg'] / t['embedded']:.2f}")  # fmt: skip
+    print(
+        f"base size on CPU, step time per sample (fwd + loss + bwd + AdamW, batch {a.batch_size}): "
+        f"embedded {t['embedded'] * 1e3:.1f} ms, JPEG targets {t['jpeg'] * 1e3:.1f} ms, "
+        f"ratio {t['jpeg'] / t['embedded']:.2f}"
+    )
 
 
 if __name__ == "__main__":

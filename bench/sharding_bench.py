@@ -51,11 +51,15 @@ def reference_loader(
     start = time.perf_counter()
     samples = []
     for i, t in enumerate(rows[:limit]):
-        samples.append({
-            "query_frames": load_frames(video_path(root / "videos", t.pth1), n=1),
-            "target_frames": load_frames(video_path(root / "videos", t.pth2), n=frames),
-            "edit": t.edit, "scores": t.scores, "target_id": i,
-        })  # fmt: skip
+        samples.append(
+            {
+                "query_frames": load_frames(video_path(root / "videos", t.pth1), n=1),
+                "target_frames": load_frames(video_path(root / "videos", t.pth2), n=frames),
+                "edit": t.edit,
+                "scores": t.scores,
+                "target_id": i,
+            }
+        )
         if len(samples) == batch:
             collate(samples, tok, size, 32)
             samples = []
@@ -92,9 +96,11 @@ def main() -> None:
             )
             times[workers] = time.perf_counter() - start
         triplets = len(rows)
-        print(f"packing {triplets} triplets ({args.frames} target frames, {args.size}px): decode only {decode_s:.1f} s, "
-              f"pack 1 worker {times[1]:.1f} s (ratio {times[1] / decode_s:.2f}x), 2 workers {times[2]:.1f} s "
-              f"(speed-up {times[1] / times[2]:.2f}x)")  # fmt: skip
+        print(
+            f"packing {triplets} triplets ({args.frames} target frames, {args.size}px): decode only {decode_s:.1f} s, "
+            f"pack 1 worker {times[1]:.1f} s (ratio {times[1] / decode_s:.2f}x), 2 workers {times[2]:.1f} s "
+            f"(speed-up {times[1] / times[2]:.2f}x)"
+        )
 
         tok = load_tokenizer(root / "tokenizer")
         shard_dir = Path(tmp) / "shards2"
@@ -109,8 +115,10 @@ def main() -> None:
         ref_rate = reference_loader(
             root, rows, tok, args.size, args.frames, 16, min(160, len(rows))
         )
-        print(f"loader: shards {shard_rate:.0f} samples/s, mp4 per sample {ref_rate:.1f} samples/s: "
-              f"{shard_rate / ref_rate:.1f}x")  # fmt: skip
+        print(
+            f"loader: shards {shard_rate:.0f} samples/s, mp4 per sample {ref_rate:.1f} samples/s: "
+            f"{shard_rate / ref_rate:.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,13 @@ from train.queue import TargetQueue  # noqa: E402
 
 SIZES = {  # tiny: the unit-test model; base: ViT and Q-Former of BERT-base width, 4 layers each
     "tiny": {},
-    "base": dict(vision=VisionSize(768, 4, 12, 3072, 32, 8), text=TextSize(768, 4, 12, 3072, 1, 64),
-                 num_query_tokens=32, embed_dim=256),
-}  # fmt: skip
+    "base": dict(
+        vision=VisionSize(768, 4, 12, 3072, 32, 8),
+        text=TextSize(768, 4, 12, 3072, 1, 64),
+        num_query_tokens=32,
+        embed_dim=256,
+    ),
+}
 
 
 def model_and_batch(tmp, size="tiny", batch_size=32):

@@ -36,11 +36,16 @@ def main() -> None:
     a = p.parse_args()
     out = Path(a.out or tempfile.mkdtemp(prefix="tune_bench_"))
     fixed = {
-        "data.root": str(out / "corpus"), "shards.dir": str(out / "shards"),
-        "model.tokenizer": str(out / "corpus" / "tokenizer"), "data.synth.videos": a.videos,
-        "train.max_steps": a.steps, "train.eval_every": a.steps // 4, "train.ckpt_every": a.steps // 2,
-        "eval.report_queries": 0, "deepspeed.zero_stage": 0,
-    }  # fmt: skip
+        "data.root": str(out / "corpus"),
+        "shards.dir": str(out / "shards"),
+        "model.tokenizer": str(out / "corpus" / "tokenizer"),
+        "data.synth.videos": a.videos,
+        "train.max_steps": a.steps,
+        "train.eval_every": a.steps // 4,
+        "train.ckpt_every": a.steps // 2,
+        "eval.report_queries": 0,
+        "deepspeed.zero_stage": 0,
+    }
     base = str(CONFIG_DIR / "demo.yaml")
     cfg = load_config(base, overrides_of(fixed))
     build_synthetic(cfg.data.root, cfg.data.synth, cfg.data.mining)
@@ -48,9 +53,21 @@ def main() -> None:
 
     direct = 0.0
     for sampler in SAMPLERS:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "1", "--master_port",
-               str(free_port()), str(TRAIN_SCRIPT), "--config", base, *overrides_of(fixed),
-               f"sampler.kind={sampler}", f"train.out_dir={out / 'direct' / sampler}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_accelerators",
+            "1",
+            "--master_port",
+            str(free_port()),
+            str(TRAIN_SCRIPT),
+            "--config",
+            base,
+            *overrides_of(fixed),
+            f"sampler.kind={sampler}",
+            f"train.out_dir={out / 'direct' / sampler}",
+        ]
         start = time.perf_counter()
         subprocess.run(
             cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
@@ -58,8 +75,14 @@ def main() -> None:
         direct += time.perf_counter() - start
         print(f"direct {sampler:6s} {time.perf_counter() - start:6.1f} s", flush=True)
 
-    sweep = Sweep(base=base, name="bench", overrides=fixed, space={"sampler.kind": {"grid": SAMPLERS}},
-                  scheduler=Scheduler(kind="fifo"), max_concurrent=1)  # fmt: skip
+    sweep = Sweep(
+        base=base,
+        name="bench",
+        overrides=fixed,
+        space={"sampler.kind": {"grid": SAMPLERS}},
+        scheduler=Scheduler(kind="fifo"),
+        max_concurrent=1,
+    )
     check(sweep)
     start = time.perf_counter()
     run_sweep(sweep, out / "sweep")

@@ -227,16 +227,44 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-POSITIVE = ("train.batch_size", "train.grad_accum", "shards.samples_per_shard", "shards.target_frames",
-            "shards.query_frames", "loss.temperature")  # fmt: skip
+POSITIVE = (
+    "train.batch_size",
+    "train.grad_accum",
+    "shards.samples_per_shard",
+    "shards.target_frames",
+    "shards.query_frames",
+    "loss.temperature",
+)
 FRACTIONS = ("data.mining.val_fraction", "data.mining.test_fraction", "sampler.beta")
 # values that used to fail only after the ranks had started (or trained nothing and exited 0)
-POSITIVE_RUN = ("optim.lr", "train.epochs", "train.log_every", "train.keep_checkpoints", "deepspeed.timeout_s",
-                "eval.batch_size", "shards.workers", "data.synth.videos", "model.num_query_tokens",
-                "model.embed_dim", "model.max_text_len")  # fmt: skip
-NON_NEGATIVE = ("train.max_steps", "train.eval_every", "train.ckpt_every", "optim.weight_decay", "optim.grad_clip",
-                "optim.warmup_steps", "shards.loader_workers", "shards.frame_size", "eval.report_queries",
-                "loss.beta", "loss.alpha", "augment.shift", "augment.target_frames")  # fmt: skip
+POSITIVE_RUN = (
+    "optim.lr",
+    "train.epochs",
+    "train.log_every",
+    "train.keep_checkpoints",
+    "deepspeed.timeout_s",
+    "eval.batch_size",
+    "shards.workers",
+    "data.synth.videos",
+    "model.num_query_tokens",
+    "model.embed_dim",
+    "model.max_text_len",
+)
+NON_NEGATIVE = (
+    "train.max_steps",
+    "train.eval_every",
+    "train.ckpt_every",
+    "optim.weight_decay",
+    "optim.grad_clip",
+    "optim.warmup_steps",
+    "shards.loader_workers",
+    "shards.frame_size",
+    "eval.report_queries",
+    "loss.beta",
+    "loss.alpha",
+    "augment.shift",
+    "augment.target_frames",
+)
 UNIT = (
     "optim.min_lr_ratio",
     "queue.momentum",

@@ -40,20 +40,32 @@ FIELD = 7  # the RS code's field size = values per slot
 MAX_FAMILIES = FIELD**3
 
 COLOUR_RGB = {
-    "red": (0.9, 0.1, 0.1), "green": (0.1, 0.85, 0.2), "blue": (0.15, 0.3, 1.0),
-    "yellow": (0.95, 0.9, 0.1), "purple": (0.6, 0.15, 0.8), "cyan": (0.1, 0.9, 0.9),
+    "red": (0.9, 0.1, 0.1),
+    "green": (0.1, 0.85, 0.2),
+    "blue": (0.15, 0.3, 1.0),
+    "yellow": (0.95, 0.9, 0.1),
+    "purple": (0.6, 0.15, 0.8),
+    "cyan": (0.1, 0.9, 0.9),
     "white": (1.0, 1.0, 1.0),
-}  # fmt: skip
+}
 BACKGROUND_RGB = {
-    "desert": (0.55, 0.45, 0.3), "forest": (0.1, 0.25, 0.12), "ocean": (0.05, 0.15, 0.35),
-    "snow": (0.75, 0.78, 0.8), "lava": (0.35, 0.08, 0.05), "concrete": (0.4, 0.4, 0.4),
+    "desert": (0.55, 0.45, 0.3),
+    "forest": (0.1, 0.25, 0.12),
+    "ocean": (0.05, 0.15, 0.35),
+    "snow": (0.75, 0.78, 0.8),
+    "lava": (0.35, 0.08, 0.05),
+    "concrete": (0.4, 0.4, 0.4),
     "meadow": (0.35, 0.5, 0.2),
-}  # fmt: skip
+}
 TIME_TINT = {
-    "dawn": (1.0, 0.8, 0.85), "noon": (1.0, 1.0, 1.0), "dusk": (0.9, 0.65, 0.45),
-    "night": (0.35, 0.4, 0.6), "twilight": (0.6, 0.5, 0.8), "sunrise": (1.0, 0.9, 0.6),
+    "dawn": (1.0, 0.8, 0.85),
+    "noon": (1.0, 1.0, 1.0),
+    "dusk": (0.9, 0.65, 0.45),
+    "night": (0.35, 0.4, 0.6),
+    "twilight": (0.6, 0.5, 0.8),
+    "sunrise": (1.0, 0.9, 0.6),
     "sunset": (0.85, 0.5, 0.5),
-}  # fmt: skip
+}
 CATEGORIES = ("nature", "abstract", "motion", "colour", "animation", "education", "art", "science")
 
 

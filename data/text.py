@@ -20,8 +20,13 @@ def pre_caption(text: str, max_words: int = MAX_WORDS) -> str:
     return " ".join(words[:max_words]) if len(words) > max_words else text
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int, max_words: int = MAX_WORDS,
-             padding: str = "max_length"):  # fmt: skip
+def tokenize(
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    max_words: int = MAX_WORDS,
+    padding: str = "max_length",
+):
     """Cleaned texts, truncated on the right to `max_length` tokens and padded to it (the
     reference's training tokenisation) or, with padding="longest", to the longest text (its test
     scripts, with max_length 64)."""

@@ -77,8 +77,17 @@ def embed_images(
     return distributed_embed(len(paths), batch, batch_size, rank, world, "gallery", progress)
 
 
-def embed_image_queries(model, tokenizer, reference_paths: list, edits: list[str], batch_size=64,
-                        rank=0, world=1, progress=False, text_len: int = 64) -> torch.Tensor:  # fmt: skip
+def embed_image_queries(
+    model,
+    tokenizer,
+    reference_paths: list,
+    edits: list[str],
+    batch_size=64,
+    rank=0,
+    world=1,
+    progress=False,
+    text_len: int = 64,
+) -> torch.Tensor:
     """(reference image, edit text) pairs -> query tokens (Q, Tq, D); edits tokenised as the
     reference's test scripts: at most `text_len` tokens, padded to the batch's longest."""
     size = model.hf.config.vision_config.image_size

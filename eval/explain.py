@@ -164,8 +164,13 @@ def save_explanation(expl: Explanation, frame: np.ndarray, edit: str, path: str 
     y = np.arange(len(expl.words))
     axes[3].barh(y, expl.word_attention, color="tab:blue", alpha=0.6, label="attention")
     rel = expl.word_relevance
-    axes[3].barh(y, rel / rel.max() * expl.word_attention.max() if rel.max() > 0 else rel, height=0.4,
-                 color="tab:red", label="grad-weighted (scaled)")  # fmt: skip
+    axes[3].barh(
+        y,
+        rel / rel.max() * expl.word_attention.max() if rel.max() > 0 else rel,
+        height=0.4,
+        color="tab:red",
+        label="grad-weighted (scaled)",
+    )
     axes[3].set_yticks(y, expl.words)
     axes[3].invert_yaxis()
     axes[3].legend(fontsize=7)

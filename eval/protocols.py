@@ -47,8 +47,12 @@ FASHIONIQ_GALLERIES = {
 }
 EVAL_TEXT_LEN = 64  # the reference's test tokenisation (src/test/*/*.py: longest, max 64)
 # each benchmark's standard K: R@K (webvid-covr, cirr, fashioniq), mAP@K (circo)
-KS = {"webvid-covr": (1, 5, 10, 50), "cirr": (1, 5, 10, 50), "fashioniq": (10, 50),
-      "circo": (5, 10, 25, 50)}  # fmt: skip
+KS = {
+    "webvid-covr": (1, 5, 10, 50),
+    "cirr": (1, 5, 10, 50),
+    "fashioniq": (10, 50),
+    "circo": (5, 10, 25, 50),
+}
 
 
 @dataclass
@@ -115,12 +119,22 @@ class EvalSettings:
 
 def _search_conventions(s: EvalSettings) -> dict:
     exact = s.index.kind == "flat"
-    return {"reduce": s.reduce, "search": "exact" if exact else f"approximate ({s.index.kind})",
-            "text_tokens": f"pre_caption, longest padding, at most {s.text_len}"}  # fmt: skip
+    return {
+        "reduce": s.reduce,
+        "search": "exact" if exact else f"approximate ({s.index.kind})",
+        "text_tokens": f"pre_caption, longest padding, at most {s.text_len}",
+    }
 
 
-def _search_images(model, tokenizer, queries: list[CompositionQuery], gallery: dict[str, Path],
-                   s: EvalSettings, k: int, exclude_reference: bool):  # fmt: skip
+def _search_images(
+    model,
+    tokenizer,
+    queries: list[CompositionQuery],
+    gallery: dict[str, Path],
+    s: EvalSettings,
+    k: int,
+    exclude_reference: bool,
+):
     absent = sorted({q.reference for q in queries} - set(gallery))
     if absent:
         raise ValueError(
@@ -148,13 +162,22 @@ def _search_images(model, tokenizer, queries: list[CompositionQuery], gallery: d
 def _evaluation(protocol, metrics, queries, found, gallery) -> Evaluation:
     ids, query_emb, gallery_emb, scores, top_ids = found
     return Evaluation(
-        protocol=protocol, metrics=metrics, query_ids=[q.query_id for q in queries],
-        edits=[q.caption for q in queries], references=[q.reference for q in queries],
-        positives=[q.targets for q in queries], top_ids=top_ids, top_scores=scores,
-        gallery_ids=ids, query_emb=query_emb, gallery_emb=gallery_emb,
-        images=Images(query=lambda i: decode_rgb(gallery[queries[i].reference]),
-                      gallery=lambda g: decode_rgb(gallery[g])),
-    )  # fmt: skip
+        protocol=protocol,
+        metrics=metrics,
+        query_ids=[q.query_id for q in queries],
+        edits=[q.caption for q in queries],
+        references=[q.reference for q in queries],
+        positives=[q.targets for q in queries],
+        top_ids=top_ids,
+        top_scores=scores,
+        gallery_ids=ids,
+        query_emb=query_emb,
+        gallery_emb=gallery_emb,
+        images=Images(
+            query=lambda i: decode_rgb(gallery[queries[i].reference]),
+            gallery=lambda g: decode_rgb(gallery[g]),
+        ),
+    )
 
 
 # --- CIRR -------------------------------------------------------------------------------------
@@ -177,8 +200,15 @@ def subset_recall(
     return {f"Rsubset@{k}": 100.0 * float(np.mean([r < k for r in ranks])) for k in ks}
 
 
-def cirr(model, tokenizer, root, split: str = "val", image_root=None, out_dir=None,
-         settings: EvalSettings | None = None) -> Evaluation:  # fmt: skip
+def cirr(
+    model,
+    tokenizer,
+    root,
+    split: str = "val",
+    image_root=None,
+    out_dir=None,
+    settings: EvalSettings | None = None,
+) -> Evaluation:
     s = settings or EvalSettings(reduce="max")
     ks = s.ks or KS["cirr"]
     queries, gallery = read_cirr(root, split, image_root)
@@ -227,16 +257,24 @@ def write_cirr_submission(
 # --- FashionIQ --------------------------------------------------------------------------------
 
 
-def fashioniq(model, tokenizer, root, categories=FASHIONIQ_CATEGORIES, split: str = "val",
-              settings: EvalSettings | None = None) -> Evaluation:  # fmt: skip
+def fashioniq(
+    model,
+    tokenizer,
+    root,
+    categories=FASHIONIQ_CATEGORIES,
+    split: str = "val",
+    settings: EvalSettings | None = None,
+) -> Evaluation:
     """R@10 / R@50 per category and averaged; the candidate image is removed from its query's
     ranking (CoVR, `fashioniq_gallery="covr"`) or kept (the CLIP4Cir convention, "clip4cir").
     The returned Evaluation holds the queries of all categories, in order."""
     s = settings or EvalSettings()
     ks = s.ks or KS["fashioniq"]
     if s.fashioniq_gallery not in FASHIONIQ_GALLERIES:
-        raise ValueError(f"unknown fashioniq_gallery {s.fashioniq_gallery!r}; one of "
-                         f"{tuple(FASHIONIQ_GALLERIES)}")  # fmt: skip
+        raise ValueError(
+            f"unknown fashioniq_gallery {s.fashioniq_gallery!r}; one of "
+            f"{tuple(FASHIONIQ_GALLERIES)}"
+        )
     remove = s.fashioniq_gallery == "covr"
     metrics: dict = {}
     parts = []
@@ -252,26 +290,44 @@ def fashioniq(model, tokenizer, root, categories=FASHIONIQ_CATEGORIES, split: st
     if len(parts) > 1:  # one view over all categories, for reports
         owner = [(p, i) for p in parts for i in range(len(p.query_ids))]
         first = Evaluation(
-            protocol="fashioniq", metrics=metrics,
-            query_ids=[x for p in parts for x in p.query_ids], edits=[x for p in parts for x in p.edits],
-            references=[x for p in parts for x in p.references], positives=[x for p in parts for x in p.positives],
-            top_ids=[x for p in parts for x in p.top_ids], top_scores=np.concatenate([p.top_scores for p in parts]),
+            protocol="fashioniq",
+            metrics=metrics,
+            query_ids=[x for p in parts for x in p.query_ids],
+            edits=[x for p in parts for x in p.edits],
+            references=[x for p in parts for x in p.references],
+            positives=[x for p in parts for x in p.positives],
+            top_ids=[x for p in parts for x in p.top_ids],
+            top_scores=np.concatenate([p.top_scores for p in parts]),
             gallery_ids=[x for p in parts for x in p.gallery_ids],
-            query_emb=torch.cat([p.query_emb for p in parts]), gallery_emb=torch.cat([p.gallery_emb for p in parts]),
-            images=Images(query=lambda i: owner[i][0].images.query(owner[i][1]),
-                          gallery=lambda g: next(p.images.gallery(g) for p in parts if g in set(p.gallery_ids))),
-        )  # fmt: skip
+            query_emb=torch.cat([p.query_emb for p in parts]),
+            gallery_emb=torch.cat([p.gallery_emb for p in parts]),
+            images=Images(
+                query=lambda i: owner[i][0].images.query(owner[i][1]),
+                gallery=lambda g: next(
+                    p.images.gallery(g) for p in parts if g in set(p.gallery_ids)
+                ),
+            ),
+        )
     first.metrics = metrics
-    first.conventions = {**_search_conventions(s),
-                         "gallery": FASHIONIQ_GALLERIES[s.fashioniq_gallery]}  # fmt: skip
+    first.conventions = {
+        **_search_conventions(s),
+        "gallery": FASHIONIQ_GALLERIES[s.fashioniq_gallery],
+    }
     return first
 
 
 # --- CIRCO ------------------------------------------------------------------------------------
 
 
-def circo(model, tokenizer, root, split: str = "val", image_dir=None, out_dir=None,
-          settings: EvalSettings | None = None) -> Evaluation:  # fmt: skip
+def circo(
+    model,
+    tokenizer,
+    root,
+    split: str = "val",
+    image_dir=None,
+    out_dir=None,
+    settings: EvalSettings | None = None,
+) -> Evaluation:
     s = settings or EvalSettings()
     ks = s.ks or KS["circo"]
     queries, gallery = read_circo(root, split, image_dir)
@@ -339,10 +395,16 @@ def webvid_covr(model, tokenizer, shard_dir, settings: EvalSettings | None = Non
     manifest = read_manifest(shard_dir)
     check_embedded(manifest, shard_dir, model)  # precomputed targets: from this model's
     urls, _ = shard_urls(shard_dir, manifest)
-    batch_collate = partial(collate, tokenizer=tokenizer, image_size=model.hf.config.vision_config.image_size,
-                            max_text_len=s.text_len, padding="longest")  # fmt: skip
-    emb = embed_split(model, urls, batch_collate, s.batch_size, s.rank, s.world, s.progress,
-                      seed=s.seed)  # fmt: skip
+    batch_collate = partial(
+        collate,
+        tokenizer=tokenizer,
+        image_size=model.hf.config.vision_config.image_size,
+        max_text_len=s.text_len,
+        padding="longest",
+    )
+    emb = embed_split(
+        model, urls, batch_collate, s.batch_size, s.rank, s.world, s.progress, seed=s.seed
+    )
     scores, top = webvid_topk(emb, max(ks), s.reduce, s.index)  # targets re-normalised there
     emb["gallery"] = F.normalize(emb["gallery"], dim=-1)  # what was compared (explanations)
     gallery_ids = emb["gallery_ids"]
@@ -351,10 +413,22 @@ def webvid_covr(model, tokenizer, shard_dir, settings: EvalSettings | None = Non
     metrics = _recall_table(top_ids, scores, positives, ks)
     _mean_recalls(metrics, ks)
     return Evaluation(
-        protocol="webvid-covr", metrics=metrics, query_ids=[str(i) for i in range(len(positives))],
-        edits=emb["edits"], references=emb["query_refs"], positives=[[p] for p in positives],
-        top_ids=top_ids, top_scores=scores, gallery_ids=gallery_ids, query_emb=emb["query"],
-        gallery_emb=emb["gallery"], images=_shard_images(urls, emb["query_sources"]),
-        conventions={**_search_conventions(s), "queries": f"one triplet per target (seed {s.seed})",
-                     "targets": "pooled tokens re-normalised", "gallery": "query's own video removed"},
-    )  # fmt: skip
+        protocol="webvid-covr",
+        metrics=metrics,
+        query_ids=[str(i) for i in range(len(positives))],
+        edits=emb["edits"],
+        references=emb["query_refs"],
+        positives=[[p] for p in positives],
+        top_ids=top_ids,
+        top_scores=scores,
+        gallery_ids=gallery_ids,
+        query_emb=emb["query"],
+        gallery_emb=emb["gallery"],
+        images=_shard_images(urls, emb["query_sources"]),
+        conventions={
+            **_search_conventions(s),
+            "queries": f"one triplet per target (seed {s.seed})",
+            "targets": "pooled tokens re-normalised",
+            "gallery": "query's own video removed",
+        },
+    )

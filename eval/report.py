@@ -148,8 +148,15 @@ def combiner_histogram(weights: np.ndarray, path: Path) -> Path:
     return path
 
 
-def write_report(evaluation: Evaluation, out_dir, n: int = 8, k: int = 5, chosen=None, seed: int = 0,
-                 combiner_weights: np.ndarray | None = None) -> list[Path]:  # fmt: skip
+def write_report(
+    evaluation: Evaluation,
+    out_dir,
+    n: int = 8,
+    k: int = 5,
+    chosen=None,
+    seed: int = 0,
+    combiner_weights: np.ndarray | None = None,
+) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     queries = pick_queries(evaluation, n, seed, chosen)

@@ -37,8 +37,16 @@ def query_triplet(key: str, n: int, seed: int) -> int:
 
 
 @torch.no_grad()
-def embed_split(model, urls: list[str], collate, batch_size: int = 64, rank: int = 0, world: int = 1,
-                progress: bool = False, seed: int = 1234) -> dict:  # fmt: skip
+def embed_split(
+    model,
+    urls: list[str],
+    collate,
+    batch_size: int = 64,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = False,
+    seed: int = 1234,
+) -> dict:
     """{"query": (Q, Tq, D), "gallery": (G, Tg, D), "positives", "query_refs", "edits",
     "query_sources", "gallery_ids"}. Rows are in record order whatever the world size: query row
     n is triplet `query_sources[n][1]` of the record keyed `query_sources[n][0]`."""

@@ -66,8 +66,15 @@ def job_reduce(job: EvalJob, model) -> str:
 
 def run_protocol(job: EvalJob, model, tok, rank: int = 0, world: int = 1) -> Evaluation:
     reduce = job_reduce(job, model)
-    s = EvalSettings(reduce=reduce, batch_size=job.batch_size, index=job.index, rank=rank,
-                     world=world, progress=job.progress, fashioniq_gallery=job.fashioniq_gallery)  # fmt: skip
+    s = EvalSettings(
+        reduce=reduce,
+        batch_size=job.batch_size,
+        index=job.index,
+        rank=rank,
+        world=world,
+        progress=job.progress,
+        fashioniq_gallery=job.fashioniq_gallery,
+    )
     if job.protocol == "webvid-covr":
         return protocols.webvid_covr(model, tok, job.data, s)
     if job.protocol == "cirr":
@@ -102,13 +109,22 @@ def explain_queries(
     for i in queries:
         frame = evaluation.images.query(i)
         target = (evaluation.positives[i] or evaluation.top_ids[i])[0]
-        expl = explain(model, tok, to_model_input(frame[None], size)[0], evaluation.edits[i],
-                       evaluation.gallery_emb[position[target]], reduce)  # fmt: skip
+        expl = explain(
+            model,
+            tok,
+            to_model_input(frame[None], size)[0],
+            evaluation.edits[i],
+            evaluation.gallery_emb[position[target]],
+            reduce,
+        )
         files.append(
             save_explanation(expl, frame, evaluation.edits[i], out_dir / f"explain_{i}.png")
         )
-        np.savez(out_dir / f"explain_{i}.npz", **{k: v for k, v in asdict(expl).items() if k != "words"},
-                 words=np.array(expl.words))  # fmt: skip
+        np.savez(
+            out_dir / f"explain_{i}.npz",
+            **{k: v for k, v in asdict(expl).items() if k != "words"},
+            words=np.array(expl.words),
+        )
         files.append(out_dir / f"explain_{i}.npz")
     return files
 
@@ -150,16 +166,30 @@ def evaluate(job: EvalJob, model, tok, tracker, rank: int = 0, world: int = 1) -
     source = model_dir.parent / "summary.json"
     train_run = json.loads(source.read_text()).get("mlflow_run_id") if source.is_file() else None
     result = {
-        "protocol": job.protocol, "split": job.split, "checkpoint": str(model_dir), "metrics": metrics,
-        "gallery_size": len(evaluation.gallery_ids), "queries": len(evaluation.query_ids),
-        "reduce": reduce, "index": asdict(job.index), "conventions": evaluation.conventions,
+        "protocol": job.protocol,
+        "split": job.split,
+        "checkpoint": str(model_dir),
+        "metrics": metrics,
+        "gallery_size": len(evaluation.gallery_ids),
+        "queries": len(evaluation.query_ids),
+        "reduce": reduce,
+        "index": asdict(job.index),
+        "conventions": evaluation.conventions,
         "files": [str(f) for f in files],
-        "mlflow_tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
-    }  # fmt: skip
+        "mlflow_tracking_uri": tracker.uri,
+        "mlflow_run_id": tracker.run_id,
+    }
     (out / "results.json").write_text(json.dumps(result, indent=1))
     if job.run_id is None:
-        tracker.log_params({"protocol": job.protocol, "split": job.split, "checkpoint": str(model_dir),
-                            "reduce": reduce, "index": job.index.kind})  # fmt: skip
+        tracker.log_params(
+            {
+                "protocol": job.protocol,
+                "split": job.split,
+                "checkpoint": str(model_dir),
+                "reduce": reduce,
+                "index": job.index.kind,
+            }
+        )
     tracker.set_tags({"covr.checkpoint": str(model_dir), "covr.train_run_id": train_run or ""})
     tracker.log_metrics({f"{job.protocol}/{job.split}/{k}": v for k, v in metrics.items()}, 0)
     tracker.log_artifact(out / "results.json", f"eval/{job.protocol}")
@@ -172,5 +202,6 @@ def protocols_report(job: EvalJob, model, tok, evaluation: Evaluation, out_dir: 
     from eval.report import write_report
 
     weights = combiner_weights(model, tok, evaluation)
-    return write_report(evaluation, out_dir, job.report, job.report_k, job.report_queries,
-                        combiner_weights=weights)  # fmt: skip
+    return write_report(
+        evaluation, out_dir, job.report, job.report_k, job.report_queries, combiner_weights=weights
+    )

@@ -84,9 +84,15 @@ def search(index: faiss.Index, queries, k: int) -> tuple[np.ndarray, np.ndarray]
     return index.search(_f32(queries), k)
 
 
-def exact_topk(query: torch.Tensor, gallery: torch.Tensor, k: int, reduce: str = "max",
-               exclude: list[list[int]] | None = None, pairs: int = 1 << 24,
-               device: str | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def exact_topk(
+    query: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    reduce: str = "max",
+    exclude: list[list[int]] | None = None,
+    pairs: int = 1 << 24,
+    device: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k over the whole gallery: `query` (Q, Tq, D) x `gallery` (G, Tg, D) scored by
     `similarity(reduce)` in chunks of about `pairs` token pairs; excluded positions score -inf.
     Returns (scores, ids), both (Q, k), best first."""

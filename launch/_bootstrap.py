@@ -109,8 +109,7 @@ class PreflightError(ValueError):
 def preflight(cfg, splits=("train", "val")) -> None:
     """Check what a training run reads before it starts: every split's manifest and every
     shard it lists, and the model / tokenizer / init paths the config names."""
-    for key in ("model.pretrained", "model.lavis_checkpoint", "model.tokenizer",
-                "train.init_from"):  # fmt: skip
+    for key in ("model.pretrained", "model.lavis_checkpoint", "model.tokenizer", "train.init_from"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value and not Path(value).exists():

@@ -67,8 +67,17 @@ def main(argv=None) -> int:
         print(f"      {split}: {manifest['totals']}", flush=True)
 
     print(f"[3/4] deepspeed training on {args.ranks} ranks -> {cfg.train.out_dir}", flush=True)
-    cmd = ["deepspeed", "--num_accelerators", str(args.ranks), "--master_port", str(free_port()),
-           str(Path(__file__).resolve().parent / "train.py"), "--config", args.config, *overrides]  # fmt: skip
+    cmd = [
+        "deepspeed",
+        "--num_accelerators",
+        str(args.ranks),
+        "--master_port",
+        str(free_port()),
+        str(Path(__file__).resolve().parent / "train.py"),
+        "--config",
+        args.config,
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.ranks))}
     done = subprocess.run(cmd, env=env)
     if done.returncode:  # the ranks have said why
@@ -76,12 +85,23 @@ def main(argv=None) -> int:
     summary = json.loads((Path(cfg.train.out_dir) / "summary.json").read_text())
 
     print("[4/4] held-out test evaluation", flush=True)
-    job = EvalJob(protocol="webvid-covr", checkpoint=summary["export"], data=str(Path(cfg.shards.dir) / "test"),
-                  out_dir=str(out / "eval"), split="test", report=8,
-                  tracking_uri=summary["mlflow_tracking_uri"], experiment=cfg.tracking.experiment,
-                  run_id=summary["mlflow_run_id"])  # fmt: skip
-    tracker = Tracker(summary["mlflow_tracking_uri"], cfg.tracking.experiment, cfg.train.out_dir,
-                      run_id=summary["mlflow_run_id"])  # fmt: skip
+    job = EvalJob(
+        protocol="webvid-covr",
+        checkpoint=summary["export"],
+        data=str(Path(cfg.shards.dir) / "test"),
+        out_dir=str(out / "eval"),
+        split="test",
+        report=8,
+        tracking_uri=summary["mlflow_tracking_uri"],
+        experiment=cfg.tracking.experiment,
+        run_id=summary["mlflow_run_id"],
+    )
+    tracker = Tracker(
+        summary["mlflow_tracking_uri"],
+        cfg.tracking.experiment,
+        cfg.train.out_dir,
+        run_id=summary["mlflow_run_id"],
+    )
     model, tok = load_exported(resolve_checkpoint(job.checkpoint))
     evaluation = evaluate(job, model, tok, tracker)  # into the training run, report as artifacts
     test = {

@@ -30,11 +30,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="shard dir or benchmark root")
     p.add_argument(
-        "--split", default=None,
+        "--split",
+        default=None,
         help="val | test (CIRR: test1); default: webvid-covr the shard dir's name, else val",
-    )  # fmt: skip
-    p.add_argument("--out", default=None,
-                   help="directory for results.json, reports, submissions (default runs/eval/PROTOCOL-SPLIT)")  # fmt: skip
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="directory for results.json, reports, submissions (default runs/eval/PROTOCOL-SPLIT)",
+    )
     p.add_argument("--image-root", default=None, help="images when not in the benchmark's layout")
     p.add_argument("--categories", default="dress,shirt,toptee", help="FashionIQ categories")
     p.add_argument("--reduce", choices=("mean", "max"), default=None)
@@ -79,13 +83,24 @@ def main(argv=None) -> int:
 
     chosen = a.report_queries.split(",") if a.report_queries else None
     job = EvalJob(
-        protocol=a.protocol, checkpoint=a.checkpoint, data=a.data, out_dir=out, split=split,
-        image_root=a.image_root, categories=tuple(a.categories.split(",")), reduce=a.reduce,
+        protocol=a.protocol,
+        checkpoint=a.checkpoint,
+        data=a.data,
+        out_dir=out,
+        split=split,
+        image_root=a.image_root,
+        categories=tuple(a.categories.split(",")),
+        reduce=a.reduce,
         fashioniq_gallery=a.fashioniq_gallery,
-        index=IndexSpec(a.index, nprobe=a.nprobe, gpu=a.gpu_index), batch_size=a.batch_size,
-        report=a.report or len(chosen or []), report_queries=chosen, explain=a.explain,
-        tracking_uri=a.tracking_uri, experiment=a.experiment, run_id=a.run_id,
-    )  # fmt: skip
+        index=IndexSpec(a.index, nprobe=a.nprobe, gpu=a.gpu_index),
+        batch_size=a.batch_size,
+        report=a.report or len(chosen or []),
+        report_queries=chosen,
+        explain=a.explain,
+        tracking_uri=a.tracking_uri,
+        experiment=a.experiment,
+        run_id=a.run_id,
+    )
     result = run(job)
     if result is not None:
         print(json.dumps(result, indent=1))
@@ -105,8 +120,14 @@ def run(job) -> dict | None:
         rank, world, _ = init_distributed(1800)
     model, tok = load_exported(resolve_checkpoint(job.checkpoint))
     uri = job.tracking_uri or default_uri(job.out_dir)
-    tracker = Tracker(uri, job.experiment, job.out_dir, f"eval-{job.protocol}-{job.split}",
-                      run_id=job.run_id, enabled=rank == 0)  # fmt: skip
+    tracker = Tracker(
+        uri,
+        job.experiment,
+        job.out_dir,
+        f"eval-{job.protocol}-{job.split}",
+        run_id=job.run_id,
+        enabled=rank == 0,
+    )
     result = evaluate(job, model, tok, tracker, rank, world)
     if job.run_id is None:
         tracker.finish()

@@ -35,8 +35,11 @@ def parser() -> argparse.ArgumentParser:
         "--ray", action="store_true", help="pack with Ray tasks (local Ray unless --address)"
     )
     p.add_argument("--address", help="Ray cluster address (implies --ray)")
-    p.add_argument("--split", choices=("train", "val", "test"),
-                   help="default: from the file name; test loses nothing (a missing video is an error)")  # fmt: skip
+    p.add_argument(
+        "--split",
+        choices=("train", "val", "test"),
+        help="default: from the file name; test loses nothing (a missing video is an error)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p = sub.add_parser(
         "pack-cirr", help="pack CIRR triplets (images) for fine-tuning; group = image set"
@@ -90,13 +93,22 @@ def main(argv=None) -> int:
     from sharding.pack import pack, pack_cirr
 
     if args.command == "pack-cirr":
-        manifest = pack_cirr(args.cirr_root, args.split, args.out, cfg.shards, args.image_root,
-                             progress=True)  # fmt: skip
+        manifest = pack_cirr(
+            args.cirr_root, args.split, args.out, cfg.shards, args.image_root, progress=True
+        )
         print(json.dumps(manifest["totals"], indent=2))
         return 0
     backend = "ray" if (args.ray or args.address) else "local"
-    manifest = pack(args.annotations, args.video_root, args.out, cfg.shards, backend, args.address,
-                    progress=True, split=args.split)  # fmt: skip
+    manifest = pack(
+        args.annotations,
+        args.video_root,
+        args.out,
+        cfg.shards,
+        backend,
+        args.address,
+        progress=True,
+        split=args.split,
+    )
     print(json.dumps({**manifest["totals"], "seconds": manifest["seconds_this_run"]}, indent=2))
     for item in manifest["skipped"][:10]:
         print(f"skipped {item['key']}: {item['reason']}")

@@ -39,8 +39,13 @@ def main(argv=None) -> int:
     try:
         sweep = load_sweep(a.config, a.overrides)
         if sweep.synthetic:  # the data lives under the sweep directory
-            sweep.overrides.update({"data.root": str(out / "corpus"), "shards.dir": str(out / "shards"),
-                                    "model.tokenizer": str(out / "corpus" / "tokenizer")})  # fmt: skip
+            sweep.overrides.update(
+                {
+                    "data.root": str(out / "corpus"),
+                    "shards.dir": str(out / "shards"),
+                    "model.tokenizer": str(out / "corpus" / "tokenizer"),
+                }
+            )
             check(sweep)
     except yaml.YAMLError as err:
         raise ConfigError(yaml_error(a.config, err)) from None

@@ -25,8 +25,9 @@ def _pad_frames(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-def collate(samples: list[dict], tokenizer, image_size: int, max_text_len: int,
-            padding: str = "max_length") -> dict:  # fmt: skip
+def collate(
+    samples: list[dict], tokenizer, image_size: int, max_text_len: int, padding: str = "max_length"
+) -> dict:
     """Model batch; texts at most `max_text_len` tokens, padded to it (training) or to the
     longest of the batch (`padding="longest"`, evaluation)."""
     edits = tokenize(tokenizer, [s["edit"] for s in samples], max_text_len, padding=padding)

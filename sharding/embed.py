@@ -65,16 +65,19 @@ def _chunks(records: Iterator[dict], frames_per_batch: int) -> Iterator[list[dic
         yield chunk
 
 
-def _embed_chunk(chunk: list[dict], encoder: TargetEncoder, stats: ShardStats,
-                 strict: bool = False) -> list[dict]:  # fmt: skip
+def _embed_chunk(
+    chunk: list[dict], encoder: TargetEncoder, stats: ShardStats, strict: bool = False
+) -> list[dict]:
     """The chunk's records with embedded targets; a record whose target frames are missing or do
     not decode is skipped and listed in `stats.skipped` (`strict`, a test split: an error)."""
     decoded, kept = [], []
     for record in chunk:
         key = record["__key__"]
         if fmt.EMBEDDINGS in record:
-            raise EmbedError(f"{record.get('__url__')}: record {key} already holds target "
-                             "embeddings (embed the packed JPEG shards)")  # fmt: skip
+            raise EmbedError(
+                f"{record.get('__url__')}: record {key} already holds target "
+                "embeddings (embed the packed JPEG shards)"
+            )
         try:
             jpegs = fmt.target_jpegs(record)
             if not jpegs:
@@ -83,12 +86,15 @@ def _embed_chunk(chunk: list[dict], encoder: TargetEncoder, stats: ShardStats,
             kept.append(record)
         except fmt.ImageDecodeError as err:
             if strict:
-                raise EmbedError(f"{record.get('__url__')}: record {key}: target {err} (a test "
-                                 "split loses nothing: repack it)") from None  # fmt: skip
+                raise EmbedError(
+                    f"{record.get('__url__')}: record {key}: target {err} (a test "
+                    "split loses nothing: repack it)"
+                ) from None
             meta = fmt.record_meta(record)
             rows = [t["row"] for t in meta["triplets"]]
-            stats.skipped.append({"key": key, "video": meta["target"], "rows": rows,
-                                  "reason": f"target: {err}"})  # fmt: skip
+            stats.skipped.append(
+                {"key": key, "video": meta["target"], "rows": rows, "reason": f"target: {err}"}
+            )
             stats.skipped_records += 1
             stats.skipped_triplets += len(rows)
     if not kept:
@@ -106,8 +112,15 @@ def _embed_chunk(chunk: list[dict], encoder: TargetEncoder, stats: ShardStats,
     return out
 
 
-def embed_shard(src: Path, out_dir: Path, name: str, encoder: TargetEncoder, fingerprint: str,
-                frames_per_batch: int = 256, strict: bool = False) -> ShardStats:  # fmt: skip
+def embed_shard(
+    src: Path,
+    out_dir: Path,
+    name: str,
+    encoder: TargetEncoder,
+    fingerprint: str,
+    frames_per_batch: int = 256,
+    strict: bool = False,
+) -> ShardStats:
     """Write `out_dir/NAME.tar` from `src`, atomically, and its stats file last."""
     start = time.perf_counter()
     stats = ShardStats(name=name, fingerprint=fingerprint)
@@ -154,10 +167,16 @@ def shard_fingerprint(encoder_fingerprint: str, source_sha256: str) -> str:
     return hashlib.sha256(f"{encoder_fingerprint}/{source_sha256}".encode()).hexdigest()[:16]
 
 
-def embed_dir(src_dir: str | Path, out_dir: str | Path, encoder: TargetEncoder, rank: int = 0,
-              world: int = 1, frames_per_batch: int = 256,
-              gather: Callable[[list], list[list]] | None = None,
-              progress: Callable[[str], None] | None = None) -> dict | None:  # fmt: skip
+def embed_dir(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    encoder: TargetEncoder,
+    rank: int = 0,
+    world: int = 1,
+    frames_per_batch: int = 256,
+    gather: Callable[[list], list[list]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict | None:
     """Embed this rank's shards (i % world == rank) of one packed split; finished shards are
     skipped. `gather(obj)` returns every rank's `obj` (an all-gather; needed when world > 1).
     Rank 0 then writes and returns the manifest (None on other ranks)."""
@@ -174,8 +193,15 @@ def embed_dir(src_dir: str | Path, out_dir: str | Path, encoder: TargetEncoder, 
         fp = shard_fingerprint(encoder.fingerprint, entry["sha256"])
         stats = finished(out_dir, name, fp)
         if stats is None:
-            stats = embed_shard(src_dir / f"{name}.tar", out_dir, name, encoder, fp,
-                                frames_per_batch, strict=manifest.get("split") == "test")  # fmt: skip
+            stats = embed_shard(
+                src_dir / f"{name}.tar",
+                out_dir,
+                name,
+                encoder,
+                fp,
+                frames_per_batch,
+                strict=manifest.get("split") == "test",
+            )
             if progress:
                 progress(f"{out_dir / name}.tar: {stats.samples} records in {stats.seconds:.1f}s")
         mine[name] = stats
@@ -187,8 +213,9 @@ def embed_dir(src_dir: str | Path, out_dir: str | Path, encoder: TargetEncoder, 
     return write_embedded_manifest(src_dir, out_dir, manifest, done, info)
 
 
-def write_embedded_manifest(src_dir: Path, out_dir: Path, source: dict,
-                            done: dict[str, ShardStats], info: dict) -> dict:  # fmt: skip
+def write_embedded_manifest(
+    src_dir: Path, out_dir: Path, source: dict, done: dict[str, ShardStats], info: dict
+) -> dict:
     shards = [done[entry["name"]] for entry in source["shards"]]
     manifest = {
         **source,
@@ -222,11 +249,15 @@ def check_embedded(manifest: dict, shard_dir, model) -> None:
     if embedded is None:
         return
     if model.cfg.train_target_encoder:
-        raise EmbedError(f"{shard_dir}: holds precomputed target embeddings, but "
-                         "model.train_target_encoder=true needs the target frames: train on the "
-                         f"packed JPEG shards ({embedded['source']})")  # fmt: skip
+        raise EmbedError(
+            f"{shard_dir}: holds precomputed target embeddings, but "
+            "model.train_target_encoder=true needs the target frames: train on the "
+            f"packed JPEG shards ({embedded['source']})"
+        )
     ours = model.target_fingerprint()
     if embedded["fingerprint"] != ours:
-        raise EmbedError(f"{shard_dir}: target embeddings from another model (fingerprint "
-                         f"{embedded['fingerprint']}, {embedded.get('pretrained')}); this model's "
-                         f"frozen targets have {ours}: embed the shards again with this config")  # fmt: skip
+        raise EmbedError(
+            f"{shard_dir}: target embeddings from another model (fingerprint "
+            f"{embedded['fingerprint']}, {embedded.get('pretrained')}); this model's "
+            f"frozen targets have {ours}: embed the shards again with this config"
+        )

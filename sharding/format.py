@@ -72,8 +72,14 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def encode_record(key: str, meta: dict, target: np.ndarray, queries: list[np.ndarray],
-                  size: int = 0, quality: int = 90) -> dict:  # fmt: skip
+def encode_record(
+    key: str,
+    meta: dict,
+    target: np.ndarray,
+    queries: list[np.ndarray],
+    size: int = 0,
+    quality: int = 90,
+) -> dict:
     """A WebDataset sample. `target`: (Ft, H, W, 3) uint8 frames; `queries[j]`: the
     (Fq, H, W, 3) frames of `meta["triplets"][j]`."""
     sample = {"__key__": key}

@@ -18,9 +18,16 @@ from sharding.writer import ShardStats
 MANIFEST = "manifest.json"
 
 
-def write_manifest(out_dir: str | Path, shards: list[ShardStats], source: str | Path,
-                   media_root: str | Path, cfg: ShardConfig, fingerprint: str, start: float,
-                   split: str = "") -> dict:  # fmt: skip
+def write_manifest(
+    out_dir: str | Path,
+    shards: list[ShardStats],
+    source: str | Path,
+    media_root: str | Path,
+    cfg: ShardConfig,
+    fingerprint: str,
+    start: float,
+    split: str = "",
+) -> dict:
     """Write `out_dir/manifest.json` atomically; `start` is the run's perf_counter start."""
     manifest = {
         "format": fmt.FORMAT,

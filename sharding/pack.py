@@ -42,8 +42,9 @@ def _fingerprint(source: bytes, cfg: ShardConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def plan_jobs(records: list[dict], fp: str, media_root: str | Path, out_dir: str | Path,
-              cfg: ShardConfig) -> list[ShardJob]:  # fmt: skip
+def plan_jobs(
+    records: list[dict], fp: str, media_root: str | Path, out_dir: str | Path, cfg: ShardConfig
+) -> list[ShardJob]:
     """Records shuffled by seed and cut into shards: the same inputs give the same shards."""
     records = list(records)
     random.Random(cfg.seed).shuffle(records)
@@ -57,7 +58,7 @@ def plan_jobs(records: list[dict], fp: str, media_root: str | Path, out_dir: str
             out_dir=str(out_dir),
             cfg=cfg,
             fingerprint=fp,
-        )  # fmt: skip
+        )
         for i, start in enumerate(range(0, len(records), n))
     ]
 
@@ -79,8 +80,9 @@ def pack(
     records = build_records(read_annotations(csv_path), cfg.epoch)
     fp = _fingerprint(csv_path.read_bytes(), cfg)
     split = split_of(csv_path) if split is None else split
-    return pack_records(records, fp, csv_path, video_root, out_dir, cfg, backend, ray_address,
-                        progress, split=split)  # fmt: skip
+    return pack_records(
+        records, fp, csv_path, video_root, out_dir, cfg, backend, ray_address, progress, split=split
+    )
 
 
 def pack_cirr(
@@ -153,8 +155,13 @@ def unusable_media(records: list[dict], media_root: str | Path) -> list[str]:
     return sorted(found)
 
 
-def pack_splits(corpus_root: str | Path, shard_root: str | Path, cfg: ShardConfig,
-                splits=("train", "val", "test"), progress: bool = False) -> dict[str, dict]:  # fmt: skip
+def pack_splits(
+    corpus_root: str | Path,
+    shard_root: str | Path,
+    cfg: ShardConfig,
+    splits=("train", "val", "test"),
+    progress: bool = False,
+) -> dict[str, dict]:
     """Pack `<corpus_root>/<split>.csv` (videos under `<corpus_root>/videos`) into
     `<shard_root>/<split>/`; shards already complete are kept (packing resumes)."""
     root = Path(corpus_root)
@@ -166,6 +173,6 @@ def pack_splits(corpus_root: str | Path, shard_root: str | Path, cfg: ShardConfi
             cfg,
             progress=progress,
             split=split,
-        )  # fmt: skip
+        )
         for split in splits
     }

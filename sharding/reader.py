@@ -318,8 +318,11 @@ class ShardReader(IterableDataset):
             for pos, r, meta in self._records(order, positions, counts)
         )
         buffer = max(self.sampler.buffer, self.batch_size)
-        composer = BatchComposer(replace(self.sampler, buffer=buffer), self.batch_size,
-                                 seed=f"{self.seed}-{self.epoch}-{slot}-compose")  # fmt: skip
+        composer = BatchComposer(
+            replace(self.sampler, buffer=buffer),
+            self.batch_size,
+            seed=f"{self.seed}-{self.epoch}-{slot}-compose",
+        )
         for index, raw_batch in enumerate(composer(drawn)):
             if index >= my_batches:
                 break

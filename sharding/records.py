@@ -28,9 +28,14 @@ def build_records(rows: list[Triplet], epoch: str) -> list[dict]:
 
     def triplet(row: int, t: Triplet) -> dict:
         return {
-            "row": row, "pth1": t.pth1, "txt1": t.txt1, "txt2": t.txt2, "edit": t.edit,
-            "scores": t.scores, "group": masked_caption_group(t.txt1, t.txt2),
-        }  # fmt: skip
+            "row": row,
+            "pth1": t.pth1,
+            "txt1": t.txt1,
+            "txt2": t.txt2,
+            "edit": t.edit,
+            "scores": t.scores,
+            "group": masked_caption_group(t.txt1, t.txt2),
+        }
 
     if epoch == "triplet":
         return [
@@ -64,8 +69,23 @@ def cirr_records(root: str | Path, split: str, image_root: str | Path | None = N
     for q in queries:
         if q.target is None:
             raise ValueError(f"CIRR {split} has no targets: pack the train or val split")
-        triplet = {"row": int(q.query_id), "pth1": q.reference, "txt1": "", "txt2": "", "edit": q.caption,
-                   "scores": [], "group": f"set{q.extra['set_id']}", "query_file": str(gallery[q.reference])}  # fmt: skip
-        records.append({"key": f"c{int(q.query_id):09d}", "target": q.target, "target_id": ids[q.target],
-                        "target_file": str(gallery[q.target]), "triplets": [triplet]})  # fmt: skip
+        triplet = {
+            "row": int(q.query_id),
+            "pth1": q.reference,
+            "txt1": "",
+            "txt2": "",
+            "edit": q.caption,
+            "scores": [],
+            "group": f"set{q.extra['set_id']}",
+            "query_file": str(gallery[q.reference]),
+        }
+        records.append(
+            {
+                "key": f"c{int(q.query_id):09d}",
+                "target": q.target,
+                "target_id": ids[q.target],
+                "target_file": str(gallery[q.target]),
+                "triplets": [triplet],
+            }
+        )
     return records

@@ -124,8 +124,9 @@ def encode_record(record: dict, job: ShardJob, stats: ShardStats) -> dict | None
         path = media_path(root, record["target"], record.get("target_file"))
         target = load_media(path, cfg.target_frames)
     except (VideoDecodeError, UnsafePathError) as err:
-        stats.skipped.append({"key": record["key"], "video": record["target"], "reason": str(err),
-                              "rows": rows})  # fmt: skip
+        stats.skipped.append(
+            {"key": record["key"], "video": record["target"], "reason": str(err), "rows": rows}
+        )
         stats.skipped_records += 1
         stats.skipped_triplets += len(rows)
         return None
@@ -135,8 +136,14 @@ def encode_record(record: dict, job: ShardJob, stats: ShardStats) -> dict | None
             path = media_path(root, trip["pth1"], trip.get("query_file"))
             queries.append(load_media(path, cfg.query_frames))
         except (VideoDecodeError, UnsafePathError) as err:
-            stats.skipped.append({"key": record["key"], "row": trip["row"], "video": trip["pth1"],
-                                  "reason": str(err)})  # fmt: skip
+            stats.skipped.append(
+                {
+                    "key": record["key"],
+                    "row": trip["row"],
+                    "video": trip["pth1"],
+                    "reason": str(err),
+                }
+            )
             stats.skipped_triplets += 1
             continue
         kept.append({k: v for k, v in trip.items() if k != "query_file"})
@@ -162,8 +169,9 @@ def pack_shard(job: ShardJob) -> ShardStats:
     return write_shard(final, stats_path, (s for s in samples if s is not None), stats, start)
 
 
-def write_shard(final: Path, stats_path: Path, samples: Iterable[dict], stats: ShardStats,
-                start: float) -> ShardStats:  # fmt: skip
+def write_shard(
+    final: Path, stats_path: Path, samples: Iterable[dict], stats: ShardStats, start: float
+) -> ShardStats:
     """`samples` into the tar `final` under a temporary name, renamed when complete; counted
     into `stats`, whose file is written last: its presence marks the shard done."""
     tmp = final.with_name(final.name + ".tmp")

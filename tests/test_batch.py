@@ -12,11 +12,23 @@ def test_collate_pads_frames_and_falls_back_to_uniform_scores(tmp_path):
     _, tok = tiny_model(tmp_path)
     frame = np.zeros((1, 16, 16, 3), dtype=np.uint8)
     samples = [
-        {"query_frames": frame, "target_frames": np.zeros((3, 16, 16, 3), np.uint8), "edit": "make it red",
-         "scores": [0.1, 0.2, 0.3], "target_id": 4, "caption": "a red circle"},
-        {"query_frames": frame, "target_frames": np.zeros((2, 16, 16, 3), np.uint8), "edit": "make it blue",
-         "scores": [0.1, 0.2, 0.3], "target_id": 9, "caption": "a blue circle"},
-    ]  # fmt: skip
+        {
+            "query_frames": frame,
+            "target_frames": np.zeros((3, 16, 16, 3), np.uint8),
+            "edit": "make it red",
+            "scores": [0.1, 0.2, 0.3],
+            "target_id": 4,
+            "caption": "a red circle",
+        },
+        {
+            "query_frames": frame,
+            "target_frames": np.zeros((2, 16, 16, 3), np.uint8),
+            "edit": "make it blue",
+            "scores": [0.1, 0.2, 0.3],
+            "target_id": 9,
+            "caption": "a blue circle",
+        },
+    ]
     batch = collate(samples, tok, image_size=32, max_text_len=8)
     assert batch["query_frames"].shape == (2, 1, 3, 32, 32)
     assert batch["target_frames"].shape == (2, 3, 3, 32, 32)

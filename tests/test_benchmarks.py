@@ -50,8 +50,14 @@ def test_circo_reader_and_bad_entry(tmp_path):
     images.mkdir()
     for i in (5, 17, 23):
         (images / f"{i:012d}.jpg").write_bytes(b"")
-    entry = {"id": 0, "reference_img_id": 5, "target_img_id": 17, "gt_img_ids": [17, 23],
-             "relative_caption": "has two dogs", "shared_concept": "dog"}  # fmt: skip
+    entry = {
+        "id": 0,
+        "reference_img_id": 5,
+        "target_img_id": 17,
+        "gt_img_ids": [17, 23],
+        "relative_caption": "has two dogs",
+        "shared_concept": "dog",
+    }
     (tmp_path / "annotations" / "val.json").write_text(json.dumps([entry]))
     queries, gallery = read_circo(tmp_path, "val", image_dir=images)
     assert sorted(gallery) == ["17", "23", "5"]

@@ -76,8 +76,12 @@ def _engine(out: Path, stage: int = 2):
     torch.manual_seed(0)
     model, _ = tiny_model(out / "tok", freeze_vision=False, train_target_encoder=True)
     params = model.trainable_parameters()
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
-              "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0}  # fmt: skip
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 1.0,
+    }
     if (out / "universal").exists():
         config["checkpoint"] = {"load_universal": True}
     engine, *_ = build_engine(model, params, torch.optim.AdamW(params, lr=1e-2), None, config)

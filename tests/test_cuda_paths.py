@@ -24,8 +24,13 @@ def test_nccl_with_a_gpu_gloo_without(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.update(device=i))
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 8)
-    for key, value in {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8",
-                       "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}.items():  # fmt: skip
+    for key, value in {
+        "RANK": "3",
+        "LOCAL_RANK": "3",
+        "WORLD_SIZE": "8",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+    }.items():
         monkeypatch.setenv(key, value)  # a multi-node job: the addresses the user gave
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert engine.init_distributed(60) == (3, 8, 3)

@@ -24,13 +24,23 @@ SHARDS = ShardConfig(samples_per_shard=4, target_frames=3, workers=1, seed=2)
 
 def tiny_overrides(tokenizer) -> list[str]:
     return [
-        f"model.tokenizer={tokenizer}", "model.num_query_tokens=4", "model.embed_dim=16",
-        "model.max_text_len=12", "model.vision.hidden_size=32", "model.vision.layers=1",
-        "model.vision.heads=2", "model.vision.intermediate_size=64", "model.vision.image_size=32",
-        "model.vision.patch_size=8", "model.text.hidden_size=32", "model.text.layers=1",
-        "model.text.heads=2", "model.text.intermediate_size=64",
-        "model.text.cross_attention_frequency=1", "model.text.max_position_embeddings=64",
-    ]  # fmt: skip
+        f"model.tokenizer={tokenizer}",
+        "model.num_query_tokens=4",
+        "model.embed_dim=16",
+        "model.max_text_len=12",
+        "model.vision.hidden_size=32",
+        "model.vision.layers=1",
+        "model.vision.heads=2",
+        "model.vision.intermediate_size=64",
+        "model.vision.image_size=32",
+        "model.vision.patch_size=8",
+        "model.text.hidden_size=32",
+        "model.text.layers=1",
+        "model.text.heads=2",
+        "model.text.intermediate_size=64",
+        "model.text.cross_attention_frequency=1",
+        "model.text.max_position_embeddings=64",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +214,14 @@ def test_two_ranks_split_the_shards(packed, tmp_path):
     }
     from sharding.writer import ShardStats
 
-    manifest = embed_dir(src, out, encoders[0], rank=0, world=2,
-                         gather=lambda mine: [mine, {k: ShardStats(**v) for k, v in stats_1.items()}])  # fmt: skip
+    manifest = embed_dir(
+        src,
+        out,
+        encoders[0],
+        rank=0,
+        world=2,
+        gather=lambda mine: [mine, {k: ShardStats(**v) for k, v in stats_1.items()}],
+    )
     assert [s["name"] for s in manifest["shards"]] == [
         s["name"] for s in read_manifest(src)["shards"]
     ]
@@ -231,11 +247,31 @@ def test_two_gloo_ranks_through_the_launcher_and_a_killed_job_resumes(embedded, 
     overrides = tiny_overrides(cfg.model.tokenizer)
 
     def launch(out, wait=True):
-        cmd = ["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()),
-               str(ROOT / "launch/embed_targets.py"), "--config", str(cfg_file), "--src",
-               str(base / "shards"), "--out", str(out), "--frames-per-batch", "3", *overrides]  # fmt: skip
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)  # fmt: skip
+        cmd = [
+            "deepspeed",
+            "--num_accelerators",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(ROOT / "launch/embed_targets.py"),
+            "--config",
+            str(cfg_file),
+            "--src",
+            str(base / "shards"),
+            "--out",
+            str(out),
+            "--frames-per-batch",
+            "3",
+            *overrides,
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         if wait:
             log, _ = proc.communicate(timeout=600)
             assert proc.returncode == 0, log[-3000:]
@@ -266,20 +302,46 @@ def test_two_gloo_ranks_through_the_launcher_and_a_killed_job_resumes(embedded, 
     assert len(kept) == len(done) < total  # shards finished before the kill were not redone
 
     # then training reads them (CoVR-2's caption term from the stored embeddings) ...
-    train = ["deepspeed", "--num_accelerators", "1", "--master_port", str(free_port()),
-             str(ROOT / "launch/train.py"), "--config", str(cfg_file), f"shards.dir={out}",
-             "shards.loader_workers=1", "train.batch_size=2", "train.max_steps=2", "train.epochs=1",
-             "loss.video_weight=0.5", "loss.caption_weight=0.5", "eval.ks=[1,5]",
-             "eval.report_queries=2", "deepspeed.zero_stage=0", *overrides]  # fmt: skip
-    done = subprocess.run([*train, f"train.out_dir={tmp_path / 'run'}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    train = [
+        "deepspeed",
+        "--num_accelerators",
+        "1",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "launch/train.py"),
+        "--config",
+        str(cfg_file),
+        f"shards.dir={out}",
+        "shards.loader_workers=1",
+        "train.batch_size=2",
+        "train.max_steps=2",
+        "train.epochs=1",
+        "loss.video_weight=0.5",
+        "loss.caption_weight=0.5",
+        "eval.ks=[1,5]",
+        "eval.report_queries=2",
+        "deepspeed.zero_stage=0",
+        *overrides,
+    ]
+    done = subprocess.run(
+        [*train, f"train.out_dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and "R@1" in summary["val"]
     assert (tmp_path / "run" / "report" / "index.html").is_file()  # targets shown by thumbnail
     # ... and refuse them for another starting model (here: other random weights)
-    other = subprocess.run([*train, f"train.out_dir={tmp_path / 'other'}", "train.seed=99"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    other = subprocess.run(
+        [*train, f"train.out_dir={tmp_path / 'other'}", "train.seed=99"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert (
         other.returncode != 0
         and "target embeddings from another model" in other.stdout + other.stderr

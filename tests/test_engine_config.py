@@ -10,8 +10,18 @@ from train.optim import cosine_factor
 
 
 def test_deepspeed_config_follows_the_project_config():
-    cfg = load_config(None, ["deepspeed.zero_stage=3", "deepspeed.precision=bf16", "deepspeed.offload_optimizer=true",
-                             "train.batch_size=8", "train.grad_accum=4", "optim.grad_clip=1.0", "optim.lr=3e-5"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "deepspeed.zero_stage=3",
+            "deepspeed.precision=bf16",
+            "deepspeed.offload_optimizer=true",
+            "train.batch_size=8",
+            "train.grad_accum=4",
+            "optim.grad_clip=1.0",
+            "optim.lr=3e-5",
+        ],
+    )
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

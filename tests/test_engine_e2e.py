@@ -34,10 +34,26 @@ def setup(small_corpus, tmp_path_factory):
 
 
 def launch(config, out_dir, *overrides, ranks=2, wait=True):
-    cmd = ["deepspeed", "--num_accelerators", str(ranks), "--master_port", str(free_port()),
-           str(ROOT / "launch/train.py"), "--config", str(config), f"train.out_dir={out_dir}", *overrides]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    cmd = [
+        "deepspeed",
+        "--num_accelerators",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "launch/train.py"),
+        "--config",
+        str(config),
+        f"train.out_dir={out_dir}",
+        *overrides,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=600)
@@ -120,9 +136,18 @@ def test_kill_and_resume_reaches_the_same_weights(setup, tmp_path):
 
 def test_bad_config_value_fails_before_training(setup, tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch/train.py"), "--config", str(setup), "deepspeed.zero_stage=7"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "launch/train.py"),
+            "--config",
+            str(setup),
+            "deepspeed.zero_stage=7",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "key 'deepspeed.zero_stage'" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -234,8 +234,10 @@ def _own_pictures(shard_dir) -> dict:
         for j, trip in enumerate(meta["triplets"]):
             key = (trip["pth1"], trip["edit"], meta["target"])
             assert key not in own
-            own[key] = (fmt.decode_rgb(fmt.query_jpegs(record, j)[0]),
-                        fmt.decode_rgb(targets[len(targets) // 2]))  # fmt: skip
+            own[key] = (
+                fmt.decode_rgb(fmt.query_jpegs(record, j)[0]),
+                fmt.decode_rgb(targets[len(targets) // 2]),
+            )
     return own
 
 
@@ -324,9 +326,26 @@ def test_launch_eval_webvid_covr_logs_to_mlflow(small_corpus, tmp_path):
     export_model(model.state_dict(), model.cfg, tok, tmp_path / "export")
     out = tmp_path / "eval"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cmd = [sys.executable, "launch/eval.py", "--protocol", "webvid-covr", "--checkpoint", str(tmp_path / "export"),
-           "--data", str(tmp_path / "shards"), "--out", str(out), "--report", "3", "--explain", "2",
-           "--tracking-uri", uri, "--index", "hnsw"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "launch/eval.py",
+        "--protocol",
+        "webvid-covr",
+        "--checkpoint",
+        str(tmp_path / "export"),
+        "--data",
+        str(tmp_path / "shards"),
+        "--out",
+        str(out),
+        "--report",
+        "3",
+        "--explain",
+        "2",
+        "--tracking-uri",
+        uri,
+        "--index",
+        "hnsw",
+    ]
     done = subprocess.run(
         cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300
     )
@@ -353,8 +372,13 @@ def test_launch_eval_webvid_covr_logs_to_mlflow(small_corpus, tmp_path):
     }
     assert "eval/webvid-covr/report/combiner_weights.png" in artifacts
     assert "eval/webvid-covr/report/images" in artifacts  # the html page's thumbnails
-    bad = subprocess.run(cmd[:5] + [str(tmp_path / "nothing")] + cmd[6:], cwd=Path(__file__).resolve().parents[1],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        cmd[:5] + [str(tmp_path / "nothing")] + cmd[6:],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "no exported CoVR model" in bad.stderr
 
 
@@ -407,10 +431,14 @@ def test_fashioniq_removes_the_candidate_as_covr_or_keeps_it_as_clip4cir(cirr_se
     names = [f"dress{i}" for i in range(12)]
     for i, n in enumerate(names):
         _image(tmp_path / "images" / f"{n}.png", 7 * i)
-    caps = [{"candidate": names[i], "target": names[i + 2], "captions": ["is red", "longer"]}
-            for i in range(8)]  # fmt: skip
-    for sub, name, body in (("captions", "cap.dress.val.json", caps),
-                            ("image_splits", "split.dress.val.json", names)):  # fmt: skip
+    caps = [
+        {"candidate": names[i], "target": names[i + 2], "captions": ["is red", "longer"]}
+        for i in range(8)
+    ]
+    for sub, name, body in (
+        ("captions", "cap.dress.val.json", caps),
+        ("image_splits", "split.dress.val.json", names),
+    ):
         (tmp_path / sub).mkdir(exist_ok=True)
         (tmp_path / sub / name).write_text(json.dumps(body))
     covr = fashioniq(model, tok, tmp_path, ("dress",))
@@ -437,10 +465,16 @@ def test_circo_map_and_test_submission(cirr_setup, tmp_path):
     (tmp_path / "annotations").mkdir()
     # every other image is correct: AP@K = 1 for every K, so mAP = 100 through the whole pipeline
     val = [
-        {"id": q, "reference_img_id": q + 1, "target_img_id": q + 2, "relative_caption": "make it red",
-         "shared_concept": "a thing", "gt_img_ids": [i for i in ids if i != q + 1]}
+        {
+            "id": q,
+            "reference_img_id": q + 1,
+            "target_img_id": q + 2,
+            "relative_caption": "make it red",
+            "shared_concept": "a thing",
+            "gt_img_ids": [i for i in ids if i != q + 1],
+        }
         for q in range(3)
-    ]  # fmt: skip
+    ]
     (tmp_path / "annotations" / "val.json").write_text(json.dumps(val))
     ev = circo(model, tok, tmp_path)
     assert ev.metrics == pytest.approx(

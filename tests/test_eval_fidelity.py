@@ -66,8 +66,12 @@ def test_webvid_targets_are_renormalised_before_scoring():
     # pooled (not re-normalised) target tokens; query token (1, 0)
     a = torch.tensor([[0.6, 0.0], [0.0, 0.6]])  # mean . q = .3; re-normalised: .5
     b = torch.tensor([[0.4, 0.9165], [0.4, -0.9165]])  # unit tokens: .4 either way
-    emb = {"query": torch.tensor([[[1.0, 0.0]]]), "gallery": torch.stack([a, b]),
-           "gallery_ids": ["a", "b"], "query_refs": ["x"]}  # fmt: skip
+    emb = {
+        "query": torch.tensor([[[1.0, 0.0]]]),
+        "gallery": torch.stack([a, b]),
+        "gallery_ids": ["a", "b"],
+        "query_refs": ["x"],
+    }
     scores, ids = webvid_topk(emb, 2)
     assert ids[0].tolist() == [0, 1] and scores[0] == pytest.approx([0.5, 0.4], abs=1e-4)
     emb["query_refs"] = ["a"]  # the query's own video is never an answer

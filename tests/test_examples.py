@@ -74,14 +74,29 @@ def split_command(command: str) -> tuple[str, list[str]]:
 def substitute(args: list[str], ws: Path, n: int) -> list[str]:
     """Placeholders -> workspace paths; by the flag they follow where one name means several."""
     demo = "runs/demo"
-    names = {"EXPORT": f"{demo}/train/export", "CIRR_ROOT": str(CIRR_ROOT), "FIQ_ROOT": "fiq",
-             "CIRCO_ROOT": "circo", "CAPTIONS.csv": f"{demo}/corpus/captions.csv",
-             "A.csv": f"{demo}/corpus/train.csv", "M.jsonl": f"{demo}/corpus/metadata.jsonl",
-             "KEPT.csv": f"out{n}/kept.csv", "CSV": f"{demo}/corpus/train.csv", "K": "2",
-             "N": "1", "S": "3", "H": "hosts", "BLIP2_DIR": "weights/blip2",
-             "BLIP_DIR": "weights/blip"}  # fmt: skip
-    by_flag = {"--video-root": "WebVid", "--cirr-root": str(CIRR_ROOT), "--out": f"out{n}",
-               "--image-root": "images"}  # fmt: skip
+    names = {
+        "EXPORT": f"{demo}/train/export",
+        "CIRR_ROOT": str(CIRR_ROOT),
+        "FIQ_ROOT": "fiq",
+        "CIRCO_ROOT": "circo",
+        "CAPTIONS.csv": f"{demo}/corpus/captions.csv",
+        "A.csv": f"{demo}/corpus/train.csv",
+        "M.jsonl": f"{demo}/corpus/metadata.jsonl",
+        "KEPT.csv": f"out{n}/kept.csv",
+        "CSV": f"{demo}/corpus/train.csv",
+        "K": "2",
+        "N": "1",
+        "S": "3",
+        "H": "hosts",
+        "BLIP2_DIR": "weights/blip2",
+        "BLIP_DIR": "weights/blip",
+    }
+    by_flag = {
+        "--video-root": "WebVid",
+        "--cirr-root": str(CIRR_ROOT),
+        "--out": f"out{n}",
+        "--image-root": "images",
+    }
     out = []
     for prev, tok in zip([None, *args], args):
         if tok == "DIR":
@@ -94,8 +109,11 @@ def substitute(args: list[str], ws: Path, n: int) -> list[str]:
 
 
 def listening(pids) -> list[str]:
-    return [c.laddr.ip for c in psutil.net_connections("tcp")
-            if c.status == psutil.CONN_LISTEN and c.pid in pids]  # fmt: skip
+    return [
+        c.laddr.ip
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +140,21 @@ def workspace(small_corpus, tmp_path_factory):
     tiny = ws / "tiny.yaml"
     write_tiny_config(tiny, demo / "shards", demo / "corpus" / "tokenizer")
 
-    env = {k: v for k, v in __import__("os").environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
-    cmd = [sys.executable, "launch/train.py", "--config", str(tiny), f"train.out_dir={demo / 'train'}",
-           "train.max_steps=3", "train.ckpt_every=0", "eval.report_queries=2"]  # fmt: skip
+    env = {
+        k: v
+        for k, v in __import__("os").environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    cmd = [
+        sys.executable,
+        "launch/train.py",
+        "--config",
+        str(tiny),
+        f"train.out_dir={demo / 'train'}",
+        "train.max_steps=3",
+        "train.ckpt_every=0",
+        "eval.report_queries=2",
+    ]
     proc = subprocess.Popen(
         cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -184,8 +213,13 @@ def test_every_readme_and_help_example_runs(workspace, monkeypatch):
         if script == "shard.py" and parsed.command == "pack":
             args += ["shards.target_frames=3", "shards.workers=1"]
         if real:
-            done = subprocess.run([sys.executable, f"launch/{script}", *args], cwd=ws,
-                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, f"launch/{script}", *args],
+                cwd=ws,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             if done.returncode != 0:
                 failures.append(f"{source}: {command}\n  {done.stderr.strip()[-1500:]}")
             elif script == "eval.py":

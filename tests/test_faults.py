@@ -97,8 +97,11 @@ def test_webvid_paths_outside_the_video_root_are_refused_counted_and_named(corpu
     assert manifest["totals"]["skipped_records"] == 1
     assert manifest["totals"]["skipped_triplets"] == 3
     assert manifest["totals"]["triplets"] == len(rows) - 3
-    packed = {t["pth1"] for r in iter_records(shard_urls(tmp_path / "out", manifest)[0])
-              for t in json.loads(r["json"])["triplets"]}  # fmt: skip
+    packed = {
+        t["pth1"]
+        for r in iter_records(shard_urls(tmp_path / "out", manifest)[0])
+        for t in json.loads(r["json"])["triplets"]
+    }
     assert not {climbing, str(outside / "secret")} & packed
     # before packing, the annotation-level check drops them in train and refuses them in test
     kept, dropped = drop_missing_videos(bad, corpus / "videos", "train")
@@ -124,13 +127,28 @@ def test_explicit_record_files_outside_the_media_root_are_refused(corpus, tmp_pa
     Image.new("RGB", (8, 8), "blue").save(tmp_path / "secret.png")
     trip = {"row": 0, "pth1": "a", "txt1": "", "txt2": "", "edit": "e", "scores": [], "group": "g"}
     records = [
-        {"key": "c0", "target": "b", "target_id": 0, "target_file": str(media / "b.png"),
-         "triplets": [{**trip, "query_file": str(media / "a.png")}]},
-        {"key": "c1", "target": "b", "target_id": 0, "target_file": str(media / "b.png"),
-         "triplets": [{**trip, "row": 1, "query_file": str(media / ".." / "secret.png")}]},
-        {"key": "c2", "target": "s", "target_id": 1, "target_file": str(tmp_path / "secret.png"),
-         "triplets": [{**trip, "row": 2, "query_file": str(media / "a.png")}]},
-    ]  # fmt: skip
+        {
+            "key": "c0",
+            "target": "b",
+            "target_id": 0,
+            "target_file": str(media / "b.png"),
+            "triplets": [{**trip, "query_file": str(media / "a.png")}],
+        },
+        {
+            "key": "c1",
+            "target": "b",
+            "target_id": 0,
+            "target_file": str(media / "b.png"),
+            "triplets": [{**trip, "row": 1, "query_file": str(media / ".." / "secret.png")}],
+        },
+        {
+            "key": "c2",
+            "target": "s",
+            "target_id": 1,
+            "target_file": str(tmp_path / "secret.png"),
+            "triplets": [{**trip, "row": 2, "query_file": str(media / "a.png")}],
+        },
+    ]
     manifest = pack_records(records, "fp", tmp_path, media, tmp_path / "out", CFG)
     assert manifest["totals"]["samples"] == 1
     assert manifest["totals"]["skipped_records"] == 2
@@ -280,8 +298,19 @@ def tok(tmp_path_factory):
 def _readers(shard_dir, tok, world=2):
     urls, counts = shard_urls(shard_dir, read_manifest(shard_dir))
     fn = partial(collate, tokenizer=tok, image_size=32, max_text_len=8)
-    readers = [ShardReader(urls, counts, batch_size=2, collate=fn, sampler=SamplerConfig("random", buffer=4),
-                           rank=r, world=world, seed=5) for r in range(world)]  # fmt: skip
+    readers = [
+        ShardReader(
+            urls,
+            counts,
+            batch_size=2,
+            collate=fn,
+            sampler=SamplerConfig("random", buffer=4),
+            rank=r,
+            world=world,
+            seed=5,
+        )
+        for r in range(world)
+    ]
     for reader in readers:
         reader.set_position(0, 0, 1)
     return readers

@@ -21,8 +21,12 @@ def test_author_or_category_rule_with_counts():
     kept, report = filter_triplets(rows, meta)
     assert kept == [rows[0], rows[1], rows[3]]
     assert (report.total, report.kept, report.same_author, report.shared_category, report.both) == (
-        5, 3, 2, 2, 1,
-    )  # fmt: skip
+        5,
+        3,
+        2,
+        2,
+        1,
+    )
     assert report.missing_metadata == 1
     kept, _ = filter_triplets(rows, meta, by_author=False)
     assert kept == [rows[1], rows[3]]

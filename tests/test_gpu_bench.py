@@ -18,10 +18,25 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_tiny_cpu_run_writes_json_and_table(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--size", "tiny", "--device", "cpu",
-         "--steps", "2", "--chunk-size", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu.py"),
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--chunk-size",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["device"] == "cpu" and r["peak_tflops"] is None
@@ -96,14 +111,34 @@ def test_peak_table_and_mfu():
 
 
 def test_markdown_table_of_a_gpu_report():
-    train = {"targets": "embeddings", "batch_size": 256, "samples_per_s": 212.5, "step_s": 1.2047,
-             "peak_memory_gib": 31.25, "tflop_per_sample": 1.4207, "achieved_tflops": 301.9, "mfu": 0.3051}  # fmt: skip
-    fit = {"targets": "embeddings", "overrides": [], "largest": 3072, "first_oom": 3584,
-           "stopped_by_budget": False, "tries": [{}] * 5}  # fmt: skip
-    report = {"device": "NVIDIA H100 80GB HBM3", "size": "full", "peak_tflops": 989.4,
-              "versions": {"torch": "2.13.0", "deepspeed": "0.19.8", "faiss": "1.15.1"},
-              "train": {"embeddings": train}, "faiss": None, "largest_batch": {"embeddings": fit},
-              "skipped": ["train/frames"]}  # fmt: skip
+    train = {
+        "targets": "embeddings",
+        "batch_size": 256,
+        "samples_per_s": 212.5,
+        "step_s": 1.2047,
+        "peak_memory_gib": 31.25,
+        "tflop_per_sample": 1.4207,
+        "achieved_tflops": 301.9,
+        "mfu": 0.3051,
+    }
+    fit = {
+        "targets": "embeddings",
+        "overrides": [],
+        "largest": 3072,
+        "first_oom": 3584,
+        "stopped_by_budget": False,
+        "tries": [{}] * 5,
+    }
+    report = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "size": "full",
+        "peak_tflops": 989.4,
+        "versions": {"torch": "2.13.0", "deepspeed": "0.19.8", "faiss": "1.15.1"},
+        "train": {"embeddings": train},
+        "faiss": None,
+        "largest_batch": {"embeddings": fit},
+        "skipped": ["train/frames"],
+    }
     table = markdown(report)
     assert "| embeddings | 256 | 212.5 | 1205 ms | 31.2 GiB | 1.421 | 302 | 30.5% |" in table
     assert "| embeddings | - | 3072 | 3584 | 5 |" in table

@@ -36,8 +36,12 @@ class Engine:
 
 def _batch(tok, b=7, frames=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    enc = tok(["replace circle with square", "make it red"] * b, padding="max_length",
-              max_length=12, return_tensors="pt")  # fmt: skip
+    enc = tok(
+        ["replace circle with square", "make it red"] * b,
+        padding="max_length",
+        max_length=12,
+        return_tensors="pt",
+    )
     return {
         "query_frames": torch.randn(b, 1, 3, 32, 32, generator=g),
         "input_ids": enc.input_ids[:b],
@@ -53,8 +57,9 @@ def _batch(tok, b=7, frames=2, seed=0):
 
 def _setup(tmp_path, reduce="mean", dropout=0.0, combiner="fusion"):
     torch.manual_seed(0)
-    model, tok = tiny_model(tmp_path, reduce=reduce, dropout=dropout, combiner=combiner,
-                            train_target_encoder=True)  # fmt: skip
+    model, tok = tiny_model(
+        tmp_path, reduce=reduce, dropout=dropout, combiner=combiner, train_target_encoder=True
+    )
     tokens = 1 if reduce == "mean" else model.cfg.num_query_tokens
     queue = TargetQueue(10, (tokens, model.cfg.embed_dim))
     momentum = MomentumEncoder(model, 0.9)
@@ -113,8 +118,10 @@ def test_dropout_masks_are_replayed(tmp_path, float64):
     model, tok, _, _ = _setup(tmp_path, dropout=0.3)
     batch = _batch(tok)
     torch.manual_seed(5)
-    parts = [COVR.embed(model, {k: v[i : i + chunk] for k, v in batch.items()}, cfg)
-             for i in range(0, 7, chunk)]  # fmt: skip
+    parts = [
+        COVR.embed(model, {k: v[i : i + chunk] for k, v in batch.items()}, cfg)
+        for i in range(0, 7, chunk)
+    ]
     after = torch.get_rng_state()
     emb = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     COVR.contrast(emb, batch["target_ids"], cfg, "mean")[0].backward()
@@ -157,8 +164,12 @@ def test_model_dropout_setting(tmp_path, arch):
         }
     # loaded weights get the configured dropout too (not the saved config's)
     model.hf.save_pretrained(tmp_path / "saved")
-    off = build_model(model.cfg.__class__(**{**vars(model.cfg), "pretrained": str(tmp_path / "saved"),
-                                             "dropout": 0.0}), tok)  # fmt: skip
+    off = build_model(
+        model.cfg.__class__(
+            **{**vars(model.cfg), "pretrained": str(tmp_path / "saved"), "dropout": 0.0}
+        ),
+        tok,
+    )
     assert not any(m.p for m in off.modules() if isinstance(m, torch.nn.Dropout))
     batch = _batch(tok, 3)
     off.train()

@@ -42,8 +42,9 @@ def _engine_steps(rank, world, out_dir):
             torch.manual_seed(0)
             model, tok = tiny_model(Path(out_dir), dropout=0.0)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
-            cfg = load_config(None, ["train.batch_size=7", "train.grad_accum=2",
-                                     f"deepspeed.zero_stage={stage}"])  # fmt: skip
+            cfg = load_config(
+                None, ["train.batch_size=7", "train.grad_accum=2", f"deepspeed.zero_stage={stage}"]
+            )
             params = model.trainable_parameters()
             sgd = torch.optim.SGD(params, lr=0.5, momentum=0.9)
             engine, *_ = build_engine(model, params, sgd, None, deepspeed_config(cfg))
@@ -72,8 +73,13 @@ def test_one_rank_every_zero_stage_with_accumulation(tmp_path):
     run_ranks(_engine_steps, 1, (str(tmp_path),))
 
 
-COMMON = ["model.dropout=0", "train.max_steps=3", "train.epochs=1", "train.ckpt_every=0",
-          "train.batch_size=4"]  # fmt: skip
+COMMON = [
+    "model.dropout=0",
+    "train.max_steps=3",
+    "train.epochs=1",
+    "train.ckpt_every=0",
+    "train.batch_size=4",
+]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -83,8 +89,9 @@ def test_launcher_two_ranks_chunks_equal_the_whole_batch(setup, tmp_path, stage)
     runs = {}
     for chunk in (0, 3):
         out = tmp_path / f"chunk{chunk}"
-        runs[chunk] = launch(setup, out, *COMMON, f"deepspeed.zero_stage={stage}",
-                             f"train.chunk_size={chunk}")  # fmt: skip
+        runs[chunk] = launch(
+            setup, out, *COMMON, f"deepspeed.zero_stage={stage}", f"train.chunk_size={chunk}"
+        )
     assert runs[0]["steps"] == runs[3]["steps"] == 3
     a = load_file(tmp_path / "chunk0/export/model.safetensors")
     b = load_file(tmp_path / "chunk3/export/model.safetensors")
@@ -99,10 +106,15 @@ def test_launcher_two_ranks_chunks_equal_the_whole_batch(setup, tmp_path, stage)
 
 def test_launcher_bf16_with_activation_checkpointing(setup, tmp_path):  # noqa: F811
     """bf16 and recomputed Q-Former layers run with chunks and stay close to the whole batch."""
-    extra = ["deepspeed.zero_stage=2", "deepspeed.precision=bf16",
-             "deepspeed.activation_checkpointing=true"]  # fmt: skip
-    runs = {c: launch(setup, tmp_path / f"c{c}", *COMMON, *extra, f"train.chunk_size={c}")
-            for c in (0, 2)}  # fmt: skip
+    extra = [
+        "deepspeed.zero_stage=2",
+        "deepspeed.precision=bf16",
+        "deepspeed.activation_checkpointing=true",
+    ]
+    runs = {
+        c: launch(setup, tmp_path / f"c{c}", *COMMON, *extra, f"train.chunk_size={c}")
+        for c in (0, 2)
+    }
     losses = [runs[c]["train"]["loss"] for c in (0, 2)]
     assert abs(losses[0] - losses[1]) < 0.02 * abs(losses[0]), losses
     a = load_file(tmp_path / "c0/export/model.safetensors")

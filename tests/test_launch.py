@@ -26,12 +26,30 @@ def test_every_launch_script_answers_help(script):
 
 def test_prepare_synth_then_filter(tmp_path):
     out = tmp_path / "corpus"
-    run(ROOT / "launch/prepare.py", "synth", "--out", out, "--videos", 30, "--seed", 3,
-        "data.synth.size=32", "data.synth.frames=8")  # fmt: skip
+    run(
+        ROOT / "launch/prepare.py",
+        "synth",
+        "--out",
+        out,
+        "--videos",
+        30,
+        "--seed",
+        3,
+        "data.synth.size=32",
+        "data.synth.frames=8",
+    )
     assert len(list((out / "videos").rglob("*.mp4"))) == 30
     train = read_annotations(out / "train.csv")
-    proc = run(ROOT / "launch/prepare.py", "filter", "--annotations", out / "train.csv",
-               "--metadata", out / "metadata.jsonl", "--out", tmp_path / "kept.csv")  # fmt: skip
+    proc = run(
+        ROOT / "launch/prepare.py",
+        "filter",
+        "--annotations",
+        out / "train.csv",
+        "--metadata",
+        out / "metadata.jsonl",
+        "--out",
+        tmp_path / "kept.csv",
+    )
     kept = read_annotations(tmp_path / "kept.csv")
     assert 0 < len(kept) <= len(train)
     assert f"kept {len(kept)} / {len(train)} triplets" in proc.stdout
@@ -43,15 +61,24 @@ def test_prepare_mine_from_caption_table(tmp_path):
         "videoid,contentUrl,duration,page_dir,name\n"
         '1,u,PT1S,d,"A dog, on grass"\n2,u,PT1S,d,"A cat, on grass"\n3,u,PT1S,d,Sunset\n'
     )
-    run(ROOT / "launch/prepare.py", "mine", "--captions", table, "--out", tmp_path,
-        "data.mining.val_fraction=0", "data.mining.test_fraction=0")  # fmt: skip
+    run(
+        ROOT / "launch/prepare.py",
+        "mine",
+        "--captions",
+        table,
+        "--out",
+        tmp_path,
+        "data.mining.val_fraction=0",
+        "data.mining.test_fraction=0",
+    )
     rows = read_annotations(tmp_path / "train.csv")
     assert {(r.pth1, r.pth2) for r in rows} == {("d/1", "d/2"), ("d/2", "d/1")}
 
 
 def test_bad_override_is_one_clear_error(tmp_path):
-    proc = run(ROOT / "launch/prepare.py", "synth", "--out", tmp_path, "data.synth.vidoes=3",
-               check=False)  # fmt: skip
+    proc = run(
+        ROOT / "launch/prepare.py", "synth", "--out", tmp_path, "data.synth.vidoes=3", check=False
+    )
     assert proc.returncode == 2
     assert "config error" in proc.stderr and "data.synth.vidoes" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -88,11 +115,16 @@ def shard_tree(tmp_path):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("optim.lr=-1", "optim.lr"), ("train.log_every=0", "train.log_every"),
-     ("train.epochs=0", "train.epochs"), ("train.max_steps=-5", "train.max_steps"),
-     ("train.eval_every=-1", "train.eval_every"), ("queue.momentum=2", "queue.momentum"),
-     ("deepspeed.timeout_s=0", "deepspeed.timeout_s")],
-)  # fmt: skip
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.max_steps=-5", "train.max_steps"),
+        ("train.eval_every=-1", "train.eval_every"),
+        ("queue.momentum=2", "queue.momentum"),
+        ("deepspeed.timeout_s=0", "deepspeed.timeout_s"),
+    ],
+)
 def test_train_refuses_a_bad_value_before_anything_starts(shard_tree, override, key):
     start = time.perf_counter()
     proc = run(ROOT / "launch/train.py", "--config", shard_tree, override, check=False)
@@ -101,14 +133,20 @@ def test_train_refuses_a_bad_value_before_anything_starts(shard_tree, override, 
 
 
 def test_train_preflight_names_a_missing_manifest_and_missing_shards(shard_tree, tmp_path):
-    proc = run(ROOT / "launch/train.py", "--config", shard_tree, f"shards.dir={tmp_path / 'no'}",
-               check=False)  # fmt: skip
+    proc = run(
+        ROOT / "launch/train.py",
+        "--config",
+        shard_tree,
+        f"shards.dir={tmp_path / 'no'}",
+        check=False,
+    )
     one_line_error(proc, "key 'shards.dir'", "manifest.json")
     (tmp_path / "shards" / "val" / "covr-000000.tar").unlink()
     proc = run(ROOT / "launch/train.py", "--config", shard_tree, check=False)
     one_line_error(proc, "1 of 1 shards missing", "covr-000000.tar")
-    proc = run(ROOT / "launch/train.py", "--config", shard_tree, "train.init_from=/no/export",
-               check=False)  # fmt: skip
+    proc = run(
+        ROOT / "launch/train.py", "--config", shard_tree, "train.init_from=/no/export", check=False
+    )
     one_line_error(proc, "key 'train.init_from'")
 
 
@@ -130,11 +168,28 @@ def test_shard_verify_of_a_missing_dir_is_one_line(tmp_path):
 def test_bad_annotations_and_missing_checkpoint_are_one_line(tmp_path):
     csv = tmp_path / "a.csv"
     csv.write_text("pth1,pth2,txt1,txt2,edit,scores,sim_txt\na,b,x,y,z,notalist,\n")
-    proc = run(ROOT / "launch/prepare.py", "filter", "--annotations", csv, "--metadata",
-               tmp_path / "m.jsonl", "--out", tmp_path / "k.csv", check=False)  # fmt: skip
+    proc = run(
+        ROOT / "launch/prepare.py",
+        "filter",
+        "--annotations",
+        csv,
+        "--metadata",
+        tmp_path / "m.jsonl",
+        "--out",
+        tmp_path / "k.csv",
+        check=False,
+    )
     one_line_error(proc, "annotation error", "a.csv")
-    proc = run(ROOT / "launch/eval.py", "--protocol", "webvid-covr", "--checkpoint",
-               tmp_path / "none", "--data", tmp_path, check=False)  # fmt: skip
+    proc = run(
+        ROOT / "launch/eval.py",
+        "--protocol",
+        "webvid-covr",
+        "--checkpoint",
+        tmp_path / "none",
+        "--data",
+        tmp_path,
+        check=False,
+    )
     one_line_error(proc, "no exported CoVR model")
 
 
@@ -148,9 +203,15 @@ def test_our_error_classes_are_expected_and_one_line(monkeypatch, capsys):
     from sharding.reader import ShardURLError
     from train.lavis import CheckpointMappingError
 
-    errors = [ConfigError("key 'x'"), AnnotationError("f.csv:3: bad"), BenchmarkFormatError("b"),
-              MissingVideosError("test", ["v/1.mp4", "v/2.mp4"]), ShardURLError("pipe:"),
-              CheckpointMappingError("a\nb"), FileNotFoundError("no such file")]  # fmt: skip
+    errors = [
+        ConfigError("key 'x'"),
+        AnnotationError("f.csv:3: bad"),
+        BenchmarkFormatError("b"),
+        MissingVideosError("test", ["v/1.mp4", "v/2.mp4"]),
+        ShardURLError("pipe:"),
+        CheckpointMappingError("a\nb"),
+        FileNotFoundError("no such file"),
+    ]
     for err in errors:
         assert _bootstrap.expected(err), err
         monkeypatch.setenv("WORLD_SIZE", "1")

@@ -71,14 +71,21 @@ def test_lightning_checkpoint_and_clear_errors(tmp_path):
 
 def _vit_keys(v, *, eva: bool) -> dict:
     c, n = v.hidden_size, (v.image_size // v.patch_size) ** 2 + 1
-    keys = {"visual_encoder.cls_token": (1, 1, c), "visual_encoder.pos_embed": (1, n, c),
-            "visual_encoder.patch_embed.proj.weight": (c, 3, v.patch_size, v.patch_size),
-            "visual_encoder.patch_embed.proj.bias": (c,)}  # fmt: skip
+    keys = {
+        "visual_encoder.cls_token": (1, 1, c),
+        "visual_encoder.pos_embed": (1, n, c),
+        "visual_encoder.patch_embed.proj.weight": (c, 3, v.patch_size, v.patch_size),
+        "visual_encoder.patch_embed.proj.bias": (c,),
+    }
     for i in range(v.layers):
         b = f"visual_encoder.blocks.{i}."
-        keys |= {b + "attn.qkv.weight": (3 * c, c), b + "attn.proj.weight": (c, c),
-                 b + "mlp.fc1.weight": (v.intermediate_size, c), b + "mlp.fc1.bias": (v.intermediate_size,),
-                 b + "mlp.fc2.weight": (c, v.intermediate_size)}  # fmt: skip
+        keys |= {
+            b + "attn.qkv.weight": (3 * c, c),
+            b + "attn.proj.weight": (c, c),
+            b + "mlp.fc1.weight": (v.intermediate_size, c),
+            b + "mlp.fc1.bias": (v.intermediate_size,),
+            b + "mlp.fc2.weight": (c, v.intermediate_size),
+        }
         for name in (
             "norm1.weight",
             "norm1.bias",
@@ -101,21 +108,37 @@ def _bert_keys(
     prefix: str, t, vocab: int, vision_width: int, cross_every: int, query_ffn: bool
 ) -> dict:
     h, i = t.hidden_size, t.intermediate_size
-    keys = {f"{prefix}embeddings.word_embeddings.weight": (vocab, h),
-            f"{prefix}embeddings.position_embeddings.weight": (t.max_position_embeddings, h),
-            f"{prefix}embeddings.LayerNorm.weight": (h,), f"{prefix}embeddings.LayerNorm.bias": (h,),
-            f"{prefix}embeddings.position_ids": (1, t.max_position_embeddings)}  # fmt: skip
+    keys = {
+        f"{prefix}embeddings.word_embeddings.weight": (vocab, h),
+        f"{prefix}embeddings.position_embeddings.weight": (t.max_position_embeddings, h),
+        f"{prefix}embeddings.LayerNorm.weight": (h,),
+        f"{prefix}embeddings.LayerNorm.bias": (h,),
+        f"{prefix}embeddings.position_ids": (1, t.max_position_embeddings),
+    }
 
     def attention(b, kv_width):
-        return {b + "self.query.weight": (h, h), b + "self.query.bias": (h,),
-                b + "self.key.weight": (h, kv_width), b + "self.key.bias": (h,),
-                b + "self.value.weight": (h, kv_width), b + "self.value.bias": (h,),
-                b + "output.dense.weight": (h, h), b + "output.dense.bias": (h,),
-                b + "output.LayerNorm.weight": (h,), b + "output.LayerNorm.bias": (h,)}  # fmt: skip
+        return {
+            b + "self.query.weight": (h, h),
+            b + "self.query.bias": (h,),
+            b + "self.key.weight": (h, kv_width),
+            b + "self.key.bias": (h,),
+            b + "self.value.weight": (h, kv_width),
+            b + "self.value.bias": (h,),
+            b + "output.dense.weight": (h, h),
+            b + "output.dense.bias": (h,),
+            b + "output.LayerNorm.weight": (h,),
+            b + "output.LayerNorm.bias": (h,),
+        }
 
     def ffn(inter, out):
-        return {inter + "dense.weight": (i, h), inter + "dense.bias": (i,), out + "dense.weight": (h, i),
-                out + "dense.bias": (h,), out + "LayerNorm.weight": (h,), out + "LayerNorm.bias": (h,)}  # fmt: skip
+        return {
+            inter + "dense.weight": (i, h),
+            inter + "dense.bias": (i,),
+            out + "dense.weight": (h, i),
+            out + "dense.bias": (h,),
+            out + "LayerNorm.weight": (h,),
+            out + "LayerNorm.bias": (h,),
+        }
 
     for layer in range(t.layers):
         b = f"{prefix}encoder.layer.{layer}."
@@ -132,24 +155,35 @@ def reference_keys(cfg, vocab: int) -> dict:
     v, t, e = cfg.vision, cfg.text, cfg.embed_dim
     if cfg.arch == "blip2":
         h = t.hidden_size
-        keys = _vit_keys(v, eva=True) | _bert_keys("Qformer.bert.", t, vocab, v.hidden_size,
-                                                    t.cross_attention_frequency, query_ffn=True)  # fmt: skip
-        keys |= {"ln_vision.weight": (v.hidden_size,), "ln_vision.bias": (v.hidden_size,),
-                 "query_tokens": (1, cfg.num_query_tokens, h),
-                 "Qformer.cls.predictions.bias": (vocab,), "Qformer.cls.predictions.decoder.weight": (vocab, h),
-                 "Qformer.cls.predictions.decoder.bias": (vocab,),
-                 "Qformer.cls.predictions.transform.dense.weight": (h, h),
-                 "Qformer.cls.predictions.transform.dense.bias": (h,),
-                 "Qformer.cls.predictions.transform.LayerNorm.weight": (h,),
-                 "Qformer.cls.predictions.transform.LayerNorm.bias": (h,),
-                 "vision_proj.weight": (e, h), "vision_proj.bias": (e,),
-                 "text_proj.weight": (e, h), "text_proj.bias": (e,)}  # fmt: skip
+        keys = _vit_keys(v, eva=True) | _bert_keys(
+            "Qformer.bert.", t, vocab, v.hidden_size, t.cross_attention_frequency, query_ffn=True
+        )
+        keys |= {
+            "ln_vision.weight": (v.hidden_size,),
+            "ln_vision.bias": (v.hidden_size,),
+            "query_tokens": (1, cfg.num_query_tokens, h),
+            "Qformer.cls.predictions.bias": (vocab,),
+            "Qformer.cls.predictions.decoder.weight": (vocab, h),
+            "Qformer.cls.predictions.decoder.bias": (vocab,),
+            "Qformer.cls.predictions.transform.dense.weight": (h, h),
+            "Qformer.cls.predictions.transform.dense.bias": (h,),
+            "Qformer.cls.predictions.transform.LayerNorm.weight": (h,),
+            "Qformer.cls.predictions.transform.LayerNorm.bias": (h,),
+            "vision_proj.weight": (e, h),
+            "vision_proj.bias": (e,),
+            "text_proj.weight": (e, h),
+            "text_proj.bias": (e,),
+        }
         return keys
     keys = _vit_keys(v, eva=False) | _bert_keys(
         "text_encoder.", t, vocab, v.hidden_size, 1, query_ffn=False
     )
-    return keys | {"vision_proj.weight": (e, v.hidden_size), "vision_proj.bias": (e,),
-                   "text_proj.weight": (e, t.hidden_size), "text_proj.bias": (e,)}  # fmt: skip
+    return keys | {
+        "vision_proj.weight": (e, v.hidden_size),
+        "vision_proj.bias": (e,),
+        "text_proj.weight": (e, t.hidden_size),
+        "text_proj.bias": (e,),
+    }
 
 
 class NotAllowlisted:
@@ -178,12 +212,26 @@ def _write(layout, state, path):
         layout == "fabric"
     ):  # CoVR train.py: fabric.save({"epoch", "model", "optimizer", "scheduler"})
         sched = NotAllowlisted(min_lr=0, init_lr=2e-5, max_epochs=5)
-        torch.save({"epoch": 4, "model": state, "optimizer": {"state": {}, "param_groups": []},
-                    "scheduler": sched}, path)  # fmt: skip
+        torch.save(
+            {
+                "epoch": 4,
+                "model": state,
+                "optimizer": {"state": {}, "param_groups": []},
+                "scheduler": sched,
+            },
+            path,
+        )
     else:  # Lightning: state_dict with the module prefix, hyper-parameters of some class
-        torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 4,
-                    "global_step": 100, "pytorch-lightning_version": "2.0.0",
-                    "hyper_parameters": NotAllowlisted(lr=2e-5, loss="hn_nce")}, path)  # fmt: skip
+        torch.save(
+            {
+                "state_dict": {f"model.{k}": v for k, v in state.items()},
+                "epoch": 4,
+                "global_step": 100,
+                "pytorch-lightning_version": "2.0.0",
+                "hyper_parameters": NotAllowlisted(lr=2e-5, loss="hn_nce"),
+            },
+            path,
+        )
 
 
 @pytest.mark.parametrize("arch", ["blip2", "blip"])
@@ -271,8 +319,11 @@ def test_a_crafted_checkpoint_loads_its_tensors_and_runs_nothing(tmp_path):
     assert read_checkpoint(tmp_path / "evil2.pth").keys() == {"text_proj.weight"}
     assert not marker.exists()
     # legacy (non-zip) serialisation goes through the same restricted unpickler
-    torch.save({"model": weights, "payload": _WritesMarker(marker)}, tmp_path / "evil3.pth",
-               _use_new_zipfile_serialization=False)  # fmt: skip
+    torch.save(
+        {"model": weights, "payload": _WritesMarker(marker)},
+        tmp_path / "evil3.pth",
+        _use_new_zipfile_serialization=False,
+    )
     assert read_checkpoint(tmp_path / "evil3.pth").keys() == {"text_proj.weight"}
     assert not marker.exists()
 

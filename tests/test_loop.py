@@ -25,8 +25,13 @@ class Reader(IterableDataset):
 
     def __iter__(self):
         for i in range(self.start, self.n):
-            yield {"reader_stats": {"worker": 0, "undecodable": 0}, "keys": [str(i)], "positions": [i],
-                   "target_ids": torch.tensor([i, i]), "loss": torch.tensor(float(i))}  # fmt: skip
+            yield {
+                "reader_stats": {"worker": 0, "undecodable": 0},
+                "keys": [str(i)],
+                "positions": [i],
+                "target_ids": torch.tensor([i, i]),
+                "loss": torch.tensor(float(i)),
+            }
 
 
 class Engine:
@@ -67,8 +72,20 @@ def _job(total_steps: int, accum: int, log_every: int) -> Job:
         def loss(self, engine, batch, loss_cfg, queue, momentum):
             return batch["loss"], {"loss": batch["loss"]}
 
-    return Job(cfg, 0, 2, Path("."), Engine(accum), Scheduler(), None, Reader(10), Objective(),
-               TrainState(), Tracker(), total_steps)  # fmt: skip
+    return Job(
+        cfg,
+        0,
+        2,
+        Path("."),
+        Engine(accum),
+        Scheduler(),
+        None,
+        Reader(10),
+        Objective(),
+        TrainState(),
+        Tracker(),
+        total_steps,
+    )
 
 
 def test_steps_windows_and_one_device_read_per_log_line(monkeypatch, caplog):

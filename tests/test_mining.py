@@ -40,10 +40,15 @@ def test_stop_words_and_numbers_are_dropped():
     videos = [
         CaptionedVideo(str(i), "p", c)
         for i, c in enumerate(
-            ["a dog on the beach", "a cat on the beach", "a dog on a beach", "3 dogs running",
-             "5 dogs running"]
+            [
+                "a dog on the beach",
+                "a cat on the beach",
+                "a dog on a beach",
+                "3 dogs running",
+                "5 dogs running",
+            ]
         )
-    ]  # fmt: skip
+    ]
     result = mine(videos, val_fraction=0, test_fraction=0)
     assert result.stats["one_word_pairs"] == 3 and result.stats["caption_pairs"] == 1
     edits = {(t.txt1, t.txt2) for t in result.splits["train"]}

@@ -13,8 +13,13 @@ from train.queue import TargetQueue
 
 def _batch(tok, b=4, fq=1, ft=3, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    enc = tok(["make it red", "replace circle with square", "change it to blue", "make it green"][:b],
-              padding="max_length", max_length=12, truncation=True, return_tensors="pt")  # fmt: skip
+    enc = tok(
+        ["make it red", "replace circle with square", "change it to blue", "make it green"][:b],
+        padding="max_length",
+        max_length=12,
+        truncation=True,
+        return_tensors="pt",
+    )
     return {
         "query_frames": torch.randn(b, fq, 3, size, size, generator=g),
         "input_ids": enc.input_ids,
@@ -244,8 +249,14 @@ def test_blip_query_starts_with_enc_and_the_tokenizer_gives_the_reference_ids(tm
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "make", "it", "red"]
     core = Tokenizer(WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    bare = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
+    bare = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     bare.save_pretrained(tmp_path / "bert")
     tok = load_tokenizer(tmp_path / "bert")  # a bare BERT vocabulary, as bert-base-uncased
     assert tok.convert_tokens_to_ids("[DEC]") == len(words)  # 30522 for bert-base-uncased

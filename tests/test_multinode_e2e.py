@@ -58,12 +58,40 @@ def test_two_nodes_train_one_job_like_two_local_ranks(setup, two_nodes, tmp_path
     out = tmp_path / "multinode"
     procs = []
     for rank, (n, v) in enumerate(zip(ns, veth)):
-        cmd = ["ip", "netns", "exec", n, "env", f"GLOO_SOCKET_IFNAME={v}", "deepspeed", "--no_ssh",
-               "--node_rank", str(rank), "--hostfile", str(hostfile), "--master_addr", ADDRS[0],
-               "--master_port", str(port), str(ROOT / "launch/train.py"), "--config", str(setup),
-               f"train.out_dir={out}", "deepspeed.zero_stage=3", "train.epochs=1"]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env={**os.environ, "PDSH_RCMD_TYPE": "ssh"}))  # fmt: skip
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            n,
+            "env",
+            f"GLOO_SOCKET_IFNAME={v}",
+            "deepspeed",
+            "--no_ssh",
+            "--node_rank",
+            str(rank),
+            "--hostfile",
+            str(hostfile),
+            "--master_addr",
+            ADDRS[0],
+            "--master_port",
+            str(port),
+            str(ROOT / "launch/train.py"),
+            "--config",
+            str(setup),
+            f"train.out_dir={out}",
+            "deepspeed.zero_stage=3",
+            "train.epochs=1",
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, "PDSH_RCMD_TYPE": "ssh"},
+            )
+        )
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n----\n".join(log[-3000:] for log in logs)
     summary = json.loads((out / "summary.json").read_text())

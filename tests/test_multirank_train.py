@@ -104,8 +104,11 @@ def _frozen_targets_zero3(rank, world, out_dir):
     model.eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     plain = model("encode_target_frames", x)
-    config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3},
-              "zero_allow_untested_optimizer": True}  # fmt: skip
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,
+    }
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     engine.eval()

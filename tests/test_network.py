@@ -15,8 +15,11 @@ from train import network
 
 def listening(pids) -> list[str]:
     """Addresses (ip) of the TCP sockets the processes `pids` listen on."""
-    return [c.laddr.ip for c in psutil.net_connections("tcp")
-            if c.status == psutil.CONN_LISTEN and c.pid in pids]  # fmt: skip
+    return [
+        c.laddr.ip
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    ]
 
 
 def loopback(ip: str) -> bool:
@@ -111,8 +114,17 @@ def test_local_ray_listens_on_loopback_only():
 
 
 def test_world_of_one_env_fills_only_what_is_missing(monkeypatch):
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"):  # fmt: skip
+    for key in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_RANK",
+    ):
         monkeypatch.delenv(key, raising=False)
     assert network.world_of_one_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == (

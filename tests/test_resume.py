@@ -37,9 +37,15 @@ def test_settings_that_do_not_change_training_may_differ_and_are_listed():
     saved["optim"].pop("min_lr_ratio")  # a key a newer version added: its default holds
     saved["sampler"]["retired_key"] = 3  # and one a newer version removed
     epochs = saved["train"]["epochs"]
-    overrides = [f"train.epochs={epochs + 15}", "train.max_steps=900", "shards.loader_workers=2",
-                 "eval.batch_size=8", "tracking.experiment=other", "train.log_every=5",
-                 "train.out_dir=/elsewhere"]  # fmt: skip
+    overrides = [
+        f"train.epochs={epochs + 15}",
+        "train.max_steps=900",
+        "shards.loader_workers=2",
+        "eval.batch_size=8",
+        "tracking.experiment=other",
+        "train.log_every=5",
+        "train.out_dir=/elsewhere",
+    ]
     free = check_settings(load_config(CONFIG_DIR / "demo.yaml", overrides), saved, "x")
     assert (
         f"train.epochs: {epochs} -> {epochs + 15}" in free
@@ -60,8 +66,12 @@ def _fake_checkpoint(out, cfg):
 def test_launchers_refuse_a_changed_setting_before_starting(tmp_path, script):
     """`launch/demo.py optim.lr=1e-4` after a finished demo used to resume its final checkpoint,
     train nothing and report the old model under the new lr."""
-    paths = [f"data.root={tmp_path / 'corpus'}", f"shards.dir={tmp_path / 'shards'}",
-             f"model.tokenizer={tmp_path / 'corpus' / 'tokenizer'}", f"train.out_dir={tmp_path / 'train'}"]  # fmt: skip
+    paths = [
+        f"data.root={tmp_path / 'corpus'}",
+        f"shards.dir={tmp_path / 'shards'}",
+        f"model.tokenizer={tmp_path / 'corpus' / 'tokenizer'}",
+        f"train.out_dir={tmp_path / 'train'}",
+    ]
     _fake_checkpoint(tmp_path, load_config(CONFIG_DIR / "demo.yaml", paths))
     (tmp_path / "corpus" / "tokenizer").mkdir(parents=True)  # what the train pre-flight looks for
     for split in ("train", "val"):
@@ -76,8 +86,14 @@ def test_launchers_refuse_a_changed_setting_before_starting(tmp_path, script):
             "optim.lr=1e-4",
         ]
     else:
-        cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(CONFIG_DIR / "demo.yaml"),
-               *paths, "optim.lr=1e-4"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(ROOT / "launch/train.py"),
+            "--config",
+            str(CONFIG_DIR / "demo.yaml"),
+            *paths,
+            "optim.lr=1e-4",
+        ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "settings changed: " in proc.stderr and "optim.lr: 0.002 -> 0.0001" in proc.stderr
@@ -128,8 +144,16 @@ def _batches(shards, rank, world, workers, start=0, excluded=(), limit=None, sam
     out, tok = shards
     urls, counts = shard_urls(out, read_manifest(out))
     fn = partial(collate, tokenizer=tok, image_size=32, max_text_len=8)
-    reader = ShardReader(urls, counts, batch_size=2, collate=fn, rank=rank, world=world,
-                         sampler=SamplerConfig(kind=sampler, buffer=4), seed=5)  # fmt: skip
+    reader = ShardReader(
+        urls,
+        counts,
+        batch_size=2,
+        collate=fn,
+        rank=rank,
+        world=world,
+        sampler=SamplerConfig(kind=sampler, buffer=4),
+        seed=5,
+    )
     reader.set_position(0, start, workers, excluded)
     got = []
     for batch in DataLoader(reader, batch_size=None, num_workers=workers):

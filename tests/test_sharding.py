@@ -55,16 +55,34 @@ def test_a_packed_record_decodes_back_through_the_format(tmp_path):
     }
     for name, pixels in pictures.items():
         Image.fromarray(pixels).save(tmp_path / f"{name}.png")
-    trips = [{"row": r, "pth1": q, "txt1": "x", "txt2": "y", "edit": f"edit {q}", "scores": [0.5],
-              "group": "g", "query_file": str(tmp_path / f"{q}.png")} for r, q in enumerate("ab")]  # fmt: skip
-    record = {"key": "v000000007", "target": "c", "target_id": 7, "target_file": str(tmp_path / "c.png"),
-              "triplets": trips}  # fmt: skip
+    trips = [
+        {
+            "row": r,
+            "pth1": q,
+            "txt1": "x",
+            "txt2": "y",
+            "edit": f"edit {q}",
+            "scores": [0.5],
+            "group": "g",
+            "query_file": str(tmp_path / f"{q}.png"),
+        }
+        for r, q in enumerate("ab")
+    ]
+    record = {
+        "key": "v000000007",
+        "target": "c",
+        "target_id": 7,
+        "target_file": str(tmp_path / "c.png"),
+        "triplets": trips,
+    }
     manifest = pack_records([record], "fp", tmp_path, tmp_path, tmp_path / "out", CFG)
     (packed_record,) = iter_records(shard_urls(tmp_path / "out", manifest)[0])
     assert packed_record["__key__"] == "v000000007"
     assert fmt.record_meta(packed_record) == {
-        "target": "c", "target_id": 7, "triplets": [{k: v for k, v in t.items() if k != "query_file"} for t in trips]
-    }  # fmt: skip
+        "target": "c",
+        "target_id": 7,
+        "triplets": [{k: v for k, v in t.items() if k != "query_file"} for t in trips],
+    }
     for j, q in enumerate("ab"):
         sample = fmt.decode_sample(fmt.raw_triplet(packed_record, j))
         assert (sample["edit"], sample["pth1"], sample["target_id"]) == (f"edit {q}", q, 7)
@@ -77,8 +95,10 @@ def test_a_packed_record_decodes_back_through_the_format(tmp_path):
                 got[0], fmt.decode_rgb(fmt.encode_jpeg(original, 0, CFG.jpeg_quality))
             )
             assert np.abs(got[0].astype(int) - original).mean() < 4  # JPEG-close to its own picture
-    assert not np.array_equal(fmt.decode_rgb(fmt.query_jpegs(packed_record, 0)[0]),
-                              fmt.decode_rgb(fmt.query_jpegs(packed_record, 1)[0]))  # fmt: skip
+    assert not np.array_equal(
+        fmt.decode_rgb(fmt.query_jpegs(packed_record, 0)[0]),
+        fmt.decode_rgb(fmt.query_jpegs(packed_record, 1)[0]),
+    )
     # embedded: target frames replaced by embeddings, each triplet's caption row; back exactly
     emb = rng.standard_normal((1, 4, 8)).astype(np.float16)
     captions = rng.standard_normal((2, 8)).astype(np.float16)
@@ -148,9 +168,21 @@ def test_missing_video_is_skipped_with_its_reason(small_corpus, tmp_path):
 def test_kill_and_resume_gives_the_same_shards(packed, tmp_path):
     root, _, manifest = packed
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "launch/shard.py"), "pack", "--annotations", str(root / "train.csv"),
-           "--video-root", str(root / "videos"), "--out", str(out), "shards.samples_per_shard=3",
-           "shards.target_frames=3", "shards.workers=1", "shards.seed=3"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch/shard.py"),
+        "pack",
+        "--annotations",
+        str(root / "train.csv"),
+        "--video-root",
+        str(root / "videos"),
+        "--out",
+        str(out),
+        "shards.samples_per_shard=3",
+        "shards.target_frames=3",
+        "shards.workers=1",
+        "shards.seed=3",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.stats.json"))) < 2:
@@ -183,8 +215,17 @@ def test_verify_reports_a_truncated_shard(packed, tmp_path):
 def _reader(out, tok, rank=0, world=1, batch_size=2, sampler="random", **kw):
     urls, counts = shard_urls(out, read_manifest(out))
     fn = partial(collate, tokenizer=tok, image_size=32, max_text_len=8)
-    return ShardReader(urls, counts, batch_size=batch_size, collate=fn, sampler=SamplerConfig(sampler, buffer=4),
-                       rank=rank, world=world, seed=5, **kw)  # fmt: skip
+    return ShardReader(
+        urls,
+        counts,
+        batch_size=batch_size,
+        collate=fn,
+        sampler=SamplerConfig(sampler, buffer=4),
+        rank=rank,
+        world=world,
+        seed=5,
+        **kw,
+    )
 
 
 def _epoch(reader, epoch=0, start=0, workers=2, limit=None):

@@ -39,8 +39,16 @@ def test_training_batches_tokenise_cleaned_edits_and_captions(tmp_path):
     _, tok = tiny_model(tmp_path)
     rec = Recording(tok)
     frame = np.zeros((1, 16, 16, 3), dtype=np.uint8)
-    samples = [{"query_frames": frame, "target_frames": frame, "edit": "Make it RED!!", "scores": [],
-                "target_id": 0, "caption": "A red (moving) circle."}]  # fmt: skip
+    samples = [
+        {
+            "query_frames": frame,
+            "target_frames": frame,
+            "edit": "Make it RED!!",
+            "scores": [],
+            "target_id": 0,
+            "caption": "A red (moving) circle.",
+        }
+    ]
     batch = collate(samples, rec, image_size=32, max_text_len=8)
     assert rec.seen == ["make it red", "a red moving circle"]
     assert torch.equal(batch["input_ids"], tokenize(tok, ["make it red"], 8).input_ids)

@@ -205,8 +205,9 @@ def _wait_port(port, timeout=90):
 def _start(cmd, port, cwd):
     argv = [sys.executable, "-m", *shlex.split(cmd)]  # "mlflow ui ..." -> python -m mlflow ui ...
     argv[argv.index("--port") + 1] = str(port)
-    return subprocess.Popen(argv + ["--workers", "1"], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.Popen(
+        argv + ["--workers", "1"], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +233,14 @@ def ui(store):
     server = _start(ui_command(uri), port, cwd)
     try:
         _wait_port(port)
-        yield SimpleNamespace(http=f"http://127.0.0.1:{port}", sqlite=uri, run_id=t.run_id, out=out,
-                              cwd=cwd, root=root)  # fmt: skip
+        yield SimpleNamespace(
+            http=f"http://127.0.0.1:{port}",
+            sqlite=uri,
+            run_id=t.run_id,
+            out=out,
+            cwd=cwd,
+            root=root,
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -243,15 +250,24 @@ def ui(store):
 def test_ui_lists_and_serves_the_artifacts(ui):
     files = {}
     for path in ("", "report"):
-        r = requests.get(f"{ui.http}/ajax-api/2.0/mlflow/artifacts/list",
-                         params={"run_id": ui.run_id, "path": path}, timeout=30)  # fmt: skip
+        r = requests.get(
+            f"{ui.http}/ajax-api/2.0/mlflow/artifacts/list",
+            params={"run_id": ui.run_id, "path": path},
+            timeout=30,
+        )
         r.raise_for_status()
         files.update({f["path"]: f for f in r.json()["files"]})
-    assert {"report", "report/retrievals.png", "report/index.html", "learning_curves.png",
-            "results.json"} <= set(files)  # fmt: skip
+    assert {
+        "report",
+        "report/retrievals.png",
+        "report/index.html",
+        "learning_curves.png",
+        "results.json",
+    } <= set(files)
     for name in ("report/retrievals.png", "learning_curves.png", "results.json"):
-        r = requests.get(f"{ui.http}/get-artifact", params={"path": name, "run_uuid": ui.run_id},
-                         timeout=30)  # fmt: skip
+        r = requests.get(
+            f"{ui.http}/get-artifact", params={"path": name, "run_uuid": ui.run_id}, timeout=30
+        )
         r.raise_for_status()
         assert r.content == (ui.out / name).read_bytes(), name
     assert list((ui.out / "mlartifacts").rglob("retrievals.png"))  # beside the store

@@ -33,12 +33,17 @@ def write_sweep(path: Path, base: Path, **fields) -> Path:
     sweep = {
         "base": str(base),
         "name": "t",
-        "overrides": {"train.max_steps": 12, "train.eval_every": 4, "train.ckpt_every": 4,
-                      "eval.report_queries": 0, "deepspeed.zero_stage": 0},
+        "overrides": {
+            "train.max_steps": 12,
+            "train.eval_every": 4,
+            "train.ckpt_every": 4,
+            "eval.report_queries": 0,
+            "deepspeed.zero_stage": 0,
+        },
         "space": {"sampler.kind": {"choice": ["random", "fs"]}},
         "resources": {"ranks": 1, "cpus_per_rank": 1},
         "max_concurrent": 1,
-    }  # fmt: skip
+    }
     sweep.update(fields)
     path.write_text(yaml.safe_dump(sweep))
     return path
@@ -69,8 +74,13 @@ def test_launcher_refuses_a_bad_sweep_before_ray_starts(base_config, tmp_path):
     import sys
 
     path = write_sweep(tmp_path / "s.yaml", base_config, metric="loss")
-    done = subprocess.run([sys.executable, "launch/tune.py", "--config", str(path), "--out", str(tmp_path / "o")],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "launch/tune.py", "--config", str(path), "--out", str(tmp_path / "o")],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "sweep key 'metric'" in done.stderr
     assert not (tmp_path / "o" / "ray").exists()
 
@@ -84,10 +94,23 @@ def test_sweep_asha_stops_weak_trials_and_records_child_runs(base_config, tmp_pa
     # on a 10-video val gallery R@1 alone ties too often. Trials run long past the first rung, so
     # a stopped trial is visibly cut short
     space = {"optim.lr": {"grid": [3.0e-3, 1.0e-9]}, "model.combiner": {"grid": ["fusion", "mlp"]}}
-    overrides = {"train.max_steps": 60, "train.eval_every": 6, "train.ckpt_every": 30,
-                 "eval.report_queries": 0, "deepspeed.zero_stage": 0}  # fmt: skip
-    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", base_config, space=space, overrides=overrides, metric="meanR3",
-                                   scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2}))  # fmt: skip
+    overrides = {
+        "train.max_steps": 60,
+        "train.eval_every": 6,
+        "train.ckpt_every": 30,
+        "eval.report_queries": 0,
+        "deepspeed.zero_stage": 0,
+    }
+    sweep = load_sweep(
+        write_sweep(
+            tmp_path / "s.yaml",
+            base_config,
+            space=space,
+            overrides=overrides,
+            metric="meanR3",
+            scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+        )
+    )
     summary = in_fresh_process(run_sweep, sweep, tmp_path / "sweep")
     trials = summary["trials"]
     assert len(trials) == 4
@@ -140,8 +163,15 @@ def _kill_a_rank_after_first_checkpoint(sweep_dir: Path, killed: list) -> None:
 def test_a_trial_whose_rank_is_killed_is_retried_from_its_checkpoint(base_config, tmp_path):
     from tune.sweep import run_sweep
 
-    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", base_config, space={"sampler.kind": {"grid": ["fs"]}},
-                                   scheduler={"kind": "fifo"}, max_failures=2))  # fmt: skip
+    sweep = load_sweep(
+        write_sweep(
+            tmp_path / "s.yaml",
+            base_config,
+            space={"sampler.kind": {"grid": ["fs"]}},
+            scheduler={"kind": "fifo"},
+            max_failures=2,
+        )
+    )
     killed: list = []
     watcher = threading.Thread(
         target=_kill_a_rank_after_first_checkpoint, args=(tmp_path / "sweep", killed)

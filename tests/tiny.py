@@ -14,13 +14,21 @@ WORDS = "a red blue green circle square moving left right make it replace with c
 def tiny_model_config(arch: str = "blip2", **overrides) -> ModelConfig:
     cfg = ModelConfig(
         arch=arch,
-        vision=VisionSize(hidden_size=32, layers=2, heads=2, intermediate_size=64, image_size=32, patch_size=8),
-        text=TextSize(hidden_size=32, layers=2, heads=2, intermediate_size=64, cross_attention_frequency=1,
-                      max_position_embeddings=64),
+        vision=VisionSize(
+            hidden_size=32, layers=2, heads=2, intermediate_size=64, image_size=32, patch_size=8
+        ),
+        text=TextSize(
+            hidden_size=32,
+            layers=2,
+            heads=2,
+            intermediate_size=64,
+            cross_attention_frequency=1,
+            max_position_embeddings=64,
+        ),
         num_query_tokens=4,
         embed_dim=16,
         max_text_len=12,
-    )  # fmt: skip
+    )
     for key, value in overrides.items():  # model-level fields only
         setattr(cfg, key, value)
     return cfg

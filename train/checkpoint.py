@@ -241,10 +241,14 @@ def to_universal(ckpt_dir: str | Path, tag: str) -> str:
 
         shutil.rmtree(out, ignore_errors=True)
         args = argparse.Namespace(
-            input_folder=str(Path(ckpt_dir) / tag), output_folder=str(out),
-            num_extract_workers=1, num_merge_workers=1,  # in this process: the safe torch.load
-            keep_temp_folder=False, strict=True, inject_missing_state=True,
-        )  # fmt: skip
+            input_folder=str(Path(ckpt_dir) / tag),
+            output_folder=str(out),
+            num_extract_workers=1,
+            num_merge_workers=1,  # in this process: the safe torch.load
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
         with _weights_only_torch_load(), contextlib.redirect_stdout(_LogWriter()):
             ds_to_universal(args)
         (Path(ckpt_dir) / "latest_universal").unlink(missing_ok=True)  # the converter's pointer

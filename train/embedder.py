@@ -71,15 +71,22 @@ def _all_gather(obj) -> list:
     return out
 
 
-def embed_targets(cfg: Config, src: str | Path, out: str | Path, frames_per_batch: int = 256,
-                  timeout_s: int = 24 * 3600) -> dict[str, dict] | None:  # fmt: skip
+def embed_targets(
+    cfg: Config,
+    src: str | Path,
+    out: str | Path,
+    frames_per_batch: int = 256,
+    timeout_s: int = 24 * 3600,
+) -> dict[str, dict] | None:
     """Embed every split under `src` into `out`; returns {split: manifest} on rank 0."""
     from train.engine import init_distributed
     from train.loop import build_model_and_tokenizer
 
     if cfg.model.train_target_encoder:
-        raise ConfigError("key 'model.train_target_encoder': true encodes targets at every step "
-                          "with the trained weights: there is nothing to precompute")  # fmt: skip
+        raise ConfigError(
+            "key 'model.train_target_encoder': true encodes targets at every step "
+            "with the trained weights: there is nothing to precompute"
+        )
     rank, world, local = 0, 1, 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         rank, world, local = init_distributed(timeout_s)  # ranks wait for the slowest at the end
@@ -88,12 +95,22 @@ def embed_targets(cfg: Config, src: str | Path, out: str | Path, frames_per_batc
     device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     encoder = TargetEncoder(model, tok, device)
     if rank == 0:
-        log.info("embedding targets on %d rank(s) (%s), model fingerprint %s", world, device,
-                 encoder.fingerprint)  # fmt: skip
+        log.info(
+            "embedding targets on %d rank(s) (%s), model fingerprint %s",
+            world,
+            device,
+            encoder.fingerprint,
+        )
     manifests = {}
     for split_src, split_out in split_dirs(Path(src), Path(out)):
         manifests[split_src.name] = embed_dir(
-            split_src, split_out, encoder, rank, world, frames_per_batch,
-            gather=_all_gather, progress=lambda line: log.info("rank %d: %s", rank, line),
-        )  # fmt: skip
+            split_src,
+            split_out,
+            encoder,
+            rank,
+            world,
+            frames_per_batch,
+            gather=_all_gather,
+            progress=lambda line: log.info("rank %d: %s", rank, line),
+        )
     return manifests if rank == 0 else None

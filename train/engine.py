@@ -57,9 +57,12 @@ def build_engine(model, params, optimizer, lr_scheduler, config: dict):
         "ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning
     )
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        model=model,
+        model_parameters=params,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
         config=config,
-    )  # fmt: skip
+    )
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler

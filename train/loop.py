@@ -177,11 +177,18 @@ def build(cfg: Config, rank: int, world: int) -> Job:
     )
     urls, counts = split_shards(cfg, "train", model)  # before ZeRO-3 partitions the weights
     reader = ShardReader(
-        urls, counts, batch_size=cfg.train.batch_size, collate=batch_collate, sampler=cfg.sampler,
-        rank=rank, world=world, seed=cfg.train.seed, allow_pipe=cfg.shards.allow_pipe,
+        urls,
+        counts,
+        batch_size=cfg.train.batch_size,
+        collate=batch_collate,
+        sampler=cfg.sampler,
+        rank=rank,
+        world=world,
+        seed=cfg.train.seed,
+        allow_pipe=cfg.shards.allow_pipe,
         groups=read_groups(Path(cfg.shards.dir) / "train"),
         augment=partial(augment, **vars(cfg.augment)),
-    )  # fmt: skip
+    )
     reader.set_position(0, 0, cfg.shards.loader_workers)
     steps_per_epoch = reader.batches_per_epoch() // cfg.train.grad_accum
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -207,19 +214,43 @@ def build(cfg: Config, rank: int, world: int) -> Job:
     if resumed:
         resumed.load(engine, world)  # model, optimizer, schedule; this rank's RNG
 
-    tracker = Tracker(cfg.tracking.uri or default_uri(out), cfg.tracking.experiment, out, cfg.tracking.run_name,
-                      run_id=state.run_id, enabled=rank == 0, parent_run_id=cfg.tracking.parent_run_id or None,
-                      artifact_location=cfg.tracking.artifact_location or None)  # fmt: skip
+    tracker = Tracker(
+        cfg.tracking.uri or default_uri(out),
+        cfg.tracking.experiment,
+        out,
+        cfg.tracking.run_name,
+        run_id=state.run_id,
+        enabled=rank == 0,
+        parent_run_id=cfg.tracking.parent_run_id or None,
+        artifact_location=cfg.tracking.artifact_location or None,
+    )
     tracker.log_params(to_dict(cfg))  # a resumed run: compared with the run's, new keys only
     if rank == 0:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
-    job = Job(cfg, rank, world, out, engine, scheduler, tok, reader,
-              ITC if cfg.train.stage == "itc" else COVR, state, tracker, total_steps)  # fmt: skip
+    job = Job(
+        cfg,
+        rank,
+        world,
+        out,
+        engine,
+        scheduler,
+        tok,
+        reader,
+        ITC if cfg.train.stage == "itc" else COVR,
+        state,
+        tracker,
+        total_steps,
+    )
     for line in resumed.describe(state, reader) if resumed else []:
         job.say(line)
-    job.say("training %d steps (%d per epoch) on %d rank(s), %d samples per step", total_steps,
-            steps_per_epoch, world, cfg.train.batch_size * cfg.train.grad_accum * world)  # fmt: skip
+    job.say(
+        "training %d steps (%d per epoch) on %d rank(s), %d samples per step",
+        total_steps,
+        steps_per_epoch,
+        world,
+        cfg.train.batch_size * cfg.train.grad_accum * world,
+    )
     return job
 
 
@@ -234,8 +265,15 @@ def train_epoch(job: Job, meter: Meter) -> None:
     # own generator: starting workers must not draw from the global RNG (dropout), or a
     # resumed run, which starts its loader at another point, would diverge
     seeded = torch.Generator().manual_seed(job.cfg.train.seed * 1000 + state.epoch)
-    batches = iter(DataLoader(job.reader, batch_size=None, num_workers=workers, generator=seeded,
-                              pin_memory=pin_memory_for(job.engine.device)))  # fmt: skip
+    batches = iter(
+        DataLoader(
+            job.reader,
+            batch_size=None,
+            num_workers=workers,
+            generator=seeded,
+            pin_memory=pin_memory_for(job.engine.device),
+        )
+    )
     while state.step < job.total_steps:
         waited = time.perf_counter()
         batch = next(batches, None)
@@ -257,8 +295,15 @@ def micro_step(job: Job, batch: dict, meter: Meter) -> dict:
     batch = to_device(batch, job.engine.device)
     state, engine, cfg = job.state, job.engine, job.cfg
     if cfg.train.chunk_size:  # gradient cache: activation memory follows the chunk
-        _, metrics = chunked_backward(engine, batch, job.objective, cfg.loss,
-                                      cfg.train.chunk_size, state.queue, state.momentum)  # fmt: skip
+        _, metrics = chunked_backward(
+            engine,
+            batch,
+            job.objective,
+            cfg.loss,
+            cfg.train.chunk_size,
+            state.queue,
+            state.momentum,
+        )
     else:
         loss, metrics = job.objective.loss(engine, batch, cfg.loss, state.queue, state.momentum)
         engine.backward(loss)
@@ -312,11 +357,18 @@ def log_progress(job: Job, metrics: dict, meter: Meter) -> None:
     job.tracker.log_metrics(logged, state.step)
     left = meter.seconds_left(state.step, job.total_steps)
     skipped = {k: v for k, v in meter.reader_stats.items() if k != "worker" and v}
-    job.say("step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.1f samples/s  data wait %.1fs  %s%s",
-            state.step, job.total_steps, logged["epoch"], logged["loss"], logged["lr"],
-            logged["samples_per_s"], logged["data_wait_s"],
-            "left " + _duration(left) if left is not None else "left ?",
-            f"  reader {skipped}" if skipped else "")  # fmt: skip
+    job.say(
+        "step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.1f samples/s  data wait %.1fs  %s%s",
+        state.step,
+        job.total_steps,
+        logged["epoch"],
+        logged["loss"],
+        logged["lr"],
+        logged["samples_per_s"],
+        logged["data_wait_s"],
+        "left " + _duration(left) if left is not None else "left ?",
+        f"  reader {skipped}" if skipped else "",
+    )
     meter.logged = logged
     meter.reset()
 
@@ -330,8 +382,13 @@ def _duration(seconds: float) -> str:
 def validate(job: Job) -> Evaluation:
     """WebVid-CoVR protocol on the val shards (every rank embeds its share)."""
     c = job.cfg
-    settings = EvalSettings(ks=tuple(c.eval.ks), reduce=c.model.reduce,
-                            batch_size=c.eval.batch_size, rank=job.rank, world=job.world)  # fmt: skip
+    settings = EvalSettings(
+        ks=tuple(c.eval.ks),
+        reduce=c.model.reduce,
+        batch_size=c.eval.batch_size,
+        rank=job.rank,
+        world=job.world,
+    )
     return webvid_covr(job.engine.module, job.tok, Path(c.shards.dir) / "val", settings)
 
 
@@ -351,8 +408,9 @@ def log_validation(job: Job, metrics: dict) -> None:
 def save(job: Job) -> str:
     job.state.run_id = job.tracker.run_id  # created late if the server was away at the start
     job.state.gather_consumed()
-    tag = ckpt.save_checkpoint(job.engine, job.ckpt_dir, job.state, job.cfg.train.keep_checkpoints,
-                               config=to_dict(job.cfg))  # fmt: skip
+    tag = ckpt.save_checkpoint(
+        job.engine, job.ckpt_dir, job.state, job.cfg.train.keep_checkpoints, config=to_dict(job.cfg)
+    )
     job.say("checkpoint saved: %s", job.ckpt_dir / tag)
     return tag
 
@@ -376,8 +434,14 @@ def finish(job: Job, meter: Meter) -> dict | None:
         job.say("exported the model (transformers format): %s", export_dir)
     torch.distributed.barrier()
     tracker = job.tracker
-    summary = {"steps": job.state.step, "val": final, "export": str(export_dir), "mlflow_run_id": tracker.run_id,
-               "mlflow_tracking_uri": tracker.uri, "train": meter.logged}  # fmt: skip
+    summary = {
+        "steps": job.state.step,
+        "val": final,
+        "export": str(export_dir),
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_tracking_uri": tracker.uri,
+        "train": meter.logged,
+    }
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         tracker.log_artifact(out / "summary.json")

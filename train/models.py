@@ -110,8 +110,12 @@ class CoVRModel(nn.Module):
                 {f"frozen_target.{n}": t for n, t in self.frozen_target.state_dict().items()}
             )
         c = self.cfg
-        settings = {"arch": c.arch, "image_size": self.hf.config.vision_config.image_size,
-                    "ln_vision_eps": c.ln_vision_eps, "caption_tokens": c.max_text_len}  # fmt: skip
+        settings = {
+            "arch": c.arch,
+            "image_size": self.hf.config.vision_config.image_size,
+            "ln_vision_eps": c.ln_vision_eps,
+            "caption_tokens": c.max_text_len,
+        }
         self._fingerprint = weights_fingerprint(tensors, settings)
         return self._fingerprint
 
@@ -390,8 +394,11 @@ def check_pretrained_sizes(cfg: ModelConfig, config) -> None:
             text.cross_attention_frequency,
         )
         pairs["model.num_query_tokens"] = (cfg.num_query_tokens, config.num_query_tokens)
-    bad = [f"{key}={ours} but the weights have {theirs}" for key, (ours, theirs) in pairs.items()
-           if ours != theirs]  # fmt: skip
+    bad = [
+        f"{key}={ours} but the weights have {theirs}"
+        for key, (ours, theirs) in pairs.items()
+        if ours != theirs
+    ]
     if bad:
         raise ConfigError(f"model.pretrained={cfg.pretrained}: " + "; ".join(bad))
 
@@ -428,8 +435,11 @@ def build_model(cfg: ModelConfig, tokenizer) -> CoVRModel:
     if cfg.lavis_checkpoint and not cfg.pretrained:
         load_lavis_checkpoint(hf, cfg.lavis_checkpoint, cfg.arch)
         if not cfg.train_target_encoder:
-            log.warning("targets are encoded by %s itself: set model.pretrained to the starting "
-                        "weights to encode them as the reference does", cfg.lavis_checkpoint)  # fmt: skip
+            log.warning(
+                "targets are encoded by %s itself: set model.pretrained to the starting "
+                "weights to encode them as the reference does",
+                cfg.lavis_checkpoint,
+            )
     set_dropout(hf, cfg.arch, cfg.dropout)
     if cfg.arch == "blip2":
         model = Blip2CoVR(hf, cfg)

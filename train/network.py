@@ -29,8 +29,13 @@ def world_of_one_env() -> bool:
     launched = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
     if launched or os.environ.get("WORLD_SIZE", "1") != "1":
         return False
-    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                "MASTER_ADDR": "127.0.0.1"}  # fmt: skip
+    defaults = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+    }
     missing = {k: v for k, v in defaults.items() if k not in os.environ}
     if "MASTER_PORT" not in os.environ:
         missing["MASTER_PORT"] = str(free_port())

@@ -24,11 +24,22 @@ from train.tracking import flatten
 
 # keys (or key prefixes ending in ".") a resumed run may change
 FREE = (
-    "tracking.", "eval.", "train.out_dir", "train.resume", "train.epochs", "train.max_steps",
-    "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
-    "shards.loader_workers", "shards.workers", "data.synth.workers", "deepspeed.timeout_s",
+    "tracking.",
+    "eval.",
+    "train.out_dir",
+    "train.resume",
+    "train.epochs",
+    "train.max_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "shards.loader_workers",
+    "shards.workers",
+    "data.synth.workers",
+    "deepspeed.timeout_s",
     "train.chunk_size",  # the gradient cache gives the same steps: resume on a smaller device
-)  # fmt: skip
+)
 
 
 _MISSING = object()
@@ -122,11 +133,15 @@ class Resumed:
         ckpt.load_checkpoint(engine, self.ckpt_dir, tag, same_ranks=same_ranks)
 
     def describe(self, state: TrainState, reader) -> list[str]:
-        lines = [f"resumed from {self.ckpt_dir / self.tag}: step {state.step}, epoch {state.epoch}, "
-                 f"batch {state.batch_in_epoch}"]  # fmt: skip
+        lines = [
+            f"resumed from {self.ckpt_dir / self.tag}: step {state.step}, epoch {state.epoch}, "
+            f"batch {state.batch_in_epoch}"
+        ]
         if self.free:
-            lines.append("settings changed since that checkpoint (they do not change the "
-                         "training): " + "; ".join(self.free))  # fmt: skip
+            lines.append(
+                "settings changed since that checkpoint (they do not change the "
+                "training): " + "; ".join(self.free)
+            )
         if self.moved:
             total, seen = sum(reader.counts), len(state.excluded)
             batches = reader.batches_per_epoch()
@@ -136,9 +151,12 @@ class Resumed:
                 f"{state.world} x {state.workers}; epoch {state.epoch}: {seen} of {total} records "
                 f"consumed, the other {total - seen} split anew over the new ranks ({batches} batches "
                 f"per rank, {total - seen - used} left for the next epoch)"
-                + ("; optimizer state re-partitioned through DeepSpeed's universal checkpoint"
-                   if self.universal else "")
-            )  # fmt: skip
+                + (
+                    "; optimizer state re-partitioned through DeepSpeed's universal checkpoint"
+                    if self.universal
+                    else ""
+                )
+            )
         return lines
 
 

@@ -29,8 +29,14 @@ log = logging.getLogger(__name__)
 
 KINDS = ("params", "metrics", "tags")
 # 4xx answers that are not about the record itself: keep the record and replay it later
-NOT_A_REFUSAL = {"UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "PERMISSION_DENIED",
-                 "ENDPOINT_NOT_FOUND", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}  # fmt: skip
+NOT_A_REFUSAL = {
+    "UNAUTHENTICATED",
+    "CUSTOMER_UNAUTHORIZED",
+    "PERMISSION_DENIED",
+    "ENDPOINT_NOT_FOUND",
+    "REQUEST_LIMIT_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+}
 DATABASES = {"sqlite", "postgresql", "mysql", "mssql"}
 
 
@@ -91,10 +97,12 @@ def _entities(record: dict) -> dict:
     if not isinstance(record, dict) or not set(record) <= set(KINDS):
         raise ValueError(f"not a record: {record!r:.80}")
     return {
-        "metrics": [Metric(k, float(v), int(ts), int(s)) for k, v, ts, s in record.get("metrics", [])],
+        "metrics": [
+            Metric(k, float(v), int(ts), int(s)) for k, v, ts, s in record.get("metrics", [])
+        ],
         "params": [Param(str(k), str(v)) for k, v in record.get("params", [])],
         "tags": [RunTag(str(k), str(v)) for k, v in record.get("tags", [])],
-    }  # fmt: skip
+    }
 
 
 class Tracker:
@@ -103,9 +111,17 @@ class Tracker:
     `run_id` continues that run (a resume); `artifact_location` applies to an experiment this
     tracker creates (default: `default_artifact_location`)."""
 
-    def __init__(self, uri: str, experiment: str, out_dir: str | Path, run_name: str = "",
-                 run_id: str | None = None, enabled: bool = True, parent_run_id: str | None = None,
-                 artifact_location: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        out_dir: str | Path,
+        run_name: str = "",
+        run_id: str | None = None,
+        enabled: bool = True,
+        parent_run_id: str | None = None,
+        artifact_location: str | None = None,
+    ):
         self.enabled = enabled
         self.uri = uri
         self.run_id = run_id
@@ -140,8 +156,11 @@ class Tracker:
                 raise
             run = None
         if run is None or run.info.lifecycle_stage == "deleted":
-            log.warning("mlflow: run %s to resume is not in %s (or deleted); starting a new run",
-                        self.run_id, self.uri)  # fmt: skip
+            log.warning(
+                "mlflow: run %s to resume is not in %s (or deleted); starting a new run",
+                self.run_id,
+                self.uri,
+            )
             self.run_id = None
             return
         self.known_params = dict(run.data.params)
@@ -164,9 +183,13 @@ class Tracker:
         else:
             exp_id = exp.experiment_id
             if self.explicit_location and self.artifact_location not in exp.artifact_location:
-                log.warning("mlflow: experiment %r keeps its artifacts in %s (set when it was "
-                            "created); tracking.artifact_location=%s is not used",
-                            self.experiment, exp.artifact_location, self.artifact_location)  # fmt: skip
+                log.warning(
+                    "mlflow: experiment %r keeps its artifacts in %s (set when it was "
+                    "created); tracking.artifact_location=%s is not used",
+                    self.experiment,
+                    exp.artifact_location,
+                    self.artifact_location,
+                )
                 self.explicit_location = False
         tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
         self.run_id = self.client.create_run(
@@ -181,9 +204,14 @@ class Tracker:
         if self.known_params is not None:  # resumed: MLflow params cannot change
             for k, v in flat.items():
                 if k in self.known_params and self.known_params[k] != v:
-                    log.warning("mlflow: param %s of resumed run %s is %r now but stays %r "
-                                "in MLflow (params cannot change)",
-                                k, self.run_id, v, self.known_params[k])  # fmt: skip
+                    log.warning(
+                        "mlflow: param %s of resumed run %s is %r now but stays %r "
+                        "in MLflow (params cannot change)",
+                        k,
+                        self.run_id,
+                        v,
+                        self.known_params[k],
+                    )
             flat = {k: v for k, v in flat.items() if k not in self.known_params}
         items = list(flat.items())
         for i in range(0, len(items), 100):
@@ -197,8 +225,12 @@ class Tracker:
         fresh = [m for m in items if step > self.last_step.get(m[0], -(2**62))]
         if len(fresh) < len(items):
             if not self.skipped_points:
-                log.info("mlflow: resumed run %s already has step %d of %s; not logged again",
-                         self.run_id, step, items[0][0])  # fmt: skip
+                log.info(
+                    "mlflow: resumed run %s already has step %d of %s; not logged again",
+                    self.run_id,
+                    step,
+                    items[0][0],
+                )
             self.skipped_points += len(items) - len(fresh)
         if fresh:
             self._send({"metrics": fresh})
@@ -251,8 +283,14 @@ class Tracker:
         kind, (key, value, *_) = item
         if key not in self.refused:
             reason = str(err).splitlines()[0][:300]
-            log.warning("mlflow refused %s %r = %r of run %s (%s); dropped, logging goes on",
-                        kind[:-1], key, value, self.run_id, reason)  # fmt: skip
+            log.warning(
+                "mlflow refused %s %r = %r of run %s (%s); dropped, logging goes on",
+                kind[:-1],
+                key,
+                value,
+                self.run_id,
+                reason,
+            )
         self.refused[key] = self.refused.get(key, 0) + 1
 
     def _went_away(self, err: Exception) -> None:
@@ -260,8 +298,13 @@ class Tracker:
         if not self.outage:
             reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             what = "refused to start the run" if is_refusal(err) else "did not answer"
-            log.warning("mlflow: %s %s (%s); buffering to %s and retrying at each call",
-                        self.uri, what, reason, self.buffer)  # fmt: skip
+            log.warning(
+                "mlflow: %s %s (%s); buffering to %s and retrying at each call",
+                self.uri,
+                what,
+                reason,
+                self.buffer,
+            )
         self.outage = True
 
     def _answered(self) -> None:
@@ -292,8 +335,12 @@ class Tracker:
                 bad.append(n)
         if bad:
             self.bad_lines += len(bad)
-            log.warning("mlflow: skipped %d unreadable line(s) of %s (lines %s; cut by a kill?)",
-                        len(bad), self.buffer, ", ".join(map(str, bad[:10])))  # fmt: skip
+            log.warning(
+                "mlflow: skipped %d unreadable line(s) of %s (lines %s; cut by a kill?)",
+                len(bad),
+                self.buffer,
+                ", ".join(map(str, bad[:10])),
+            )
         return records
 
     def _replay(self) -> int:
@@ -332,8 +379,16 @@ class Tracker:
             self._ensure_run()
             self.client.set_terminated(self.run_id, status)
         except Exception as err:
-            log.warning("mlflow: run %s not closed (%s); buffered records stay in %s",
-                        self.run_id, err, self.buffer)  # fmt: skip
+            log.warning(
+                "mlflow: run %s not closed (%s); buffered records stay in %s",
+                self.run_id,
+                err,
+                self.buffer,
+            )
         if self.refused:
-            log.warning("mlflow refused %d record(s) of run %s: %s", sum(self.refused.values()),
-                        self.run_id, ", ".join(sorted(self.refused)))  # fmt: skip
+            log.warning(
+                "mlflow refused %d record(s) of run %s: %s",
+                sum(self.refused.values()),
+                self.run_id,
+                ", ".join(sorted(self.refused)),
+            )

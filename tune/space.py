@@ -11,8 +11,13 @@ from omegaconf import OmegaConf
 
 from configs.schema import ConfigError, load_config
 
-DISTRIBUTIONS = {"choice": "list", "grid": "list", "uniform": "range", "loguniform": "range",
-                 "randint": "range"}  # fmt: skip
+DISTRIBUTIONS = {
+    "choice": "list",
+    "grid": "list",
+    "uniform": "range",
+    "loguniform": "range",
+    "randint": "range",
+}
 SCHEDULERS = ("asha", "fifo")
 METRICS_PREFIX = ("recall_at_", "meanR")
 
@@ -93,8 +98,11 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     try:
-        raw = OmegaConf.merge(OmegaConf.structured(Sweep(base="")), OmegaConf.load(path),
-                              OmegaConf.from_dotlist(list(overrides)))  # fmt: skip
+        raw = OmegaConf.merge(
+            OmegaConf.structured(Sweep(base="")),
+            OmegaConf.load(path),
+            OmegaConf.from_dotlist(list(overrides)),
+        )
         sweep: Sweep = OmegaConf.to_object(raw)
     except Exception as err:  # OmegaConf names the key
         raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None

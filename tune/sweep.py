@@ -28,8 +28,12 @@ def _scheduler(sweep: Sweep):
     s = sweep.scheduler
     if s.kind == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", grace_period=s.grace_period,
-                         reduction_factor=s.reduction_factor, max_t=s.max_t)  # fmt: skip
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+        max_t=s.max_t,
+    )
 
 
 def _start_ray(sweep: Sweep, address: str | None) -> bool:
@@ -65,16 +69,21 @@ def _trial_rows(results, sweep: Sweep, out: Path) -> list[dict]:
         curve = [(h["step"], h["metrics"].get(_metric_key(sweep.metric))) for h in history]
         values = [v for _, v in curve if v is not None]
         attempts = trial_dir / "attempts.txt"
-        rows.append({
-            "trial_id": trial_dir.name, "config": dict(result.config), "status": status,
-            "attempts": len(attempts.read_text().split()) if attempts.is_file() else 0,
-            "final": history[-1]["metrics"] if history else {}, "curve": curve,
-            "best": (max(values) if sweep.mode == "max" else min(values)) if values else None,
-            "steps": history[-1]["step"] if history else 0,
-            "mlflow_run_id": history[-1]["mlflow_run_id"] if history else None,
-            "resolved": defaults | dict(result.config),
-            "error": str(result.error).splitlines()[0] if result.error else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial_id": trial_dir.name,
+                "config": dict(result.config),
+                "status": status,
+                "attempts": len(attempts.read_text().split()) if attempts.is_file() else 0,
+                "final": history[-1]["metrics"] if history else {},
+                "curve": curve,
+                "best": (max(values) if sweep.mode == "max" else min(values)) if values else None,
+                "steps": history[-1]["step"] if history else 0,
+                "mlflow_run_id": history[-1]["mlflow_run_id"] if history else None,
+                "resolved": defaults | dict(result.config),
+                "error": str(result.error).splitlines()[0] if result.error else None,
+            }
+        )
     reverse = sweep.mode == "max"
     missing = float("-inf") if reverse else float("inf")
     rows.sort(key=lambda r: missing if r["best"] is None else r["best"], reverse=reverse)
@@ -162,33 +171,55 @@ def run_sweep(
     uri = tracking_uri or default_uri(out)
     experiment = load_config(sweep.base, overrides_of(sweep.overrides)).tracking.experiment
     parent = Tracker(uri, experiment, out, run_name=sweep.name)
-    parent.log_params({"sweep": {"base": sweep.base, "metric": sweep.metric, "mode": sweep.mode,
-                                 "scheduler": sweep.scheduler.kind, "num_samples": sweep.num_samples,
-                                 "ranks_per_trial": sweep.resources.ranks},
-                       "space": {k: json.dumps(v) for k, v in sweep.space.items()}})  # fmt: skip
+    parent.log_params(
+        {
+            "sweep": {
+                "base": sweep.base,
+                "metric": sweep.metric,
+                "mode": sweep.mode,
+                "scheduler": sweep.scheduler.kind,
+                "num_samples": sweep.num_samples,
+                "ranks_per_trial": sweep.resources.ranks,
+            },
+            "space": {k: json.dumps(v) for k, v in sweep.space.items()},
+        }
+    )
     settings = TrialSettings(
-        base=sweep.base, fixed=overrides_of(sweep.overrides), out_dir=str(out), tracking_uri=uri,
-        experiment=experiment, parent_run_id=parent.run_id, ranks=sweep.resources.ranks,
+        base=sweep.base,
+        fixed=overrides_of(sweep.overrides),
+        out_dir=str(out),
+        tracking_uri=uri,
+        experiment=experiment,
+        parent_run_id=parent.run_id,
+        ranks=sweep.resources.ranks,
         threads_per_rank=max(1, int(sweep.resources.cpus_per_rank)),
-    )  # fmt: skip
-    resources = {"cpu": sweep.resources.ranks * sweep.resources.cpus_per_rank,
-                 "gpu": sweep.resources.ranks * sweep.resources.gpus_per_rank}  # fmt: skip
+    )
+    resources = {
+        "cpu": sweep.resources.ranks * sweep.resources.cpus_per_rank,
+        "gpu": sweep.resources.ranks * sweep.resources.gpus_per_rank,
+    }
     started = _start_ray(sweep, address)
     try:
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources),
             param_space=ray_space(sweep),
             tune_config=tune.TuneConfig(
-                metric=sweep.metric, mode=sweep.mode, scheduler=_scheduler(sweep),
+                metric=sweep.metric,
+                mode=sweep.mode,
+                scheduler=_scheduler(sweep),
                 num_samples=sweep.num_samples,
-                search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent),
+                search_alg=BasicVariantGenerator(
+                    random_state=sweep.seed, max_concurrent=sweep.max_concurrent
+                ),
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(
-                name=sweep.name, storage_path=str(out / "ray"), verbose=1,
+                name=sweep.name,
+                storage_path=str(out / "ray"),
+                verbose=1,
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             ),
-        )  # fmt: skip
+        )
         results = tuner.fit()
         rows = _trial_rows(results, sweep, out)
     finally:
@@ -213,22 +244,49 @@ def _record(rows: list[dict], sweep: Sweep, out: Path, parent: Tracker) -> dict:
     (out / "results.md").write_text(table + "\n")
     best = next((r for r in rows if r["best"] is not None), None)
     summary = {
-        "mlflow_tracking_uri": parent.uri, "parent_run_id": parent.run_id, "metric": sweep.metric,
-        "mode": sweep.mode, "best": best and {"trial_id": best["trial_id"], "config": best["config"], sweep.metric: best["best"]},
-        "trials": [{k: r[k] for k in ("trial_id", "config", "status", "attempts", "final", "best", "steps", "mlflow_run_id", "error")}
-                   for r in rows],
-    }  # fmt: skip
+        "mlflow_tracking_uri": parent.uri,
+        "parent_run_id": parent.run_id,
+        "metric": sweep.metric,
+        "mode": sweep.mode,
+        "best": best
+        and {"trial_id": best["trial_id"], "config": best["config"], sweep.metric: best["best"]},
+        "trials": [
+            {
+                k: r[k]
+                for k in (
+                    "trial_id",
+                    "config",
+                    "status",
+                    "attempts",
+                    "final",
+                    "best",
+                    "steps",
+                    "mlflow_run_id",
+                    "error",
+                )
+            }
+            for r in rows
+        ],
+    }
     (out / "sweep.json").write_text(json.dumps(summary, indent=1, default=str))
     if best:
         (out / "best_config.json").write_text(json.dumps(best["config"], indent=1))
         parent.log_params({"best": best["config"]})
         parent.log_metrics({f"best_{sweep.metric}": best["best"]}, 0)
         parent.log_artifact(out / "best_config.json")
-    parent.log_metrics({"trials_completed": sum(r["status"] == "completed" for r in rows),
-                        "trials_stopped_early": sum(r["status"] == "stopped_early" for r in rows)}, 0)  # fmt: skip
-    for path in (out / "results.md", out / "sweep.json",
-                 plot_sampler_combiner(rows, sweep.metric, out / "recall_by_sampler_combiner.png"),
-                 plot_learning_curves(rows, sweep.metric, out / "learning_curves.png")):  # fmt: skip
+    parent.log_metrics(
+        {
+            "trials_completed": sum(r["status"] == "completed" for r in rows),
+            "trials_stopped_early": sum(r["status"] == "stopped_early" for r in rows),
+        },
+        0,
+    )
+    for path in (
+        out / "results.md",
+        out / "sweep.json",
+        plot_sampler_combiner(rows, sweep.metric, out / "recall_by_sampler_combiner.png"),
+        plot_learning_curves(rows, sweep.metric, out / "learning_curves.png"),
+    ):
         parent.log_artifact(path)
     parent.finish()
     summary["table"] = table

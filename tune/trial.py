@@ -43,8 +43,17 @@ def _die_with_parent() -> None:  # the launcher gets SIGTERM if the trial's work
 
 def launch_command(settings: TrialSettings, overrides: list[str], port: int) -> list[str]:
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    return [*launcher, "--num_accelerators", str(settings.ranks), "--master_port", str(port),
-            str(TRAIN_SCRIPT), "--config", settings.base, *overrides]  # fmt: skip
+    return [
+        *launcher,
+        "--num_accelerators",
+        str(settings.ranks),
+        "--master_port",
+        str(port),
+        str(TRAIN_SCRIPT),
+        "--config",
+        settings.base,
+        *overrides,
+    ]
 
 
 def read_validations(path: Path, after_step: int) -> list[dict]:
@@ -103,8 +112,9 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(settings.threads_per_rank), "PYTHONUNBUFFERED": "1"}
     cmd = launch_command(settings, overrides, free_port())
     log = (trial_dir / "train.log").open("ab")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=_die_with_parent)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+    )
     last_step = -1
     try:
         while True:
