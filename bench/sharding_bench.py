@@ -109,7 +109,9 @@ def main() -> None:
         reader = ShardReader(urls, counts, batch_size=16, collate=fn)
         reader.set_position(0, 0, 1)
         start, n = time.perf_counter(), 0
-        for batch in DataLoader(reader, batch_size=None, num_workers=0):  # one process, like below
+        for batch, _ in DataLoader(
+            reader, batch_size=None, num_workers=0
+        ):  # one process, like below
             n += batch["target_ids"].shape[0]
         shard_rate = n / (time.perf_counter() - start)
         ref_rate = reference_loader(

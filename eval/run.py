@@ -138,7 +138,7 @@ def approximate_search_loss(evaluation: Evaluation, job: EvalJob, reduce: str) -
 
 
 def evaluate(job: EvalJob, model, tok, tracker, rank: int = 0, world: int = 1) -> dict | None:
-    """Run `job` with a loaded model (`train.checkpoint.load_exported`) on this rank of `world`;
+    """Run `job` with a loaded model (`train.export.load_exported`) on this rank of `world`;
     rank 0 returns the results dict (also written to out_dir/results.json) and logs it through
     `tracker` (a `train.tracking.Tracker`, owned by the caller, who finishes it)."""
     model_dir = resolve_checkpoint(job.checkpoint)

@@ -52,8 +52,8 @@ def main(argv=None) -> int:
     from data.corpus import build_synthetic
     from eval.run import EvalJob, evaluate, resolve_checkpoint
     from sharding.pack import pack_splits
-    from train.checkpoint import load_exported
     from train.engine import free_port
+    from train.export import load_exported
     from train.tracking import Tracker, ui_command
 
     start = time.perf_counter()

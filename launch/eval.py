@@ -111,8 +111,8 @@ def run(job) -> dict | None:
     """This rank's part of `job`: processes, the exported model and the MLflow run around
     `eval.run.evaluate`."""
     from eval.run import evaluate, resolve_checkpoint
-    from train.checkpoint import load_exported
     from train.engine import init_distributed
+    from train.export import load_exported
     from train.tracking import Tracker, default_uri
 
     rank, world = 0, 1

@@ -14,12 +14,13 @@ Training (`ShardReader`, an IterableDataset yielding ready batches):
   truncated loses its records (`corrupt_shards`), a record that is not in the format (`.json`
   that does not decode, keys or frames missing) is skipped (`malformed`), the shard named in the
   log. The slot then reads on from the start of its range, round the whole epoch sequence, to
-  keep its count (`resampled`). A sample whose JPEG does not decode is replaced by another
-  sample of the same batch (`undecodable`). Counts travel with each batch
-  (`batch["reader_stats"]`) and are logged at a bounded rate.
+  keep its count (`resampled`). A sample whose JPEG does not decode is replaced by a copy of
+  another sample of the same batch, drawn per batch (`undecodable`). Counts travel with each
+  batch (`BatchInfo.stats`) and are logged at a bounded rate.
 - `shard_urls` checks that every shard of the manifest is present with its recorded size
   before anything starts: one error lists those that are not.
-- Each batch carries the positions (in the epoch's record sequence) of its records. A job resumed
+- The reader yields (batch, `BatchInfo`): the batch is tensors only; the info names each row's
+  record and the positions (in the epoch's record sequence) of the records the batch drew. A job resumed
   on another number of ranks or workers passes the positions its epoch consumed as `excluded`:
   the rest of the sequence is cut into equal ranges for the new slots (what is left over, fewer
   than one batch per slot, waits for the next epoch like the tail above).
@@ -142,6 +143,19 @@ def draw_triplet(
     if groups is not None:
         sample["group"] = f"cluster{groups[meta['target_id']]}"
     return sample
+
+
+@dataclass
+class BatchInfo:
+    """What a training batch is made of, beside its tensors: the record key and epoch position
+    of each row (a row that replaced an undecodable sample names the sample it copies), the
+    positions of every record the batch drew (undecodable ones included: they are consumed, not
+    read again) and the reader's skip counts so far."""
+
+    keys: list[str]
+    positions: list[int]
+    drawn: list[int]
+    stats: dict
 
 
 @dataclass
@@ -328,23 +342,30 @@ class ShardReader(IterableDataset):
                 break
             if index < skip:
                 continue
-            samples = []
+            rows = []
             for raw in raw_batch:
                 try:
-                    samples.append(fmt.decode_sample(raw))
+                    rows.append((raw, fmt.decode_sample(raw)))
                 except (fmt.ImageDecodeError, fmt.RecordError) as err:
                     counts.undecodable += 1
                     counts.report("undecodable sample", f"{raw['key']}: {err}")
-            if not samples:
+            if not rows:
                 raise RuntimeError(f"no decodable sample in batch {index} of slot {slot}")
-            while len(samples) < len(raw_batch):  # keep the batch size: ranks stay in step
-                samples.append(samples[len(samples) % len(samples)])
-            batch = self.collate(samples)
+            # keep the batch size (ranks stay in step): each lost row becomes a copy of another
+            # row of the batch, drawn per batch so a resumed run replays it
+            pick = random.Random(f"{self.seed}-{self.epoch}-{slot}-{index}-replace")
+            decoded = list(rows)
+            while len(rows) < len(raw_batch):
+                rows.append(pick.choice(decoded))
+            batch = self.collate([sample for _, sample in rows])
             if self.augment is not None:  # seeded per batch: a resumed run replays it exactly
                 self.augment(
                     batch, random.Random(f"{self.seed}-{self.epoch}-{slot}-{index}-augment")
                 )
-            batch["keys"] = [s["key"] for s in samples]
-            batch["positions"] = [raw["pos"] for raw in raw_batch]
-            batch["reader_stats"] = {"worker": worker, **counts.as_dict()}
-            yield batch
+            info = BatchInfo(
+                keys=[raw["key"] for raw, _ in rows],
+                positions=[raw["pos"] for raw, _ in rows],
+                drawn=[raw["pos"] for raw in raw_batch],
+                stats={"worker": worker, **counts.as_dict()},
+            )
+            yield batch, info

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from train.queue import MomentumEncoder, TargetQueue
-from train.state import TrainState
+from train.state import RNGState, TrainState
 
 
 class Planted:
@@ -26,47 +26,58 @@ def _draws() -> tuple:
     return random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(3)
 
 
-def _state(tmp_path, seed: int) -> TrainState:
+def _parts(tmp_path, seed: int) -> dict:
     from tests.tiny import tiny_model
 
     torch.manual_seed(seed)
     model, _ = tiny_model(tmp_path / f"m{seed}", freeze_vision=False)
     queue = TargetQueue(6, (1, 16))
     queue.enqueue(torch.randn(4, 1, 16), torch.arange(4))
-    return TrainState(queue=queue, momentum=MomentumEncoder(model, 0.9))
+    ema = MomentumEncoder(model, 0.9)
+    return {"train": TrainState(), "queue": queue, "ema": ema, "rng": RNGState()}
 
 
 def test_state_round_trip_restores_every_part(tmp_path):
     from train.checkpoint import load_file
 
-    saved = _state(tmp_path, 0)
-    saved.step, saved.epoch, saved.batch_in_epoch, saved.run_id = 7, 2, 5, "abc"
+    saved = _parts(tmp_path, 0)
+    saved["train"].step, saved["train"].run_id = 7, "abc"
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     np.random.randn()  # numpy keeps a spare Gaussian: it must come back too
-    torch.save(saved.state_dict(), tmp_path / "state.pt")
+    torch.save({name: part.state_dict() for name, part in saved.items()}, tmp_path / "state.pt")
     expected = _draws()
 
-    restored = _state(tmp_path, 1)
-    assert not torch.equal(restored.queue.features, saved.queue.features)
-    restored.load_state_dict(load_file(tmp_path / "state.pt"))  # weights_only: tensors, plain types
+    restored = _parts(tmp_path, 1)
+    assert not torch.equal(restored["queue"].features, saved["queue"].features)
+    for name, part in load_file(tmp_path / "state.pt").items():  # weights_only: plain data
+        restored[name].load_state_dict(part)
     got = _draws()
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
-    assert (restored.step, restored.epoch, restored.batch_in_epoch, restored.run_id) == (
-        7,
-        2,
-        5,
-        "abc",
+    assert (restored["train"].step, restored["train"].run_id) == (7, "abc")
+    assert torch.equal(restored["queue"].features, saved["queue"].features)
+    assert (restored["queue"].ptr, restored["queue"].filled) == (4, 4)
+    for name, t in saved["ema"].params.items():
+        assert torch.equal(restored["ema"].params[name], t), name
+
+
+def test_a_part_missing_from_the_checkpoint_is_an_error_naming_it(tmp_path):
+    from configs.schema import Config
+    from train import checkpoint as files
+    from train.checkpointer import Checkpointer
+
+    tag_dir = tmp_path / "ckpt" / "step00000003"
+    tag_dir.mkdir(parents=True)
+    torch.save({"train": TrainState(step=3).state_dict()}, tag_dir / files.STATE_FILE)
+    marker = {"step": 3, "world": 1, "files": files._inventory(tag_dir)}
+    (tag_dir / files.COMPLETE).write_text(json.dumps(marker))
+    parts = {"train": TrainState(), "queue": TargetQueue(4, (2,))}
+    with pytest.raises(files.CheckpointError, match="train_state.pt: has no queue state"):
+        Checkpointer(tmp_path / "ckpt", Config(), parts, world=1).restore()
+    restored = TrainState()  # without a queue in the config the same checkpoint restores
+    assert Checkpointer(tmp_path / "ckpt", Config(), {"train": restored}, 1).restore().tag == (
+        "step00000003"
     )
-    assert torch.equal(restored.queue.features, saved.queue.features)
-    assert (restored.queue.ptr, restored.queue.filled) == (4, 4)
-    for name, t in saved.momentum.params.items():
-        assert torch.equal(restored.momentum.params[name], t), name
-
-
-def test_a_queue_missing_from_the_checkpoint_is_an_error(tmp_path):
-    saved = TrainState().state_dict()
-    with pytest.raises(ValueError, match="no queue state"):
-        TrainState(queue=TargetQueue(4, (2,))).load_state_dict(saved)
+    assert restored.step == 3
 
 
 def _engine(out: Path, stage: int = 2):
@@ -95,25 +106,32 @@ def _step(engine, seed: int) -> None:
 
 
 def _crafted_files_are_refused(rank, world, out_dir):
-    from train.checkpoint import CheckpointError, load_checkpoint, read_state, save_checkpoint
+    from configs.schema import Config
+    from train.checkpoint import CheckpointError, load_checkpoint, load_file, rank_file, read_state
+    from train.checkpointer import Checkpointer
     from train.engine import init_distributed
 
     init_distributed(60)
     out = Path(out_dir)
     engine = _engine(out)
     _step(engine, 0)
+    cfg = Config()
+    cfg.train.keep_checkpoints = 3
     queue = TargetQueue(4, (1, 16))
     queue.enqueue(torch.randn(3, 1, 16), torch.arange(3))
-    state = TrainState(queue=queue, step=1, epoch=0, batch_in_epoch=1, run_id="r1")
-    tag = save_checkpoint(engine, out / "ckpt", state, keep=3, config={"optim": {"lr": 1.0}})
+    state = TrainState(step=1, run_id="r1")
+    saver = Checkpointer(out / "ckpt", cfg, {"train": state, "queue": queue}, world=1)
+    saver.restore_engine(engine)  # nothing to restore: it keeps the engine for saving
+    tag = saver.save(1)
     after_save = torch.rand(2)
 
     # a genuine checkpoint (DeepSpeed's optimizer files too) loads with weights_only=True
-    restored = TrainState(queue=TargetQueue(4, (1, 16)))
-    restored.load_state_dict(read_state(out / "ckpt", tag))
-    load_checkpoint(engine, out / "ckpt", tag)
-    assert (restored.step, restored.batch_in_epoch, restored.run_id) == (1, 1, "r1")
-    assert torch.equal(restored.queue.features, queue.features)
+    restored, restored_queue = TrainState(), TargetQueue(4, (1, 16))
+    loader = Checkpointer(out / "ckpt", cfg, {"train": restored, "queue": restored_queue}, 1)
+    assert loader.restore().tag == tag and loader.restored.same_ranks
+    loader.restore_engine(engine)
+    assert (restored.step, restored.run_id) == (1, "r1")
+    assert torch.equal(restored_queue.features, queue.features)
     assert torch.equal(torch.rand(2), after_save)  # the RNG is back where it was saved
 
     marker = out / "pwned"
@@ -126,9 +144,10 @@ def _crafted_files_are_refused(rank, world, out_dir):
         path = out / "ckpt" / tag / name
         original = path.read_bytes()
         torch.save({"step": Planted(marker)}, path)
-        try:
+        try:  # the files one by one (a checkpoint restore would skip it for its checksum)
             read_state(out / "ckpt", tag)
             load_checkpoint(engine, out / "ckpt", tag)
+            load_file(rank_file(out / "ckpt", tag))
         except CheckpointError as err:
             assert name in str(err) and "refused" in str(err), err
         else:
@@ -138,7 +157,7 @@ def _crafted_files_are_refused(rank, world, out_dir):
     for step in (2, 3):  # two more checkpoints for the fallback test
         _step(engine, step)
         state.step = step
-        save_checkpoint(engine, out / "ckpt", state, keep=3)
+        saver.save(step)
     (out / "result.json").write_text(json.dumps({"ok": True}))
 
 
@@ -179,11 +198,17 @@ def _save_two_ranks(rank, world, out_dir):
     engine = _engine(Path(out_dir))
     for step in range(3):
         _step(engine, 10 * rank + step)
-    save_checkpoint(engine, Path(out_dir) / "ckpt", TrainState(step=3))
+    save_checkpoint(engine, Path(out_dir) / "ckpt", 3, shared={}, own={})
 
 
 def _load_one_rank(rank, world, out_dir):
-    from train.checkpoint import load_checkpoint, needs_universal, save_checkpoint, to_universal
+    from train.checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        needs_universal,
+        save_checkpoint,
+        to_universal,
+    )
     from train.engine import init_distributed
 
     init_distributed(60)
@@ -191,12 +216,23 @@ def _load_one_rank(rank, world, out_dir):
     assert needs_universal(out / "ckpt", "step00000003", world)
     (out / "universal").touch()  # tells `_engine` to set checkpoint.load_universal
     engine = _engine(out)
-    load_checkpoint(
-        engine, out / "ckpt", to_universal(out / "ckpt", "step00000003"), same_ranks=False
-    )
+    universal = to_universal(out / "ckpt", "step00000003")
+    load_checkpoint(engine, out / "ckpt", universal)
     assert engine.global_steps == 3
-    save_checkpoint(engine, out / "again", TrainState(step=3))
+    save_checkpoint(engine, out / "again", 3, shared={}, own={})
     to_universal(out / "again", "step00000003")
+    # DeepSpeed's universal loader unpickles anything: each file is read weights-only first
+    planted = next((out / "ckpt" / universal / "zero").glob("*/fp32.pt"))
+    original = planted.read_bytes()
+    torch.save({"param": Planted(out / "pwned")}, planted)
+    try:
+        load_checkpoint(_engine(out), out / "ckpt", universal)
+    except CheckpointError as err:
+        assert planted.name in str(err) and "refused" in str(err), err
+    else:
+        raise AssertionError("a crafted universal file was loaded")
+    assert not (out / "pwned").exists()
+    planted.write_bytes(original)
 
 
 @pytest.mark.e2e

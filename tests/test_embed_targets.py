@@ -134,7 +134,7 @@ def test_training_reads_them_and_the_loss_is_the_frame_loss(embedded):
     # the training reader streams the embedded records
     urls, counts = shard_urls(base / "emb" / "train", read_manifest(base / "emb" / "train"))
     reader = ShardReader(urls, counts, batch_size=4, collate=batch_of)
-    first = next(iter(reader))
+    first, _ = next(iter(reader))
     assert first["target_embeddings"].shape == (4, 3, 4, 16) and "caption_embeddings" in first
 
 

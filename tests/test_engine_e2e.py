@@ -75,7 +75,7 @@ def test_zero_stages_train_checkpoint_export_and_track(setup, tmp_path, stage):
     # export: transformers from_pretrained + our loader, finite embeddings
     from transformers import Blip2ForImageTextRetrieval
 
-    from train.checkpoint import load_exported
+    from train.export import load_exported
 
     Blip2ForImageTextRetrieval.from_pretrained(out / "export", local_files_only=True)
     model, tok = load_exported(out / "export")

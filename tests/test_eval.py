@@ -313,7 +313,7 @@ def test_launch_eval_webvid_covr_logs_to_mlflow(small_corpus, tmp_path):
 
     from configs.schema import ShardConfig
     from sharding.pack import pack
-    from train.checkpoint import export_model
+    from train.export import export_model
 
     root, _ = small_corpus
     pack(

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 
 from configs.schema import SamplerConfig, ShardConfig
 from data.benchmarks import BenchmarkFormatError, read_circo, read_cirr, read_fashioniq
@@ -366,7 +367,7 @@ def test_bad_records_are_skipped_counted_and_named_with_equal_batches(
     with caplog.at_level(logging.WARNING, logger="sharding.reader"):
         batches = [list(r) for r in _readers(shard_dir, tok)]
     assert [len(b) for b in batches] == clean and clean[0] == clean[1] > 0
-    stats = [b[-1]["reader_stats"] for b in batches]
+    stats = [b[-1][1].stats for b in batches]
     assert sum(s["malformed"] for s in stats) == 3  # each read once: every rank its own range
     assert sum(s["resampled"] for s in stats) >= 3
     assert bad_shard.name in caplog.text and "malformed record" in caplog.text
@@ -392,11 +393,11 @@ def test_a_shard_deleted_after_the_start_is_skipped_with_equal_batches(
     with caplog.at_level(logging.WARNING, logger="sharding.reader"):
         batches = [list(r) for r in readers]
     assert [len(b) for b in batches] == clean
-    assert all(b[-1]["reader_stats"]["corrupt_shards"] >= 1 for b in batches)
+    assert all(b[-1][1].stats["corrupt_shards"] >= 1 for b in batches)
     assert f"{names[1]}.tar" in caplog.text
     # every batch now comes from the one shard left
     left = {r["__key__"] for r in iter_records([str(shard_dir / f"{names[0]}.tar")])}
-    assert {k for b in batches for batch in b for k in batch["keys"]} <= left
+    assert {k for b in batches for _, info in b for k in info.keys} <= left
 
 
 def test_missing_and_resized_shards_are_one_error_before_training(train_shards, tmp_path):
@@ -529,3 +530,40 @@ def test_packing_workers_die_with_a_killed_parent(small_corpus, tmp_path):
                 os.kill(w, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+
+
+def test_an_undecodable_sample_becomes_a_copy_of_another_row_and_the_info_says_so(
+    train_shards, tok, tmp_path
+):
+    src, manifest = train_shards
+    shard_dir = tmp_path / "shards"
+    shutil.copytree(src, shard_dir)
+    shard = shard_dir / f"{manifest['shards'][0]['name']}.tar"
+    bad = sorted({n.split(".")[0] for n in tarfile.open(shard).getnames()})[0]
+    _rewrite_member(
+        shard,
+        lambda name, data: (
+            b"not a jpeg" if name.startswith(f"{bad}.") and name.endswith(".jpg") else data
+        ),
+    )
+    _repair_manifest(shard_dir)
+    clean = [list(r) for r in _readers(src, tok)]
+    damaged = [list(r) for r in _readers(shard_dir, tok)]
+    hit = 0
+    for clean_rank, damaged_rank in zip(clean, damaged):
+        assert len(clean_rank) == len(damaged_rank)
+        for (_, c_info), (d_batch, d_info) in zip(clean_rank, damaged_rank):
+            assert d_info.drawn == c_info.drawn  # the bad record counts as consumed
+            if bad not in c_info.keys:
+                assert d_info.keys == c_info.keys
+                continue
+            hit += 1
+            row = c_info.keys.index(bad)
+            assert bad not in d_info.keys and d_info.stats["undecodable"] >= 1
+            copied = d_info.keys[row]  # the row is a copy of another row of the same batch
+            source = [i for i, k in enumerate(d_info.keys) if k == copied and i != row][0]
+            assert d_info.positions[row] == d_info.positions[source]
+            assert torch.equal(d_batch["query_frames"][row], d_batch["query_frames"][source])
+            others = [i for i in range(len(d_info.keys)) if i != row]
+            assert [d_info.keys[i] for i in others] == [c_info.keys[i] for i in others]
+    assert hit == 1

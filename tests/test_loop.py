@@ -9,13 +9,17 @@ import torch
 from torch.utils.data import IterableDataset
 
 from configs.schema import Config
+from sharding.reader import BatchInfo
+from train.loader import RunShape, TrainLoader
 from train.loop import Job, Meter, train_epoch
 from train.state import TrainState
 
 
 class Reader(IterableDataset):
+    """The shard reader's interface: batch i holds record i, its loss is i."""
+
     def __init__(self, n: int):
-        self.n, self.start = n, 0
+        self.n, self.start, self.world, self.batch_size, self.counts = n, 0, 1, 1, [n]
 
     def set_position(self, epoch, start_batch, num_workers, excluded=()):
         self.start = start_batch
@@ -25,13 +29,8 @@ class Reader(IterableDataset):
 
     def __iter__(self):
         for i in range(self.start, self.n):
-            yield {
-                "reader_stats": {"worker": 0, "undecodable": 0},
-                "keys": [str(i)],
-                "positions": [i],
-                "target_ids": torch.tensor([i, i]),
-                "loss": torch.tensor(float(i)),
-            }
+            info = BatchInfo([str(i)], [i], [i], {"worker": 0, "undecodable": 0})
+            yield {"target_ids": torch.tensor([i, i]), "loss": torch.tensor(float(i))}, info
 
 
 class Engine:
@@ -80,11 +79,14 @@ def _job(total_steps: int, accum: int, log_every: int) -> Job:
         Engine(accum),
         Scheduler(),
         None,
-        Reader(10),
+        TrainLoader(Reader(10), workers=0, seed=0),
         Objective(),
         TrainState(),
+        None,
+        None,
+        None,
         Tracker(),
-        total_steps,
+        RunShape(2, 1, accum, 10 // accum, total_steps),
     )
 
 
@@ -95,7 +97,7 @@ def test_steps_windows_and_one_device_read_per_log_line(monkeypatch, caplog):
     job, meter = _job(total_steps=5, accum=2, log_every=2), Meter()
     with caplog.at_level(logging.INFO, logger="train.loop"):
         train_epoch(job, meter)
-    assert (job.state.step, job.state.batch_in_epoch) == (5, 10)
+    assert (job.state.step, job.loader.batch_in_epoch) == (5, 10)
     steps = [step for step, _ in job.tracker.records]
     assert steps == [2, 4, 5]  # every log_every steps, and the last
     # each window averages its micro-batches' losses: 0..3, 4..7, 8..9
@@ -111,11 +113,12 @@ def test_steps_windows_and_one_device_read_per_log_line(monkeypatch, caplog):
 
 def test_the_loop_resumes_inside_an_epoch_and_stops_at_the_last_step():
     job, meter = _job(total_steps=3, accum=1, log_every=1), Meter()
-    job.state.step, job.state.batch_in_epoch, job.engine.global_steps = 1, 1, 1
+    job.state.step, job.loader.batch_in_epoch, job.engine.global_steps = 1, 1, 1
     train_epoch(job, meter)
-    assert (job.state.step, job.state.batch_in_epoch) == (3, 3)
+    assert (job.state.step, job.loader.batch_in_epoch) == (3, 3)
     assert [m["loss"] for _, m in job.tracker.records] == [1.0, 2.0]
-    assert job.state.consumed == [1, 2]  # the positions a checkpoint gathers into `seen`
+    assert job.loader.consumed == [1, 2]  # the positions a checkpoint gathers into `seen`
+    assert job.loader.state_dict()["seen"].tolist() == [1, 2]
 
 
 def test_time_left_counts_from_after_the_first_step(monkeypatch):

@@ -183,7 +183,7 @@ def test_a_trained_target_encoder_gets_gradients_from_the_target_side(tmp_path):
 
 
 def test_export_keeps_the_starting_target_encoder(tmp_path):
-    from train.checkpoint import export_model, load_exported
+    from train.export import export_model, load_exported
 
     model, tok = tiny_model(tmp_path, "blip2")
     model.eval()

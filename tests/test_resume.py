@@ -17,8 +17,8 @@ from sharding.manifest import read_manifest
 from sharding.pack import pack
 from sharding.reader import ShardReader, shard_urls
 from tests.conftest import ROOT
+from train.loader import TrainLoader
 from train.resume import SettingsChanged, check_before_start, check_settings
-from train.state import TrainState
 
 
 def test_a_setting_that_changes_training_is_refused_naming_it():
@@ -104,26 +104,38 @@ def test_launchers_refuse_a_changed_setting_before_starting(tmp_path, script):
     assert check_before_start(cfg) == []
 
 
-def test_state_gathers_positions_and_re_splits_when_ranks_change():
-    state = TrainState()
-    assert state.place(2, 1) is None and (state.world, state.workers) == (2, 1)
-    state.consumed += [5, 1, 3]
-    state.gather_consumed()
-    state.consumed += [3, 7]  # a repeat stays visible in `seen`
-    state.gather_consumed()
-    assert state.seen.tolist() == [1, 3, 3, 5, 7] and state.consumed == []
-    state.batch_in_epoch = 4
-    assert state.place(2, 0) is None  # 0 loader workers count as 1: the same layout
-    assert state.batch_in_epoch == 4
-    assert state.place(1, 2) == (2, 1)
-    assert state.excluded.tolist() == [1, 3, 5, 7] and state.batch_in_epoch == 0
-    saved = state.state_dict()
-    restored = TrainState()
-    restored.load_state_dict(saved)
-    assert (restored.world, restored.workers) == (1, 2)
-    assert torch.equal(restored.seen, state.seen) and torch.equal(restored.excluded, state.excluded)
-    restored.next_epoch()
-    assert len(restored.seen) == len(restored.excluded) == restored.batch_in_epoch == 0
+def test_loader_gathers_positions_and_re_splits_when_ranks_change(shards):
+    out, tok = shards
+    urls, counts = shard_urls(out, read_manifest(out))
+
+    def loader(world, workers):
+        fn = partial(collate, tokenizer=tok, image_size=32, max_text_len=8)
+        reader = ShardReader(urls, counts, batch_size=2, collate=fn, world=world, seed=5)
+        return TrainLoader(reader, workers, seed=5)
+
+    two = loader(2, 1)
+    two.consumed += [5, 1, 3]
+    assert two.state_dict()["seen"].tolist() == [1, 3, 5]
+    two.consumed += [3, 7]  # a repeat stays visible in `seen`
+    two.batch_in_epoch = 4
+    saved = two.state_dict()
+    assert saved["seen"].tolist() == [1, 3, 3, 5, 7] and two.consumed == []
+    assert (saved["world"], saved["workers"]) == (2, 1)
+
+    same = loader(2, 0)  # 0 loader workers count as 1: the same layout
+    same.load_state_dict(saved)
+    assert same.moved is None and same.batch_in_epoch == 4 and same.describe_move() is None
+
+    moved = loader(1, 2)
+    moved.load_state_dict(saved)
+    assert moved.moved == (2, 1) and moved.batch_in_epoch == 0
+    assert moved.excluded.tolist() == [1, 3, 5, 7]
+    assert "2 x 1 -> 1 x 2" in moved.describe_move()
+    again = loader(1, 2)  # saved in the new layout: continued as it is
+    again.load_state_dict(moved.state_dict())
+    assert again.moved is None and torch.equal(again.excluded, moved.excluded)
+    again.next_epoch()
+    assert len(again.seen) == len(again.excluded) == again.batch_in_epoch == 0
 
 
 CFG = ShardConfig(samples_per_shard=3, target_frames=2, workers=1, seed=3)
@@ -156,10 +168,10 @@ def _batches(shards, rank, world, workers, start=0, excluded=(), limit=None, sam
     )
     reader.set_position(0, start, workers, excluded)
     got = []
-    for batch in DataLoader(reader, batch_size=None, num_workers=workers):
+    for _, info in DataLoader(reader, batch_size=None, num_workers=workers):
         if limit is not None and len(got) == limit:
             break
-        got.append(batch)
+        got.append(info)
     return got, reader
 
 
@@ -171,16 +183,16 @@ def test_a_re_split_epoch_repeats_nothing_and_leaves_less_than_a_batch_per_slot(
 ):
     (w0, k0), (w1, k1) = before, after
     first = [b for r in range(w0) for b in _batches(shards, r, w0, k0, limit=3)[0]]
-    seen = [p for b in first for p in b["positions"]]
+    seen = [p for b in first for p in b.drawn]
     assert len(seen) == 3 * 2 * w0
     rest, readers = [], []
     for r in range(w1):
         batches, reader = _batches(shards, r, w1, k1, excluded=seen)
         rest += batches
         readers.append(reader)
-    assert len({len(b) for b in rest}) <= 1
-    positions = seen + [p for b in rest for p in b["positions"]]
-    keys = [k for b in first + rest for k in b["keys"]]
+    assert len({len(b.keys) for b in rest}) <= 1
+    positions = seen + [p for b in rest for p in b.drawn]
+    keys = [k for b in first + rest for k in b.keys]
     assert len(set(positions)) == len(positions) and len(set(keys)) == len(keys)  # no repeat
     total, slots = sum(readers[0].counts), w1 * k1
     left = total - len(positions)
@@ -212,7 +224,7 @@ def e2e_config(small_corpus, tmp_path_factory):
 def _seen(out, tag):
     from train.checkpoint import load_file
 
-    return load_file(out / "checkpoints" / tag / "train_state.pt")["seen"].tolist()
+    return load_file(out / "checkpoints" / tag / "train_state.pt")["loader"]["seen"].tolist()
 
 
 FEW = ["train.epochs=1", "train.ckpt_every=1", "train.keep_checkpoints=5", "eval.report_queries=0"]

@@ -231,10 +231,10 @@ def _reader(out, tok, rank=0, world=1, batch_size=2, sampler="random", **kw):
 def _epoch(reader, epoch=0, start=0, workers=2, limit=None):
     reader.set_position(epoch, start, workers)
     out = []
-    for i, batch in enumerate(DataLoader(reader, batch_size=None, num_workers=workers)):
+    for i, (batch, info) in enumerate(DataLoader(reader, batch_size=None, num_workers=workers)):
         if limit is not None and i >= limit:
             break
-        out.append(batch)
+        out.append({**batch, "keys": info.keys, "reader_stats": info.stats})
     return out
 
 

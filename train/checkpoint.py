@@ -1,37 +1,34 @@
-"""Checkpoints: DeepSpeed's own directory per tag (model, optimizer, schedule), the shared part
-of the `TrainState` (`train_state.pt`), its per-rank part (`rng_rank<r>.pt`), the config it was
-trained with (`config.json`), and a COMPLETE marker written by rank 0 after every rank has saved,
-listing the size and sha256 of every file in the tag. A checkpoint without the marker is ignored
-on resume; one whose files do not match it (truncated, corrupt, missing) is skipped with a
-warning naming the file, and the newest intact one is used.
+"""Checkpoint files: how a run's state is laid out on disk and verified
+(`train.checkpointer.Checkpointer` is what the loop uses). On disk, one directory per tag: DeepSpeed's own files (model, optimizer, schedule), the
+parts every rank shares (`train_state.pt`, one entry per part), each rank's own part (its RNG,
+`rng_rank<r>.pt`), the config it was trained with (`config.json`) and a COMPLETE marker written
+by rank 0 after every rank has saved, listing the size and sha256 of every file. A checkpoint
+without the marker is ignored on resume; one whose files do not match it (truncated, corrupt,
+missing) is skipped with a warning naming the file, and the newest intact one is used.
 
 A job resumed on another number of data-parallel ranks reads DeepSpeed's per-rank optimizer
 partitions through its universal checkpoint format (converted once, into `<tag>/universal`).
 
-Every file is read with `torch.load(weights_only=True)`, DeepSpeed's included (its converter and
-universal loader too): a crafted file is refused, never executed."""
+Nothing here runs code from a file: our files and DeepSpeed's own loader (it is handed
+`load_file`) use `torch.load(weights_only=True)`. DeepSpeed's converter and universal loader
+call `torch.load(weights_only=False)` themselves; every file they will read is first read by
+`load_file` (`check_weights_only`), so a crafted one is refused before they open it."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
 import pickle
 import shutil
 import time
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import asdict, replace
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-from configs.schema import ModelConfig
-from train.state import TrainState, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +36,6 @@ COMPLETE = "COMPLETE"
 STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.json"
 UNIVERSAL = "universal"  # sub-directory: the tag in DeepSpeed's universal format
-_TORCH_LOAD = torch.load  # the real one (`_weights_only_torch_load` swaps torch.load for a while)
 
 
 class CheckpointError(RuntimeError):
@@ -59,7 +55,7 @@ def load_file(path: str | Path, map_location=None):
     """`torch.load` that cannot run code: tensors, plain types and DeepSpeed's data classes."""
     try:
         with torch.serialization.safe_globals(_deepspeed_globals()):
-            return _TORCH_LOAD(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         reason = next((ln.strip() for ln in str(err).splitlines() if "Unsupported" in ln), "")
         raise CheckpointError(
@@ -76,7 +72,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _rank_file(ckpt_dir: str | Path, tag: str) -> Path:
+def rank_file(ckpt_dir: str | Path, tag: str) -> Path:
     return Path(ckpt_dir) / tag / f"rng_rank{_rank()}.pt"
 
 
@@ -104,18 +100,23 @@ def _inventory(tag_dir: Path) -> dict:
 
 
 def save_checkpoint(
-    engine, ckpt_dir: str | Path, state: TrainState, keep: int = 2, config: dict | None = None
+    engine,
+    ckpt_dir: str | Path,
+    step: int,
+    shared: dict,
+    own: dict,
+    keep: int = 2,
+    config: dict | None = None,
 ) -> str:
-    """Every rank calls this. Returns the tag."""
-    tag = f"step{state.step:08d}"
+    """Every rank calls this with its own part (`own`); rank 0 writes the `shared` one, the
+    config and, after every rank is done, the COMPLETE marker. Returns the tag."""
+    tag = f"step{step:08d}"
     tag_dir = Path(ckpt_dir) / tag
     if _rank() == 0 and tag_dir.exists():  # a damaged one of the same step: no stale files
         shutil.rmtree(tag_dir)
     _barrier()
-    shared = state.state_dict()
-    own = {k: shared.pop(k) for k in TrainState.PER_RANK}
     engine.save_checkpoint(str(ckpt_dir), tag=tag)
-    torch.save(own, _rank_file(ckpt_dir, tag))
+    torch.save(own, rank_file(ckpt_dir, tag))
     if _rank() == 0:
         torch.save(shared, tag_dir / STATE_FILE)
         if config is not None:
@@ -123,7 +124,7 @@ def save_checkpoint(
     _barrier()
     if _rank() == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        marker = {"step": state.step, "world": world, "files": _inventory(tag_dir)}
+        marker = {"step": step, "world": world, "files": _inventory(tag_dir)}
         tmp = tag_dir / f"{COMPLETE}.tmp"
         tmp.write_text(json.dumps(marker, indent=1))
         os.replace(tmp, tag_dir / COMPLETE)  # whole or absent, even if killed here
@@ -208,19 +209,11 @@ def saved_world(ckpt_dir: str | Path, tag: str) -> int:
     return int(read_marker(Path(ckpt_dir) / tag).get("world", 0))
 
 
-@contextlib.contextmanager
-def _weights_only_torch_load():
-    """DeepSpeed's converter and universal loader call `torch.load(weights_only=False)`; inside
-    this block every `torch.load` is `load_file`."""
-
-    def safe(f, map_location=None, *args, **kwargs):
-        return load_file(f, map_location=map_location)
-
-    torch.load = safe
-    try:
-        yield
-    finally:
-        torch.load = _TORCH_LOAD
+def check_weights_only(paths) -> None:
+    """Read each file with `load_file` (raises `CheckpointError` naming a crafted one): what
+    DeepSpeed then opens with its own unrestricted `torch.load` holds only plain data."""
+    for path in paths:
+        load_file(path, map_location="cpu")
 
 
 def needs_universal(ckpt_dir: str | Path, tag: str, world: int) -> bool:
@@ -244,12 +237,13 @@ def to_universal(ckpt_dir: str | Path, tag: str) -> str:
             input_folder=str(Path(ckpt_dir) / tag),
             output_folder=str(out),
             num_extract_workers=1,
-            num_merge_workers=1,  # in this process: the safe torch.load
+            num_merge_workers=1,
             keep_temp_folder=False,
             strict=True,
             inject_missing_state=True,
         )
-        with _weights_only_torch_load(), contextlib.redirect_stdout(_LogWriter()):
+        check_weights_only(sorted((Path(ckpt_dir) / tag).glob("*.pt")))
+        with redirect_stdout(_LogWriter()):
             ds_to_universal(args)
         (Path(ckpt_dir) / "latest_universal").unlink(missing_ok=True)  # the converter's pointer
         done.write_text("")
@@ -268,90 +262,11 @@ class _LogWriter:
         pass
 
 
-def load_checkpoint(engine, ckpt_dir: str | Path, tag: str, same_ranks: bool = True) -> None:
-    """Restore the engine (model, optimizer, schedule; `tag` may be a universal tag) and this
-    rank's RNG (only when the job has the ranks that saved it); the rest of the training state
-    comes from `read_state`."""
+def load_checkpoint(engine, ckpt_dir: str | Path, tag: str) -> None:
+    """Restore the engine: model, optimizer, schedule (`tag` may be a universal tag)."""
     engine.checkpoint_engine.load = load_file  # DeepSpeed's own loader unpickles anything
-    with _weights_only_torch_load():
-        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if tag.endswith(f"/{UNIVERSAL}"):  # read by DeepSpeed's universal loader, unrestricted
+        check_weights_only(sorted((Path(ckpt_dir) / tag).rglob("*.pt")))
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise CheckpointError(f"{Path(ckpt_dir) / tag}: DeepSpeed found no checkpoint there")
-    if same_ranks:
-        own_file = _rank_file(ckpt_dir, tag.split("/")[0])
-        if not own_file.is_file():
-            raise CheckpointError(f"{own_file}: missing (this rank's part of the training state)")
-        set_rng_state(load_file(own_file)["rng"])
-
-
-def consolidated_state_dict(engine, ckpt_dir: str | Path, tag: str, zero_stage: int) -> dict:
-    """Full fp32 model state on CPU (from the ZeRO shards for stages 1-3)."""
-    if zero_stage == 0:
-        return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # the converter narrates on stdout/stderr ("Parsing checkpoint ...", a bar per file): keep
-    # it in the debug log so the console shows our one export line
-    said = io.StringIO()
-    with _weights_only_torch_load(), redirect_stdout(said), redirect_stderr(said):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    log.debug("zero_to_fp32: %s", said.getvalue())
-    return state
-
-
-def export_model(state: dict, model_cfg: ModelConfig, tokenizer, out_dir: str | Path) -> Path:
-    """Write a directory `from_pretrained` reads (the transformers part), plus the combiner
-    weights, the tokenizer and `covr_config.json` (the model section of the config)."""
-    from train.models import build_model
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = replace(model_cfg, pretrained=None, lavis_checkpoint=None)
-    model = build_model(cfg, tokenizer)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if not m.endswith("position_ids")]:
-        raise RuntimeError(
-            f"export: state does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    model.hf.save_pretrained(out)
-    torch.save(model.combiner.state_dict(), out / "combiner.pt")
-    if model.frozen_target is not None:  # the starting weights that encode targets
-        torch.save(model.frozen_target.state_dict(), out / "target_encoder.pt")
-    tokenizer.save_pretrained(out)
-    saved = {
-        **asdict(model_cfg),
-        "pretrained": str(out.resolve()),
-        "lavis_checkpoint": None,
-        "tokenizer": None,
-    }
-    (out / "covr_config.json").write_text(json.dumps(saved, indent=1))
-    return out
-
-
-def load_exported(model_dir: str | Path, **overrides):
-    """(model, tokenizer) from an exported directory; `overrides` change model settings
-    (e.g. combiner, freeze_vision) for a next training stage."""
-    from configs.schema import TextSize, VisionSize
-    from data.tokenizer import load_tokenizer
-    from train.models import build_model
-
-    model_dir = Path(model_dir)
-    path = model_dir / "covr_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} is not an exported CoVR model (no covr_config.json)")
-    raw = json.loads(path.read_text())
-    for dead in ("query_frames", "target_frames"):  # exports before these left the model section
-        raw.pop(dead, None)
-    raw["vision"], raw["text"] = VisionSize(**raw["vision"]), TextSize(**raw["text"])
-    saved_combiner = raw["combiner"]
-    raw.update(pretrained=str(model_dir), **overrides)
-    cfg = ModelConfig(**raw)
-    tok = load_tokenizer(model_dir)
-    model = build_model(cfg, tok)
-    combiner = model_dir / "combiner.pt"
-    if combiner.is_file() and cfg.combiner == saved_combiner:
-        model.combiner.load_state_dict(torch.load(combiner, weights_only=True))
-    target = model_dir / "target_encoder.pt"  # absent: the exported weights are the starting ones
-    if target.is_file() and model.frozen_target is not None:
-        model.frozen_target.load_state_dict(torch.load(target, weights_only=True))
-    return model, tok

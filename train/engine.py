@@ -14,9 +14,12 @@ from train import network
 from train.network import free_port  # noqa: F401  (launch/demo.py, benches)
 
 
-def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
-    """`load_universal`: the checkpoint to load is in DeepSpeed's universal format (a job resumed
-    on another number of ranks)."""
+def deepspeed_config(
+    cfg: Config, per_rank_batch: int | None = None, load_universal: bool = False
+) -> dict:
+    """`per_rank_batch`: the micro-batch per rank (default `train.batch_size`); `load_universal`:
+    the checkpoint to load is in DeepSpeed's universal format (a job resumed on another number
+    of ranks)."""
     ds, tr = cfg.deepspeed, cfg.train
     zero: dict = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
@@ -24,7 +27,7 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config = {
-        "train_micro_batch_size_per_gpu": tr.batch_size,
+        "train_micro_batch_size_per_gpu": per_rank_batch or tr.batch_size,
         "gradient_accumulation_steps": tr.grad_accum,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # a torch AdamW: no fused-Adam build on CPU
@@ -43,6 +46,13 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
             "params": {"lr": o.lr, "weight_decay": o.weight_decay, "betas": [o.beta1, o.beta2]},
         }
     return config
+
+
+def model_device() -> torch.device:
+    """Where `deepspeed.initialize` puts the model: this rank's accelerator device."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 def build_engine(model, params, optimizer, lr_scheduler, config: dict):

@@ -1,8 +1,8 @@
 """The training loop, `train(cfg)`, used by `deepspeed launch/train.py` and by the Ray Tune trials.
 
-Read it top to bottom: `train` is the whole loop; `build` makes the job (processes, model, data,
-engine, the resumed `TrainState`, tracking); `train_epoch` runs micro-steps from the saved
-position; `micro_step` is one forward/backward; `after_step` runs at each optimizer step (EMA,
+Read it top to bottom: `train` is the whole loop; `build` makes the job (processes, model, data
+loader, the checkpointer and what it restored, the run's shape, engine, tracking);
+`train_epoch` runs micro-steps from the loader's position; `micro_step` is one forward/backward; `after_step` runs at each optimizer step (EMA,
 log line, validation, checkpoint); `finish` saves, validates, exports and writes the summary.
 Rank 0 speaks for the job on the console."""
 
@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from configs.schema import Config, per_rank_batch_size, to_dict
 from data.tokenizer import load_tokenizer
@@ -27,16 +26,18 @@ from sharding.embed import check_embedded
 from sharding.groups import read_groups
 from sharding.manifest import read_manifest
 from sharding.reader import ShardReader, shard_urls
-from train import checkpoint as ckpt
-from train import resume
+from train.checkpointer import Checkpointer
 from train.device import pin_memory_for, to_device
 from train.engine import (
     build_engine,
     deepspeed_config,
     enable_activation_checkpointing,
     init_distributed,
+    model_device,
 )
+from train.export import consolidated_state_dict, export_model, load_exported
 from train.gradcache import chunked_backward
+from train.loader import RunShape, TrainLoader, run_shape
 from train.models import build_model
 from train.objective import COVR, ITC, Objective
 from train.optim import build_optimizer, build_scheduler
@@ -50,14 +51,13 @@ log = logging.getLogger(__name__)
 def train(cfg: Config) -> dict | None:
     """Train, validate and export; returns the summary on rank 0 (None on the other ranks)."""
     rank, world, _ = init_distributed(cfg.deepspeed.timeout_s)
-    cfg.train.batch_size = per_rank_batch_size(cfg, world)  # from train.global_batch_size if set
     if rank == 0:
         log.info("building the job: model, data reader, DeepSpeed engine")
     job = build(cfg, rank, world)
     meter = Meter()
-    while job.state.step < job.total_steps:
+    while job.state.step < job.shape.total_steps:
         train_epoch(job, meter)
-        if job.state.step < job.total_steps:  # the epoch's batches are spent
+        if job.state.step < job.shape.total_steps:  # the epoch's batches are spent
             end_epoch(job)
     return finish(job, meter)
 
@@ -73,15 +73,14 @@ class Job:
     engine: object  # deepspeed.DeepSpeedEngine (model, optimizer, schedule)
     scheduler: object
     tok: object
-    reader: ShardReader
+    loader: TrainLoader  # the data and its position (epoch, batch, records consumed)
     objective: Objective  # the loss, in two halves (embed, contrast)
-    state: TrainState  # step, epoch, batch position, run id, queue, EMA, RNG
+    state: TrainState  # optimizer steps, MLflow run id
+    queue: TargetQueue | None
+    momentum: MomentumEncoder | None  # the EMA copy that feeds the queue
+    checkpointer: Checkpointer
     tracker: Tracker
-    total_steps: int
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.out / "checkpoints"
+    shape: RunShape
 
     def say(self, msg: str, *args) -> None:
         if self.rank == 0:
@@ -95,7 +94,6 @@ class Meter:
     def __init__(self):
         self.reset()
         self.since: tuple[int, float] | None = None  # (step, time) after this process's 1st step
-        self.reader_stats: dict = {}
         self.logged: dict = {}  # the last logged metrics (for the summary)
 
     def reset(self) -> None:
@@ -136,7 +134,7 @@ def build_model_and_tokenizer(cfg: Config):
             k: getattr(cfg.model, k)
             for k in ("combiner", "freeze_vision", "train_target_encoder", "reduce", "dropout")
         }
-        return ckpt.load_exported(cfg.train.init_from, **overrides)
+        return load_exported(cfg.train.init_from, **overrides)
     tok_dir = cfg.model.tokenizer or cfg.model.pretrained
     if not tok_dir:
         raise ValueError(
@@ -146,12 +144,38 @@ def build_model_and_tokenizer(cfg: Config):
     return build_model(cfg.model, tok), tok
 
 
+def build_loader(cfg: Config, model, tok, rank: int, world: int, batch_size: int, device):
+    """The training split's reader (checked to hold this model's target embeddings, if any)
+    inside its loader, at the start of the run."""
+    image_size = model.hf.config.vision_config.image_size
+    batch_collate = partial(
+        collate, tokenizer=tok, image_size=image_size, max_text_len=cfg.model.max_text_len
+    )
+    urls, counts = split_shards(cfg, "train", model)  # before ZeRO-3 partitions the weights
+    reader = ShardReader(
+        urls,
+        counts,
+        batch_size=batch_size,
+        collate=batch_collate,
+        sampler=cfg.sampler,
+        rank=rank,
+        world=world,
+        seed=cfg.train.seed,
+        allow_pipe=cfg.shards.allow_pipe,
+        groups=read_groups(Path(cfg.shards.dir) / "train"),
+        augment=partial(augment, **vars(cfg.augment)),
+    )
+    return TrainLoader(reader, cfg.shards.loader_workers, cfg.train.seed, pin_memory_for(device))
+
+
 def build(cfg: Config, rank: int, world: int) -> Job:
-    """Model, queue and EMA copy, data, engine; the state restored from the newest complete
-    checkpoint (`train.resume=auto`); the MLflow run (a resumed job continues its run)."""
+    """Model, queue and EMA copy, data loader; the stateful parts restored from the newest
+    complete checkpoint (`train.resume=auto`); the run's shape; engine; the MLflow run (a
+    resumed job continues its run)."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and EMA copy)
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    batch_size = per_rank_batch_size(cfg, world)  # from train.global_batch_size if set
 
     model, tok = build_model_and_tokenizer(cfg)
     if cfg.deepspeed.activation_checkpointing:
@@ -167,37 +191,12 @@ def build(cfg: Config, rank: int, world: int) -> Job:
     )
     dim = model.hf.config.image_text_hidden_size
     queue = TargetQueue(cfg.queue.size, (tokens, dim)) if cfg.queue.size else None
-    state = TrainState(queue=queue, momentum=momentum)
-
-    resumed = resume.find(cfg, out / "checkpoints", state, world)  # shared state, data position
-
-    image_size = model.hf.config.vision_config.image_size
-    batch_collate = partial(
-        collate, tokenizer=tok, image_size=image_size, max_text_len=cfg.model.max_text_len
-    )
-    urls, counts = split_shards(cfg, "train", model)  # before ZeRO-3 partitions the weights
-    reader = ShardReader(
-        urls,
-        counts,
-        batch_size=cfg.train.batch_size,
-        collate=batch_collate,
-        sampler=cfg.sampler,
-        rank=rank,
-        world=world,
-        seed=cfg.train.seed,
-        allow_pipe=cfg.shards.allow_pipe,
-        groups=read_groups(Path(cfg.shards.dir) / "train"),
-        augment=partial(augment, **vars(cfg.augment)),
-    )
-    reader.set_position(0, 0, cfg.shards.loader_workers)
-    steps_per_epoch = reader.batches_per_epoch() // cfg.train.grad_accum
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    reader.set_position(
-        state.epoch, state.batch_in_epoch, cfg.shards.loader_workers, state.excluded
-    )
-    if resumed and resumed.moved and not cfg.train.max_steps:  # the steps left: the new split's
-        left = (cfg.train.epochs - state.epoch - 1) * steps_per_epoch
-        total_steps = state.step + reader.batches_per_epoch() // cfg.train.grad_accum + left
+    loader = build_loader(cfg, model, tok, rank, world, batch_size, model_device())
+    state = TrainState()
+    parts = {"train": state, "loader": loader, "queue": queue, "ema": momentum}
+    checkpointer = Checkpointer(out / "checkpoints", cfg, parts, world)
+    restored = checkpointer.restore()  # before the engine: its schedule needs the run's length
+    shape = run_shape(cfg, world, batch_size, loader, state.step)
 
     torch.manual_seed(cfg.train.seed + rank)  # per-rank randomness (dropout) from here on
     params = model.trainable_parameters()
@@ -207,12 +206,14 @@ def build(cfg: Config, rank: int, world: int) -> Job:
         params,
         optimizer,
         partial(
-            build_scheduler, cfg=cfg.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+            build_scheduler,
+            cfg=cfg.optim,
+            total_steps=shape.total_steps,
+            steps_per_epoch=shape.steps_per_epoch,
         ),
-        deepspeed_config(cfg, load_universal=bool(resumed and resumed.universal)),
+        deepspeed_config(cfg, batch_size, load_universal=bool(restored and restored.universal)),
     )  # the engine steps the schedule at each optimizer step and checkpoints it
-    if resumed:
-        resumed.load(engine, world)  # model, optimizer, schedule; this rank's RNG
+    checkpointer.restore_engine(engine)  # model, optimizer, schedule; this rank's RNG
 
     tracker = Tracker(
         cfg.tracking.uri or default_uri(out),
@@ -228,6 +229,7 @@ def build(cfg: Config, rank: int, world: int) -> Job:
     if rank == 0:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
+    objective = ITC if cfg.train.stage == "itc" else COVR
     job = Job(
         cfg,
         rank,
@@ -236,20 +238,27 @@ def build(cfg: Config, rank: int, world: int) -> Job:
         engine,
         scheduler,
         tok,
-        reader,
-        ITC if cfg.train.stage == "itc" else COVR,
+        loader,
+        objective,
         state,
+        queue,
+        momentum,
+        checkpointer,
         tracker,
-        total_steps,
+        shape,
     )
-    for line in resumed.describe(state, reader) if resumed else []:
+    for line in checkpointer.describe():
         job.say(line)
+    if restored:
+        job.say("at step %d, epoch %d, batch %d", state.step, loader.epoch, loader.batch_in_epoch)
+    if loader.describe_move():
+        job.say(loader.describe_move())
     job.say(
         "training %d steps (%d per epoch) on %d rank(s), %d samples per step",
-        total_steps,
-        steps_per_epoch,
+        shape.total_steps,
+        shape.steps_per_epoch,
         world,
-        cfg.train.batch_size * cfg.train.grad_accum * world,
+        shape.samples_per_step,
     )
     return job
 
@@ -258,29 +267,15 @@ def build(cfg: Config, rank: int, world: int) -> Job:
 
 
 def train_epoch(job: Job, meter: Meter) -> None:
-    """Micro-steps from the state's position until the epoch's batches are spent or the last
+    """Micro-steps from the loader's position until the epoch's batches are spent or the last
     optimizer step is done."""
-    state, workers = job.state, job.cfg.shards.loader_workers
-    job.reader.set_position(state.epoch, state.batch_in_epoch, workers, state.excluded)
-    # own generator: starting workers must not draw from the global RNG (dropout), or a
-    # resumed run, which starts its loader at another point, would diverge
-    seeded = torch.Generator().manual_seed(job.cfg.train.seed * 1000 + state.epoch)
-    batches = iter(
-        DataLoader(
-            job.reader,
-            batch_size=None,
-            num_workers=workers,
-            generator=seeded,
-            pin_memory=pin_memory_for(job.engine.device),
-        )
-    )
-    while state.step < job.total_steps:
+    state, batches = job.state, iter(job.loader)
+    while state.step < job.shape.total_steps:
         waited = time.perf_counter()
         batch = next(batches, None)
         meter.data_wait_s += time.perf_counter() - waited
         if batch is None:
             return
-        state.consumed += batch.pop("positions")  # gathered into the checkpoint's position
         metrics = micro_step(job, batch, meter)
         if job.engine.global_steps > state.step:  # the optimizer stepped (every grad_accum)
             state.step = job.engine.global_steps
@@ -290,25 +285,16 @@ def train_epoch(job: Job, meter: Meter) -> None:
 def micro_step(job: Job, batch: dict, meter: Meter) -> dict:
     """Forward and backward of one micro-batch; the engine applies the optimizer at the end of
     each gradient accumulation."""
-    meter.reader_stats = batch.pop("reader_stats")
-    batch.pop("keys")
     batch = to_device(batch, job.engine.device)
-    state, engine, cfg = job.state, job.engine, job.cfg
+    engine, cfg = job.engine, job.cfg
     if cfg.train.chunk_size:  # gradient cache: activation memory follows the chunk
         _, metrics = chunked_backward(
-            engine,
-            batch,
-            job.objective,
-            cfg.loss,
-            cfg.train.chunk_size,
-            state.queue,
-            state.momentum,
+            engine, batch, job.objective, cfg.loss, cfg.train.chunk_size, job.queue, job.momentum
         )
     else:
-        loss, metrics = job.objective.loss(engine, batch, cfg.loss, state.queue, state.momentum)
+        loss, metrics = job.objective.loss(engine, batch, cfg.loss, job.queue, job.momentum)
         engine.backward(loss)
     engine.step()
-    state.batch_in_epoch += 1
     meter.add(metrics["loss"], batch["target_ids"].shape[0] * job.world)
     return metrics
 
@@ -317,18 +303,18 @@ def after_step(job: Job, metrics: dict, meter: Meter) -> None:
     """At each optimizer step: EMA update, then (when due) log line, validation, checkpoint."""
     cfg, step = job.cfg.train, job.state.step
     meter.stepped(step)
-    if job.state.momentum is not None:
-        job.state.momentum.update()
-    if step % cfg.log_every == 0 or step == job.total_steps:
+    if job.momentum is not None:
+        job.momentum.update()
+    if step % cfg.log_every == 0 or step == job.shape.total_steps:
         log_progress(job, metrics, meter)
     if cfg.eval_every and step % cfg.eval_every == 0:
         log_validation(job, validate(job).metrics)
-    if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < job.total_steps:
+    if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < job.shape.total_steps:
         save(job)
 
 
 def end_epoch(job: Job) -> None:
-    job.state.next_epoch()
+    job.loader.next_epoch()
     if not job.cfg.train.eval_every:  # validation after every epoch
         log_validation(job, validate(job).metrics)
 
@@ -338,29 +324,29 @@ def end_epoch(job: Job) -> None:
 
 def log_progress(job: Job, metrics: dict, meter: Meter) -> None:
     """One MLflow record and one console line per `train.log_every` steps; the window restarts."""
-    state = job.state
+    state, loader = job.state, job.loader
     elapsed = time.perf_counter() - meter.start
     logged = {
         "loss": (meter.loss / meter.micro_steps).item(),  # the one device sync of the window
         "lr": job.scheduler.get_last_lr()[0],
         "samples_per_s": meter.samples / elapsed,
         "data_wait_s": meter.data_wait_s,
-        "epoch": state.epoch + state.batch_in_epoch / max(1, job.reader.batches_per_epoch()),
-        **{f"reader_{k}": v for k, v in meter.reader_stats.items() if k != "worker"},
+        "epoch": loader.epoch + loader.batch_in_epoch / max(1, loader.batches_per_epoch()),
+        **{f"reader_{k}": v for k, v in loader.stats.items() if k != "worker"},
     }
     if "combiner_weights" in metrics:
         weights = metrics["combiner_weights"].mean(0).tolist()
         for name, w in zip(("fusion", "image", "text"), weights):
             logged[f"combiner_weight_{name}"] = w
-    if state.queue is not None:
-        logged["queue_filled"] = state.queue.filled
+    if job.queue is not None:
+        logged["queue_filled"] = job.queue.filled
     job.tracker.log_metrics(logged, state.step)
-    left = meter.seconds_left(state.step, job.total_steps)
-    skipped = {k: v for k, v in meter.reader_stats.items() if k != "worker" and v}
+    left = meter.seconds_left(state.step, job.shape.total_steps)
+    skipped = {k: v for k, v in loader.stats.items() if k != "worker" and v}
     job.say(
         "step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.1f samples/s  data wait %.1fs  %s%s",
         state.step,
-        job.total_steps,
+        job.shape.total_steps,
         logged["epoch"],
         logged["loss"],
         logged["lr"],
@@ -407,11 +393,8 @@ def log_validation(job: Job, metrics: dict) -> None:
 
 def save(job: Job) -> str:
     job.state.run_id = job.tracker.run_id  # created late if the server was away at the start
-    job.state.gather_consumed()
-    tag = ckpt.save_checkpoint(
-        job.engine, job.ckpt_dir, job.state, job.cfg.train.keep_checkpoints, config=to_dict(job.cfg)
-    )
-    job.say("checkpoint saved: %s", job.ckpt_dir / tag)
+    tag = job.checkpointer.save(job.state.step)
+    job.say("checkpoint saved: %s", job.checkpointer.dir / tag)
     return tag
 
 
@@ -429,8 +412,8 @@ def finish(job: Job, meter: Meter) -> dict | None:
     export_dir = out / "export"
     if rank == 0:
         zero = cfg.deepspeed.zero_stage
-        state_dict = ckpt.consolidated_state_dict(job.engine, job.ckpt_dir, tag, zero)
-        ckpt.export_model(state_dict, cfg.model, job.tok, export_dir)
+        state_dict = consolidated_state_dict(job.engine, job.checkpointer.dir, tag, zero)
+        export_model(state_dict, cfg.model, job.tok, export_dir)
         job.say("exported the model (transformers format): %s", export_dir)
     torch.distributed.barrier()
     tracker = job.tracker

@@ -1,0 +1,92 @@
+"""Export: the trained model as a directory `from_pretrained` reads, and loading one back.
+
+`consolidated_state_dict` gathers the fp32 weights (DeepSpeed's `zero_to_fp32` for ZeRO stages
+1-3), `export_model` writes the transformers part with `save_pretrained` plus `combiner.pt`, the
+frozen target encoder (`target_encoder.pt`), the tokenizer and `covr_config.json` (the model
+section of the config); `load_exported` builds the model from such a directory."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from configs.schema import ModelConfig, TextSize, VisionSize
+from data.tokenizer import load_tokenizer
+from train.models import build_model
+
+log = logging.getLogger(__name__)
+
+
+def consolidated_state_dict(engine, ckpt_dir: str | Path, tag: str, zero_stage: int) -> dict:
+    """Full fp32 model state on CPU (from the ZeRO shards for stages 1-3: the checkpoint `tag`
+    this run has just saved, so DeepSpeed's converter reads files of our own making)."""
+    if zero_stage == 0:
+        return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # the converter narrates on stdout/stderr ("Parsing checkpoint ...", a bar per file): keep
+    # it in the debug log so the console shows our one export line
+    said = io.StringIO()
+    with redirect_stdout(said), redirect_stderr(said):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    log.debug("zero_to_fp32: %s", said.getvalue())
+    return state
+
+
+def export_model(state: dict, model_cfg: ModelConfig, tokenizer, out_dir: str | Path) -> Path:
+    """Write a directory `from_pretrained` reads (the transformers part), plus the combiner
+    weights, the tokenizer and `covr_config.json` (the model section of the config)."""
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = replace(model_cfg, pretrained=None, lavis_checkpoint=None)
+    model = build_model(cfg, tokenizer)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.endswith("position_ids")]:
+        raise RuntimeError(
+            f"export: state does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    model.hf.save_pretrained(out)
+    torch.save(model.combiner.state_dict(), out / "combiner.pt")
+    if model.frozen_target is not None:  # the starting weights that encode targets
+        torch.save(model.frozen_target.state_dict(), out / "target_encoder.pt")
+    tokenizer.save_pretrained(out)
+    saved = {
+        **asdict(model_cfg),
+        "pretrained": str(out.resolve()),
+        "lavis_checkpoint": None,
+        "tokenizer": None,
+    }
+    (out / "covr_config.json").write_text(json.dumps(saved, indent=1))
+    return out
+
+
+def load_exported(model_dir: str | Path, **overrides):
+    """(model, tokenizer) from an exported directory; `overrides` change model settings
+    (e.g. combiner, freeze_vision) for a next training stage."""
+    model_dir = Path(model_dir)
+    path = model_dir / "covr_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not an exported CoVR model (no covr_config.json)")
+    raw = json.loads(path.read_text())
+    for dead in ("query_frames", "target_frames"):  # exports before these left the model section
+        raw.pop(dead, None)
+    raw["vision"], raw["text"] = VisionSize(**raw["vision"]), TextSize(**raw["text"])
+    saved_combiner = raw["combiner"]
+    raw.update(pretrained=str(model_dir), **overrides)
+    cfg = ModelConfig(**raw)
+    tok = load_tokenizer(model_dir)
+    model = build_model(cfg, tok)
+    combiner = model_dir / "combiner.pt"
+    if combiner.is_file() and cfg.combiner == saved_combiner:
+        model.combiner.load_state_dict(torch.load(combiner, weights_only=True))
+    target = model_dir / "target_encoder.pt"  # absent: the exported weights are the starting ones
+    if target.is_file() and model.frozen_target is not None:
+        model.frozen_target.load_state_dict(torch.load(target, weights_only=True))
+    return model, tok
