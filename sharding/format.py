@@ -224,8 +224,8 @@ def decode_sample(raw: dict) -> dict:
     sample["query_frames"] = decode_frames(raw["query_jpegs"])
     if raw.get("target_npy") is not None:
         sample["target_embeddings"] = decode_npy(raw["target_npy"])
-    if raw.get("caption_npy") is not None:
-        sample["caption_embedding"] = decode_npy(raw["caption_npy"])[raw["triplet"]]
     else:
         sample["target_frames"] = decode_frames(raw["target_jpegs"])
+    if raw.get("caption_npy") is not None:
+        sample["caption_embedding"] = decode_npy(raw["caption_npy"])[raw["triplet"]]
     return sample

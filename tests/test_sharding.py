@@ -109,6 +109,15 @@ def test_a_packed_record_decodes_back_through_the_format(tmp_path):
         decoded = fmt.decode_sample(fmt.raw_triplet(sample, j))
         assert np.array_equal(decoded["target_embeddings"], emb) and "target_frames" not in decoded
         assert np.array_equal(decoded["caption_embedding"], captions[j])
+    # target embeddings without caption embeddings (e.g. released ones): targets still load
+    no_captions = {k: v for k, v in sample.items() if k != fmt.CAPTIONS}
+    decoded = fmt.decode_sample(fmt.raw_triplet(no_captions, 1))
+    assert np.array_equal(decoded["target_embeddings"], emb) and "caption_embedding" not in decoded
+    # caption embeddings beside target frames: the frames are still decoded
+    frames_and_captions = {**packed_record, fmt.CAPTIONS: fmt.encode_npy(captions)}
+    decoded = fmt.decode_sample(fmt.raw_triplet(frames_and_captions, 1))
+    assert decoded["target_frames"].shape == (1, 12, 16, 3)
+    assert np.array_equal(decoded["caption_embedding"], captions[1])
     with pytest.raises(fmt.ImageDecodeError):
         fmt.decode_rgb(b"not an image")
 
