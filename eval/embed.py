@@ -1,13 +1,15 @@
-"""Embedding benchmark images and composed queries, split across ranks.
+"""Embedding items split across ranks: the one routine every protocol and validation use.
 
-`distributed_embed` gives rank r the items r, r + world, ... (every item exactly once, no
-padding duplicates), embeds them in batches and gathers the results back into item order on
-every rank. Single-process use is the case world = 1.
+`distributed_embed` gives rank r the items r, r + world, ... of a stream (every item exactly
+once, no padding duplicates), embeds them in batches as they arrive (a rank never holds more than
+one batch of decoded inputs) and gathers the results back into item order on every rank.
+Single-process use is the case world = 1. The embedding functions move their inputs to the
+model's device; results come back as float32 CPU tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -16,40 +18,67 @@ from tqdm import tqdm
 
 from data.text import tokenize
 from data.video import to_model_input
+from sharding.batch import device_of, to_device
 from sharding.format import ImageDecodeError, decode_rgb
+
+Embedded = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def distributed_embed(
-    n: int,
-    embed_batch: Callable[[list[int]], torch.Tensor],
+    items: Iterable,
+    embed_batch: Callable[[list], Embedded],
     batch_size: int = 64,
     rank: int = 0,
     world: int = 1,
     desc: str = "embed",
     progress: bool = False,
-) -> torch.Tensor:
-    """(n, ...) float32 CPU tensor; `embed_batch(indices)` embeds the listed items."""
-    mine = list(range(rank, n, world))
-    parts = []
-    with tqdm(total=len(mine), desc=desc, disable=not progress or rank != 0) as bar:
-        for k in range(0, len(mine), batch_size):
-            chunk = mine[k : k + batch_size]
-            with torch.no_grad():
-                parts.append(embed_batch(chunk).float().cpu())
-            bar.update(len(chunk))
-    local = (mine, torch.cat(parts) if parts else None)
-    gathered = [local]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, local)
-    shape = next(p[1].shape[1:] for p in gathered if p[1] is not None)
-    out = torch.empty((n, *shape))
-    seen = 0
-    for indices, values in gathered:
-        if values is not None:
-            out[indices] = values
-            seen += len(indices)
-    assert seen == n, f"embedded {seen} items, expected {n}"
+    total: int | None = None,
+) -> Embedded:
+    """`embed_batch(chunk)` embeds a list of this rank's items: one tensor, or a tuple of tensors
+    with one row per item each; the result has the same structure, (n, ...) float32 on the CPU
+    in item order. `items` is the whole stream, read by every rank (`total`: its length, for
+    the progress bar only)."""
+    mine, parts, chunk, as_tuple = [], [], [], []
+
+    def flush():
+        with torch.no_grad():
+            out = embed_batch(chunk)
+        as_tuple[:] = [isinstance(out, tuple)]
+        out = out if isinstance(out, tuple) else (out,)
+        parts.append(tuple(o.float().cpu() for o in out))
+        bar.update(len(chunk))
+        chunk.clear()
+
+    shown = -(-total // world) if total is not None else None
+    with tqdm(total=shown, desc=desc, disable=not progress or rank != 0) as bar:
+        for i, item in enumerate(items):
+            if i % world == rank:
+                mine.append(i)
+                chunk.append(item)
+                if len(chunk) == batch_size:
+                    flush()
+        if chunk:
+            flush()
+    local = (mine, [torch.cat(col) for col in zip(*parts)] if parts else None, as_tuple)
+    gathered = gather_objects(local) if world > 1 else [local]
+    n = sum(len(indices) for indices, _, _ in gathered)
+    filled = [(values, tup) for _, values, tup in gathered if values is not None]
+    if not filled:
+        raise ValueError(f"{desc}: nothing to embed")
+    outs = [torch.empty((n, *col.shape[1:])) for col in filled[0][0]]
+    for indices, values, _ in gathered:
+        for out, col in zip(outs, values or ()):
+            out[indices] = col
+    return tuple(outs) if filled[0][1][0] else outs[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` in rank order (any picklable object; tensors inside on the CPU): the
+    one object gather, used here and by the embed step."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 
@@ -68,13 +97,11 @@ def embed_images(
     """Gallery images -> target tokens (G, Tg, D)."""
     size = model.hf.config.vision_config.image_size
 
-    device = next(model.parameters()).device
+    def batch(chosen):
+        pixels = torch.stack([load_image(path, size) for path in chosen])[:, None]
+        return model("encode_target", to_device(pixels, device_of(model)))
 
-    def batch(indices):
-        pixels = torch.stack([load_image(paths[i], size) for i in indices])[:, None]
-        return model("encode_target", pixels.to(device))
-
-    return distributed_embed(len(paths), batch, batch_size, rank, world, "gallery", progress)
+    return distributed_embed(paths, batch, batch_size, rank, world, "gallery", progress, len(paths))
 
 
 def embed_image_queries(
@@ -92,16 +119,15 @@ def embed_image_queries(
     reference's test scripts: at most `text_len` tokens, padded to the batch's longest."""
     size = model.hf.config.vision_config.image_size
 
-    device = next(model.parameters()).device
+    def batch(pairs):
+        text = tokenize(tokenizer, [edit for _, edit in pairs], text_len, padding="longest")
+        inputs = {
+            "pixels": torch.stack([load_image(path, size) for path, _ in pairs])[:, None],
+            "input_ids": text.input_ids,
+            "attention_mask": text.attention_mask,
+        }
+        b = to_device(inputs, device_of(model))
+        return model("encode_query", b["pixels"], b["input_ids"], b["attention_mask"])
 
-    def batch(indices):
-        pixels = torch.stack([load_image(reference_paths[i], size) for i in indices])[:, None]
-        text = tokenize(tokenizer, [edits[i] for i in indices], text_len, padding="longest")
-        return model(
-            "encode_query",
-            pixels.to(device),
-            text.input_ids.to(device),
-            text.attention_mask.to(device),
-        )
-
-    return distributed_embed(len(edits), batch, batch_size, rank, world, "queries", progress)
+    pairs = list(zip(reference_paths, edits, strict=True))
+    return distributed_embed(pairs, batch, batch_size, rank, world, "queries", progress, len(pairs))

@@ -22,6 +22,7 @@ import torch
 
 from data.text import tokenize
 from eval.similarity import similarity
+from sharding.batch import device_of, to_device
 
 
 @dataclass
@@ -87,7 +88,7 @@ def _cam(maps: list[torch.Tensor], rows: slice, cols: slice, weighted: bool) -> 
 def _normalise(x: torch.Tensor) -> np.ndarray:
     x = x.detach().float().clamp(min=0)
     total = x.sum()
-    return (x / total if total > 0 else x).numpy()
+    return (x / total if total > 0 else x).cpu().numpy()
 
 
 def explain(
@@ -97,12 +98,15 @@ def explain(
     was_training = model.training
     model.eval()
     text = tokenize(tokenizer, [edit], model.cfg.max_text_len)
+    frame, ids, mask, target = to_device(
+        (frame, text.input_ids, text.attention_mask, target), device_of(model)
+    )
     cross_modules, self_modules = _attention_modules(model)
     cross, selfs = [], []
     hooks = _record(cross_modules, cross) + _record(self_modules, selfs)
     try:
         with _eager_attention(model), torch.enable_grad():
-            fused = model.encode_fusion(frame[None, None], text.input_ids, text.attention_mask)
+            fused = model.encode_fusion(frame[None, None], ids, mask)
             score = similarity(fused, target[None].to(fused.dtype), reduce)[0, 0]
             score.backward()
     finally:
@@ -124,8 +128,8 @@ def explain(
         patch_gradcam=_normalise(_cam(cross, cross_rows, patches, True)).reshape(grid, grid),
         words=tokenizer.convert_ids_to_tokens(text.input_ids[0, :n_words].tolist()),
         word_attention=_normalise(_cam(selfs, word_rows, words, False)),
-        word_relevance=_cam(selfs, word_rows, words, True).detach().numpy(),
-        score=float(score.detach()),
+        word_relevance=_cam(selfs, word_rows, words, True).detach().float().cpu().numpy(),
+        score=score.item(),
     )
 
 

@@ -4,8 +4,8 @@ Gallery = one entry per target record; queries = one triplet of each record, dra
 `query_triplet` from (seed, record key) as the reference's val evaluates one seeded triplet per
 target (test records hold one); the positive of a query is its own record; a gallery item that
 is the query's reference video scores -inf.
-With several ranks each embeds every world-th record (each record exactly once) and the
-embeddings are gathered in record order.
+Records stream through `eval.embed.distributed_embed`: each rank decodes and embeds every
+world-th record, a batch at a time, and the embeddings come back in record order.
 """
 
 from __future__ import annotations
@@ -13,21 +13,13 @@ from __future__ import annotations
 import random
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from eval.embed import distributed_embed
 from eval.search import IndexSpec, retrieve
 from sharding import format as fmt
+from sharding.batch import device_of, to_device
 from sharding.reader import iter_records
-
-
-def _gather_objects(obj, world: int) -> list:
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def query_triplet(key: str, n: int, seed: int) -> int:
@@ -48,75 +40,42 @@ def embed_split(
     seed: int = 1234,
 ) -> dict:
     """{"query": (Q, Tq, D), "gallery": (G, Tg, D), "positives", "query_refs", "edits",
-    "query_sources", "gallery_ids"}. Rows are in record order whatever the world size: query row
-    n is triplet `query_sources[n][1]` of the record keyed `query_sources[n][0]`."""
+    "query_sources", "gallery_ids"}, one query and one gallery row per record, in record order
+    whatever the world size: query row n is triplet `query_sources[n][1]` of the record keyed
+    `query_sources[n][0]`, and its positive is gallery row n."""
     was_training = model.training
     model.eval()
-    mine = [(i, r) for i, r in enumerate(iter_records(urls)) if i % world == rank]
-    samples, sources = [], []  # sources: (record index, record key, triplet)
-    for i, record in mine:
-        meta = fmt.record_meta(record)
-        j = query_triplet(record["__key__"], len(meta["triplets"]), seed)
-        samples.append(fmt.decode_sample(fmt.raw_triplet(record, j, meta)))
-        sources.append((i, record["__key__"], j))
-    queries, targets = [], []
-    gallery_samples = {}
-    for s, (owner, _, _) in zip(samples, sources):
-        gallery_samples.setdefault(owner, s)
-    gallery_order = sorted(gallery_samples)
-    bar = tqdm(
-        total=len(samples) + len(gallery_order), desc="embed", disable=not progress or rank != 0
-    )
-    for k in range(0, len(samples), batch_size):
-        b = collate(samples[k : k + batch_size])
-        queries.append(
-            model("encode_query", b["query_frames"], b["input_ids"], b["attention_mask"])
-            .float()
-            .cpu()
-        )
-        bar.update(len(samples[k : k + batch_size]))
-    chunk = [gallery_samples[i] for i in gallery_order]
-    for k in range(0, len(chunk), batch_size):
-        b = collate(chunk[k : k + batch_size])
+    rows = []  # every record's (key, triplet, reference, edit, target): metadata only
+
+    def records():
+        for record in iter_records(urls):
+            meta = fmt.record_meta(record)
+            j = query_triplet(record["__key__"], len(meta["triplets"]), seed)
+            trip = meta["triplets"][j]
+            rows.append((record["__key__"], j, trip["pth1"], trip["edit"], meta["target"]))
+            yield record, j, meta
+
+    def embed(chunk):
+        samples = [fmt.decode_sample(fmt.raw_triplet(r, j, meta)) for r, j, meta in chunk]
+        b = to_device(collate(samples), device_of(model))
+        query = model("encode_query", b["query_frames"], b["input_ids"], b["attention_mask"])
         source = b.get("target_embeddings", b.get("target_frames"))
-        targets.append(
-            model("encode_target", source, b["target_scores"], b["target_mask"]).float().cpu()
+        return query, model("encode_target", source, b["target_scores"], b["target_mask"])
+
+    try:
+        query, gallery = distributed_embed(
+            records(), embed, batch_size, rank, world, "embed", progress
         )
-        bar.update(len(chunk[k : k + batch_size]))
-    bar.close()
-    local = {
-        "query": torch.cat(queries) if queries else None,
-        "gallery": torch.cat(targets) if targets else None,
-        "query_sources": sources,
-        "query_refs": [s["pth1"] for s in samples],
-        "edits": [s["edit"] for s in samples],
-        "gallery_index": gallery_order,
-        "gallery_ids": [gallery_samples[i]["target"] for i in gallery_order],
-    }
-    if was_training:
-        model.train()
-    parts = _gather_objects(local, world)
-    # ranks hold records r, r + world, ...: put gallery and queries back in record order
-    gallery_index = [i for p in parts for i in p["gallery_index"]]
-    order = sorted(range(len(gallery_index)), key=gallery_index.__getitem__)
-    position = {gallery_index[o]: n for n, o in enumerate(order)}
-    gallery = torch.cat([p["gallery"] for p in parts if p["gallery"] is not None])[order]
-    gallery_ids = [i for p in parts for i in p["gallery_ids"]]
-    sources = [s for p in parts for s in p["query_sources"]]
-    rows = sorted(range(len(sources)), key=lambda n: (sources[n][0], sources[n][2]))
-    query = torch.cat([p["query"] for p in parts if p["query"] is not None])[rows]
-    refs, edits = (
-        [r for p in parts for r in p["query_refs"]],
-        [e for p in parts for e in p["edits"]],
-    )
+    finally:
+        model.train(was_training)
     return {
         "query": query,
         "gallery": gallery,
-        "positives": [position[sources[n][0]] for n in rows],
-        "query_refs": [refs[n] for n in rows],
-        "edits": [edits[n] for n in rows],
-        "query_sources": [sources[n][1:] for n in rows],
-        "gallery_ids": [gallery_ids[o] for o in order],
+        "positives": list(range(len(rows))),
+        "query_refs": [r[2] for r in rows],
+        "edits": [r[3] for r in rows],
+        "query_sources": [r[:2] for r in rows],
+        "gallery_ids": [r[4] for r in rows],
     }
 
 

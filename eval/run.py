@@ -19,6 +19,7 @@ from data.video import to_model_input
 from eval import protocols
 from eval.protocols import PROTOCOLS, EvalSettings, Evaluation
 from eval.search import IndexSpec, retrieve, topk_agreement
+from sharding.batch import device_of, to_device
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,10 @@ def combiner_weights(model, tok, evaluation: Evaluation, limit: int = 256) -> np
     n = min(limit, len(evaluation.edits))
     frames = torch.stack([to_model_input(evaluation.images.query(i)[None], size) for i in range(n)])
     text = tokenize(tok, evaluation.edits[:n], model.cfg.max_text_len)
+    inputs = to_device((frames, text.input_ids, text.attention_mask), device_of(model))
     with torch.no_grad():
-        _, weights = model("compose", frames, text.input_ids, text.attention_mask)
-    return weights.float().numpy()
+        _, weights = model("compose", *inputs)
+    return weights.float().cpu().numpy()
 
 
 def explain_queries(
@@ -138,13 +140,12 @@ def approximate_search_loss(evaluation: Evaluation, job: EvalJob, reduce: str) -
 
 
 def evaluate(job: EvalJob, model, tok, tracker, rank: int = 0, world: int = 1) -> dict | None:
-    """Run `job` with a loaded model (`train.export.load_exported`) on this rank of `world`;
+    """Run `job` with a loaded model (`train.export.load_exported`, placed on the device it is to
+    run on: every input follows it) on this rank of `world`;
     rank 0 returns the results dict (also written to out_dir/results.json) and logs it through
     `tracker` (a `train.tracking.Tracker`, owned by the caller, who finishes it)."""
     model_dir = resolve_checkpoint(job.checkpoint)
     model.eval()
-    if torch.cuda.is_available():
-        model.cuda()
     evaluation = run_protocol(job, model, tok, rank, world)
     if rank != 0:
         return None
@@ -156,13 +157,12 @@ def evaluate(job: EvalJob, model, tok, tracker, rank: int = 0, world: int = 1) -
         metrics.update(approximate_search_loss(evaluation, job, reduce))
     files = list(evaluation.files)
     if job.report:
-        model.cpu()
         files += protocols_report(job, model, tok, evaluation, out / "report")
     if job.explain:
         from eval.report import pick_queries
 
         chosen = pick_queries(evaluation, job.explain, seed=1)
-        files += explain_queries(model.cpu(), tok, evaluation, chosen, out / "explain", reduce)
+        files += explain_queries(model, tok, evaluation, chosen, out / "explain", reduce)
     source = model_dir.parent / "summary.json"
     train_run = json.loads(source.read_text()).get("mlflow_run_id") if source.is_file() else None
     result = {

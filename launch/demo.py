@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     from data.corpus import build_synthetic
     from eval.run import EvalJob, evaluate, resolve_checkpoint
     from sharding.pack import pack_splits
-    from train.engine import free_port
+    from train.engine import free_port, model_device
     from train.export import load_exported
     from train.tracking import Tracker, ui_command
 
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
         run_id=summary["mlflow_run_id"],
     )
     model, tok = load_exported(resolve_checkpoint(job.checkpoint))
+    model.to(model_device())
     evaluation = evaluate(job, model, tok, tracker)  # into the training run, report as artifacts
     test = {
         **evaluation["metrics"],

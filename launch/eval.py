@@ -111,7 +111,7 @@ def run(job) -> dict | None:
     """This rank's part of `job`: processes, the exported model and the MLflow run around
     `eval.run.evaluate`."""
     from eval.run import evaluate, resolve_checkpoint
-    from train.engine import init_distributed
+    from train.engine import init_distributed, model_device
     from train.export import load_exported
     from train.tracking import Tracker, default_uri
 
@@ -119,6 +119,7 @@ def run(job) -> dict | None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         rank, world, _ = init_distributed(1800)
     model, tok = load_exported(resolve_checkpoint(job.checkpoint))
+    model.to(model_device())  # this rank's GPU, where there is one
     uri = job.tracking_uri or default_uri(job.out_dir)
     tracker = Tracker(
         uri,

@@ -131,3 +131,28 @@ def _translate(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     cols = (torch.arange(w) - dx).clamp_(0, w - 1)
     rows = (torch.arange(h) - dy).clamp_(0, h - 1)
     return x[..., rows, :][..., cols]
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are: the device every batch it reads must be moved to."""
+    return next(model.parameters()).device
+
+
+def pin_memory_for(device) -> bool:
+    """Page-locked loader batches only for a CUDA device: the host-to-device copy can then run
+    asynchronously (`to_device`) and overlap the previous step's kernels; on CPU it is pure cost."""
+    return torch.device(device).type == "cuda"
+
+
+def to_device(batch, device):
+    """The batch's tensors on `device` (a tensor, a dict or a tuple; other values, lists of ids
+    included, stay as they are), copied without blocking the host (asynchronous from pinned
+    memory; CUDA orders the copy before the kernels that read it). The one way training,
+    validation, evaluation, explanations and the embed step move their inputs."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(to_device(v, device) for v in batch)
+    return batch

@@ -5,8 +5,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from configs.schema import LossConfig
+from sharding.batch import pin_memory_for, to_device
 from tests.tiny import tiny_model
-from train.device import pin_memory_for, to_device
 from train.objective import covr_loss
 from train.queue import MomentumEncoder, TargetQueue
 

@@ -86,24 +86,37 @@ def _embed_owned(rank, world, out):
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
-    calls = []
+    calls, read, read_at_call = [], [0], []
+
+    def items():
+        for i in range(11):
+            read[0] += 1
+            yield i
 
     def embed(indices):
         calls.extend(indices)
-        return torch.tensor(indices, dtype=torch.float32)[:, None] * 2
+        read_at_call.append(read[0])
+        x = torch.tensor(indices, dtype=torch.float32)[:, None]
+        return x * 2, x.expand(-1, 3) + 1  # two outputs, e.g. queries and gallery
 
-    result = distributed_embed(11, embed, batch_size=4, rank=rank, world=world)
-    torch.save({"result": result, "calls": calls}, Path(out) / f"rank{rank}.pt")
+    doubled, plus_one = distributed_embed(items(), embed, batch_size=4, rank=rank, world=world)
+    torch.save(
+        {"result": doubled, "plus_one": plus_one, "calls": calls, "read_at_call": read_at_call},
+        Path(out) / f"rank{rank}.pt",
+    )
     dist.destroy_process_group()
 
 
-def test_distributed_embedding_embeds_each_item_once(tmp_path):
+def test_distributed_embedding_embeds_each_item_once_in_order_streaming(tmp_path):
     run_ranks(_embed_owned, 2, (str(tmp_path),))
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     calls = parts[0]["calls"] + parts[1]["calls"]
     assert sorted(calls) == list(range(11))  # once each, no padding duplicates
+    assert parts[0]["calls"][:4] == [0, 2, 4, 6]  # every world-th item
+    assert parts[0]["read_at_call"] == [7, 11]  # a batch embedded as soon as it is full
     for p in parts:
         assert torch.equal(p["result"][:, 0], torch.arange(11.0) * 2)
+        assert torch.equal(p["plus_one"], torch.arange(11.0)[:, None].expand(-1, 3) + 1)
 
 
 # --- CIRR on its real annotations, with generated stand-in images ------------------------------

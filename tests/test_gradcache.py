@@ -110,6 +110,24 @@ def test_chunks_give_the_whole_batch_gradients(tmp_path, reduce, combiner, float
     assert set(whole_m) == set(m) and torch.allclose(whole_m["loss_caption"], m["loss_caption"])
 
 
+def test_chunked_loss_reads_the_queue(tmp_path):
+    """A filled queue adds negatives to the chunked loss (the gradient cache hands the queue to
+    the contrast, not only to the embedding pass), the same as the whole batch's loss."""
+    cfg = LossConfig()
+    model, tok, queue, _ = _setup(tmp_path)
+    batch = _batch(tok, seed=0)
+    entries = torch.nn.functional.normalize(torch.randn(10, 1, 16), dim=-1)
+    queue.enqueue(entries, torch.arange(100, 110))
+    same = TargetQueue(10, (1, 16))
+    same.enqueue(entries, torch.arange(100, 110))
+    plain, _ = chunked_backward(Engine(model), batch, COVR, cfg, 3)
+    model.zero_grad()
+    queued, _ = chunked_backward(Engine(model), batch, COVR, cfg, 3, queue)
+    whole, _ = COVR.loss(model, batch, cfg, same)
+    assert queued > plain + 1e-3
+    assert torch.allclose(queued, whole.detach(), atol=1e-5)
+
+
 def test_dropout_masks_are_replayed(tmp_path, float64):
     """Dropout 0.3: the gradient equals that of embedding the chunks one after another with
     their graphs (the same random stream), which only holds if the second pass replays the

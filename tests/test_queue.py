@@ -90,3 +90,40 @@ def test_training_steps_with_a_full_queue_and_momentum_targets(tmp_path, reduce)
         loss.backward()
         assert model.hf.query_tokens.grad is not None and torch.isfinite(loss)
     assert queue.filled == 8
+
+
+def _unit(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def test_queue_negatives_enter_the_loss_and_its_false_negatives_do_not():
+    from configs.schema import LossConfig
+    from eval.similarity import similarity
+    from train.losses import hn_nce_from_similarity
+    from train.objective import covr_contrast
+
+    cfg = LossConfig()
+    emb = {"query": _unit(4, 1, 8, seed=0), "target": _unit(4, 1, 8, seed=1)}
+    ids = torch.arange(4)
+    alone, _ = covr_contrast(emb, ids, cfg, "mean")
+
+    queue = TargetQueue(6, (1, 8))
+    queued = _unit(6, 1, 8, seed=2)
+    queue.enqueue(queued, torch.arange(10, 16))
+    with_queue, metrics = covr_contrast(emb, ids, cfg, "mean", queue)
+    sim = similarity(emb["query"], emb["target"], "mean")
+    extra = similarity(emb["query"], queued, "mean")
+    expected = hn_nce_from_similarity(sim, cfg.temperature, cfg.alpha, cfg.beta, extra)
+    assert torch.allclose(with_queue, expected) and with_queue > alone + 1e-3
+    assert metrics["queue_filled"] == 6  # the batch went in after the loss
+
+    own = TargetQueue(4, (1, 8))  # the batch's targets queued under their ids: each query's own
+    own.enqueue(emb["target"], ids)  # target is no negative of it, the others' targets are
+    own_loss = covr_contrast(emb, ids, cfg, "mean", own)[0]
+    not_self = ~torch.eye(4, dtype=torch.bool)
+    args = (sim, cfg.temperature, cfg.alpha, cfg.beta, sim)
+    assert torch.allclose(own_loss, hn_nce_from_similarity(*args, not_self))
+    renamed = TargetQueue(4, (1, 8))  # the same features as other targets: all negatives
+    renamed.enqueue(emb["target"], ids + 100)
+    assert covr_contrast(emb, ids, cfg, "mean", renamed)[0] > own_loss + 1e-3

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from configs.schema import Config, ConfigError
 from data.text import tokenize
 from data.video import to_model_input
+from eval.embed import gather_objects
+from sharding.batch import to_device
 from sharding.embed import embed_dir
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ class TargetEncoder:
     def frames(self, frames: np.ndarray) -> np.ndarray:
         out = []
         for k in range(0, len(frames), self.batch_size):
-            pixels = to_model_input(frames[k : k + self.batch_size], self.size).to(self.device)
+            pixels = to_device(
+                to_model_input(frames[k : k + self.batch_size], self.size), self.device
+            )
             out.append(self.model("encode_target_frames", pixels).float().cpu())
         return torch.cat(out).numpy().astype(np.float16)
 
@@ -49,7 +52,7 @@ class TargetEncoder:
         out = []
         for k in range(0, len(texts), self.batch_size):
             text = tokenize(self.tok, texts[k : k + self.batch_size], self.model.cfg.max_text_len)
-            ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
+            ids, mask = to_device((text.input_ids, text.attention_mask), self.device)
             out.append(self.model("encode_caption", ids, mask).float().cpu())
         return torch.cat(out).numpy().astype(np.float16)
 
@@ -65,12 +68,6 @@ def split_dirs(src: Path, out: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _all_gather(obj) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def embed_targets(
     cfg: Config,
     src: str | Path,
@@ -79,7 +76,7 @@ def embed_targets(
     timeout_s: int = 24 * 3600,
 ) -> dict[str, dict] | None:
     """Embed every split under `src` into `out`; returns {split: manifest} on rank 0."""
-    from train.engine import init_distributed
+    from train.engine import init_distributed, model_device
     from train.loop import build_model_and_tokenizer
 
     if cfg.model.train_target_encoder:
@@ -87,12 +84,12 @@ def embed_targets(
             "key 'model.train_target_encoder': true encodes targets at every step "
             "with the trained weights: there is nothing to precompute"
         )
-    rank, world, local = 0, 1, 0
+    rank, world = 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rank, world, local = init_distributed(timeout_s)  # ranks wait for the slowest at the end
+        rank, world, _ = init_distributed(timeout_s)  # ranks wait for the slowest at the end
     torch.manual_seed(cfg.train.seed)  # training builds its starting model after the same seed
     model, tok = build_model_and_tokenizer(cfg)
-    device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    device = model_device()  # after init_distributed: this rank's GPU, where there is one
     encoder = TargetEncoder(model, tok, device)
     if rank == 0:
         log.info(
@@ -110,7 +107,7 @@ def embed_targets(
             rank,
             world,
             frames_per_batch,
-            gather=_all_gather,
+            gather=gather_objects,
             progress=lambda line: log.info("rank %d: %s", rank, line),
         )
     return manifests if rank == 0 else None

@@ -21,13 +21,12 @@ from configs.schema import Config, per_rank_batch_size, to_dict
 from data.tokenizer import load_tokenizer
 from eval.protocols import EvalSettings, Evaluation, webvid_covr
 from eval.report import write_report
-from sharding.batch import augment, collate
+from sharding.batch import augment, collate, pin_memory_for, to_device
 from sharding.embed import check_embedded
 from sharding.groups import read_groups
 from sharding.manifest import read_manifest
 from sharding.reader import ShardReader, shard_urls
 from train.checkpointer import Checkpointer
-from train.device import pin_memory_for, to_device
 from train.engine import (
     build_engine,
     deepspeed_config,
