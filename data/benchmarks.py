@@ -1,4 +1,4 @@
-"""Annotation readers for the image benchmarks CoVR models are evaluated on (REFERENCE.md §5).
+"""Annotation readers for the image benchmarks CoVR models are evaluated on (docs/METHOD.md §5).
 
 Each reader returns plain dataclasses plus the gallery as `{image_id: path}`. Image files are
 not opened here; `check_images` turns absent files into one error listing them.

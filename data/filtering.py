@@ -1,4 +1,4 @@
-"""Metadata filter (REFERENCE.md section 1, extension 2): keep a triplet iff both videos share a
+"""Metadata filter (docs/METHOD.md §1): keep a triplet iff both videos share a
 non-null author, or their category lists intersect."""
 
 from __future__ import annotations

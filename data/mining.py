@@ -1,6 +1,6 @@
 """Mine WebVid-CoVR triplets from any caption table.
 
-Recipe (REFERENCE.md section 1): caption pairs that differ by exactly one word, the differing
+Recipe (docs/METHOD.md §1): caption pairs that differ by exactly one word, the differing
 words not stop words or numbers; at most N videos per identical caption; an edit text per pair;
 train/val/test with disjoint videos; val/test keep one pair per caption pair, test one row per
 target.

@@ -1,4 +1,4 @@
-"""Retrieval metrics (REFERENCE.md section 5).
+"""Retrieval metrics (docs/METHOD.md §5).
 
 Ranks are pessimistic under ties: the positive's rank counts every other item scoring at least
 as high, so a model that scores everything equally gets no credit.

@@ -1,4 +1,4 @@
-"""The benchmark protocols of REFERENCE.md section 5, each returning an `Evaluation`.
+"""The benchmark protocols of docs/METHOD.md §5, each returning an `Evaluation`.
 
 - `webvid_covr`: a split's shards; gallery = its targets, the query's reference removed.
 - `cirr`: val R@K and Recall_subset@K (rank among the query's image set minus the reference);

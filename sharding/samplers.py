@@ -1,4 +1,4 @@
-"""Batch composition over a sample stream (REFERENCE.md section 4, extension 1).
+"""Batch composition over a sample stream (docs/METHOD.md §4).
 
 Each sampler reads samples (dicts with a `group` key) from any iterable, holds up to `buffer` of
 them, and yields lists of exactly `batch_size` samples; a final partial batch is dropped, so a

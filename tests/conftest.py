@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# The real CIRR annotations (MIT licence, copied from ../shared/datasets/cirr) so CI has them.
+# The real CIRR annotations (MIT licence, the CIRR authors' release) so CI has them.
 CIRR_ROOT = ROOT / "tests" / "data" / "cirr"
 
 

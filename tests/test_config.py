@@ -74,7 +74,7 @@ def test_shipped_configs_load(name):
     from configs.schema import CONFIG_DIR
 
     cfg = load_config(CONFIG_DIR / name)
-    if name != "demo.yaml":  # the real recipes (REFERENCE.md section 6)
+    if name != "demo.yaml":  # the real recipes (docs/RECIPES.md)
         assert cfg.optim.weight_decay == 0.05 and cfg.train.epochs == 5 and cfg.train.seed == 1234
         assert cfg.optim.lr == (2e-5 if "blip2" in name else 1e-5)
         assert cfg.train.global_batch_size == (

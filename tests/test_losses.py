@@ -8,7 +8,7 @@ from train.losses import hn_nce, hn_nce_from_similarity
 
 
 def formula(sim, tau=0.07, alpha=1.0, beta=0.5, valid=None):
-    """REFERENCE.md section 3 written out loop by loop (float64), query->target rows of `sim`
+    """docs/METHOD.md §3 written out loop by loop (float64), query->target rows of `sim`
     (B, N >= B); `valid[i][j]` marks negatives; plus target->query over the first B columns."""
     sim = sim.double() / tau
     b, n = sim.shape

@@ -1,5 +1,5 @@
 """Two "nodes" as Linux network namespaces joined by a veth pair, one deepspeed launcher per
-node in its no-ssh mode, training one job together over TCP (REFERENCE.md section 7)."""
+node in its no-ssh mode, training one job together over TCP (docs/MULTINODE.md)."""
 
 import json
 import os

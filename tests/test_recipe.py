@@ -50,7 +50,7 @@ def test_global_batch_is_split_over_ranks_and_accumulation():
         load_config(None, ["optim.schedule=linear"])
 
 
-# the reference's values (lucas-ventura/CoVR configs; REFERENCE.md section 9), checked on the files
+# the reference's values (lucas-ventura/CoVR configs; docs/RECIPES.md), checked on the files
 REFERENCE = {
     "covr2_blip2.yaml": {
         "model.arch": "blip2",

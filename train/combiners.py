@@ -1,4 +1,4 @@
-"""Combiners: how the composed query embedding is formed (REFERENCE.md section 4).
+"""Combiners: how the composed query embedding is formed (docs/METHOD.md §4).
 
 Inputs: f, the fusion (joint video+text) query tokens (B, Q, D) normalised per token;
 i, the image-only query embedding (B, D); t, the text-only edit embedding (B, D).

@@ -1,5 +1,5 @@
 """LAVIS / CoVR checkpoints onto the transformers BLIP-2 and BLIP retrieval classes, by
-parameter name (REFERENCE.md section 8). Rules are (LAVIS template, transformers template)
+parameter name (docs/METHOD.md §6). Rules are (LAVIS template, transformers template)
 pairs, so one table maps both ways; `{i}` is a layer index, `{p}` weight/bias, `{rest}` any tail.
 """
 

@@ -1,4 +1,4 @@
-"""HN-NCE (REFERENCE.md section 3) and the CoVR objective built on it.
+"""HN-NCE (docs/METHOD.md §3) and the CoVR objective built on it.
 
 For row i of S = q t^T / tau (query -> target):
     w_ij = (N_i) exp(beta S_ij) / sum_{k != i, valid} exp(beta S_ik)  for valid negatives j,

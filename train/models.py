@@ -1,6 +1,6 @@
 """CoVR models on the transformers BLIP-2 and BLIP retrieval classes.
 
-Both expose the same interface (DESIGN.md "Model"):
+Both expose the same interface (docs/METHOD.md §2):
   encode_query(frames (B, Fq, 3, H, W), input_ids, attention_mask) -> (B, Q, D)
   encode_target_frames(pixels (N, 3, H, W)) -> (N, Q, D), per-token normalised
   encode_target(frames (B, Ft, 3, H, W) or embeddings (B, Ft, Q, D), scores, mask) -> (B, Q, D)

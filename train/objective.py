@@ -1,6 +1,6 @@
 """The CoVR objective for one batch: embeddings, global negatives, the queue, HN-NCE.
 
-Batch (DESIGN.md): query_frames (B, Fq, 3, H, W); input_ids / attention_mask (edit text);
+Batch (`sharding/batch.py`): query_frames (B, Fq, 3, H, W); input_ids / attention_mask (edit text);
 target_frames (B, Ft, 3, H, W) or target_embeddings (B, Ft, Q, D); target_scores (B, Ft), NaN
 where missing; target_mask (B, Ft) bool; target_ids (B,) int; optional caption_input_ids /
 caption_attention_mask (the target caption, for the CoVR-2 caption term) and, from embedded
