@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +17,53 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+# What a field is for beyond its value, marked where it is declared (`field(metadata=...)`) and
+# read back with `marked`: the shards' fingerprint, the resume check and export loading use them.
+PACKING = {"packing": True}  # part of the shards' fingerprint: changing it means repacking
+RESUME_FREE = {"resume_free": True}  # may change when a run resumes from its checkpoint
+EXPORT_OVERRIDE = {"export_override": True}  # a run starting from an export may set it anew
+
+
+def marked(section, flag: str, prefix: str = "") -> list[str]:
+    """Dotted keys of the fields of `section` (a config class or instance, nested sections
+    included) carrying `flag`, in declaration order."""
+    keys = []
+    for f in fields(section):
+        kind = f.type if isinstance(f.type, type) else _SECTIONS.get(f.type)
+        if kind is not None and is_dataclass(kind):
+            keys += marked(kind, flag, f"{prefix}{f.name}.")
+        elif f.metadata.get(flag):
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+class FieldError(ValueError):
+    """One field of a section out of range (`validate` adds the section's path)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+def _require(section, ok, rule: str, names) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if not ok(value):
+            raise FieldError(name, f"must be {rule}, got {value!r}")
+
+
+def positive(section, *names) -> None:
+    _require(section, lambda v: v > 0, "> 0", names)
+
+
+def non_negative(section, *names) -> None:
+    _require(section, lambda v: v >= 0, ">= 0", names)
+
+
+def in_range(section, low, high, *names) -> None:
+    _require(section, lambda v: low <= v <= high, f"in [{low}, {high}]", names)
+
+
 @dataclass
 class SynthConfig:
     """The synthetic video corpus (data.synthetic)."""
@@ -26,8 +73,15 @@ class SynthConfig:
     frames: int = 16
     fps: int = 8
     size: int = 64  # square frame side in pixels (even, for yuv420p)
-    workers: int = 2
+    workers: int = field(default=2, metadata=RESUME_FREE)
     seed: int = 1234
+
+    def check(self) -> None:
+        positive(self, "videos")
+        if self.size <= 0 or self.size % 2:  # yuv420p needs an even side
+            raise FieldError("size", f"must be even and > 0, got {self.size}")
+        if self.family_size < 2:
+            raise FieldError("family_size", f"must be >= 2, got {self.family_size}")
 
 
 @dataclass
@@ -38,6 +92,9 @@ class MiningConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 1234
+
+    def check(self) -> None:
+        in_range(self, 0, 1, "val_fraction", "test_fraction")
 
 
 @dataclass
@@ -62,17 +119,24 @@ class ShardConfig:
 
     dir: str = "runs/demo/shards"
     prefix: str = "covr"
-    samples_per_shard: int = 256
     # target: one record per target video, a triplet drawn per epoch; triplet: one per triplet
-    epoch: Literal["target", "triplet"] = "target"
-    query_frames: int = 1
-    target_frames: int = 15
-    frame_size: int = 0  # resize frames to this square size before JPEG encoding; 0 keeps them
-    jpeg_quality: int = 90
-    workers: int = 2  # packing processes (or Ray tasks in flight)
-    seed: int = 1234
-    loader_workers: int = 2  # DataLoader workers per rank
+    epoch: Literal["target", "triplet"] = field(default="target", metadata=PACKING)
+    samples_per_shard: int = field(default=256, metadata=PACKING)
+    query_frames: int = field(default=1, metadata=PACKING)
+    target_frames: int = field(default=15, metadata=PACKING)
+    # resize frames to this square size before JPEG encoding; 0 keeps them
+    frame_size: int = field(default=0, metadata=PACKING)
+    jpeg_quality: int = field(default=90, metadata=PACKING)
+    # packing processes (or Ray tasks in flight)
+    workers: int = field(default=2, metadata=RESUME_FREE)
+    seed: int = field(default=1234, metadata=PACKING)
+    loader_workers: int = field(default=2, metadata=RESUME_FREE)  # DataLoader workers per rank
     allow_pipe: bool = False  # `pipe:` shard URLs run shell commands: refused unless enabled
+
+    def check(self) -> None:
+        positive(self, "samples_per_shard", "target_frames", "query_frames", "workers")
+        non_negative(self, "loader_workers", "frame_size")
+        in_range(self, 1, 100, "jpeg_quality")
 
 
 @dataclass
@@ -111,12 +175,22 @@ class ModelConfig:
     embed_dim: int = 256
     max_text_len: int = 32
     ln_vision_eps: float = 1e-5  # LAVIS's ln_vision; transformers builds 1e-6
-    freeze_vision: bool = True
-    train_target_encoder: bool = False  # True: targets re-encoded each step, EMA feeds the queue
-    combiner: Literal["fusion", "avg", "mlp", "text", "image"] = "fusion"
-    reduce: Literal["mean", "max"] = "mean"  # over target tokens
+    freeze_vision: bool = field(default=True, metadata=EXPORT_OVERRIDE)
+    # True: targets re-encoded each step, EMA feeds the queue
+    train_target_encoder: bool = field(default=False, metadata=EXPORT_OVERRIDE)
+    combiner: Literal["fusion", "avg", "mlp", "text", "image"] = field(
+        default="fusion", metadata=EXPORT_OVERRIDE
+    )
+    # over target tokens
+    reduce: Literal["mean", "max"] = field(default="mean", metadata=EXPORT_OVERRIDE)
     frame_score_temperature: float = 0.1
-    dropout: float = 0.1  # Q-Former / text encoder, hidden and attention (the reference's); 0 = off
+    # Q-Former / text encoder, hidden and attention (the reference's); 0 = off
+    dropout: float = field(default=0.1, metadata=EXPORT_OVERRIDE)
+
+    def check(self) -> None:
+        positive(self, "num_query_tokens", "embed_dim", "max_text_len")
+        if not 0 <= self.dropout < 1:
+            raise FieldError("dropout", f"must be in [0, 1), got {self.dropout!r}")
 
 
 @dataclass
@@ -127,11 +201,19 @@ class LossConfig:
     video_weight: float = 1.0
     caption_weight: float = 0.0  # CoVR-2 pretraining: 0.5 / 0.5
 
+    def check(self) -> None:
+        positive(self, "temperature")
+        non_negative(self, "beta", "alpha")
+
 
 @dataclass
 class QueueConfig:
     size: int = 0  # 0 = no queue (the reference); e.g. 65536
     momentum: float = 0.995  # EMA of the target encoder when it is trainable
+
+    def check(self) -> None:
+        non_negative(self, "size")
+        in_range(self, 0, 1, "momentum")
 
 
 @dataclass
@@ -139,6 +221,9 @@ class SamplerConfig:
     kind: Literal["random", "hns", "fs", "mix"] = "random"
     beta: float = 0.6  # mix: probability of an FS batch
     buffer: int = 1024  # samples held to compose batches from
+
+    def check(self) -> None:
+        in_range(self, 0, 1, "beta")
 
 
 @dataclass
@@ -149,6 +234,10 @@ class AugmentConfig:
     hflip: float = 0.0  # probability of a horizontal flip
     shift: int = 0  # max translation in pixels (model input), edges replicated
     target_frames: int = 0  # train on a random subset of this many of a target's frames; 0 = all
+
+    def check(self) -> None:
+        non_negative(self, "shift", "target_frames")
+        in_range(self, 0, 1, "hflip")
 
 
 @dataclass
@@ -164,6 +253,11 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # 0 = no clipping
 
+    def check(self) -> None:
+        positive(self, "lr")
+        non_negative(self, "weight_decay", "grad_clip", "warmup_steps")
+        in_range(self, 0, 1, "min_lr_ratio", "beta1", "beta2")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -171,44 +265,73 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False  # optimizer state on CPU (DeepSpeed CPU Adam)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16: GPU only
     activation_checkpointing: bool = False  # of the Q-Former / text encoder layers
-    timeout_s: int = 600  # collective timeout: a dead rank ends the job within this bound
+    # collective timeout: a dead rank ends the job within this bound
+    timeout_s: int = field(default=600, metadata=RESUME_FREE)
+
+    def check(self) -> None:
+        positive(self, "timeout_s")
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/demo/train"
-    epochs: int = 5
-    max_steps: int = 0  # > 0: stop after this many optimizer steps
+    out_dir: str = field(default="runs/demo/train", metadata=RESUME_FREE)
+    epochs: int = field(default=5, metadata=RESUME_FREE)
+    # > 0: stop after this many optimizer steps
+    max_steps: int = field(default=0, metadata=RESUME_FREE)
     batch_size: int = 256  # per rank, per micro step (replaced when global_batch_size > 0)
     global_batch_size: int = 0  # > 0: batch_size = global / (world size * grad_accum)
     # > 0: embed the batch in chunks of this many samples, loss over the whole global batch
-    # (gradient cache): activation memory follows the chunk, not the batch; 0 = off
-    chunk_size: int = 0
+    # (gradient cache): activation memory follows the chunk, not the batch; 0 = off. The same
+    # steps either way: a run may resume on a smaller device with a chunk size
+    chunk_size: int = field(default=0, metadata=RESUME_FREE)
     grad_accum: int = 1
-    log_every: int = 10
-    eval_every: int = 0  # optimizer steps; 0 = after every epoch
-    ckpt_every: int = 500  # optimizer steps; 0 = only at the end
-    keep_checkpoints: int = 2
+    log_every: int = field(default=10, metadata=RESUME_FREE)
+    # optimizer steps; 0 = after every epoch
+    eval_every: int = field(default=0, metadata=RESUME_FREE)
+    # optimizer steps; 0 = only at the end
+    ckpt_every: int = field(default=500, metadata=RESUME_FREE)
+    keep_checkpoints: int = field(default=2, metadata=RESUME_FREE)
     seed: int = 1234
-    resume: Literal["auto", "none"] = "auto"  # auto: newest complete checkpoint in out_dir
+    # auto: newest complete checkpoint in out_dir
+    resume: Literal["auto", "none"] = field(default="auto", metadata=RESUME_FREE)
     init_from: str = ""  # exported model directory to start from (e.g. a pretraining stage)
     stage: Literal["covr", "itc"] = "covr"  # itc: image-text contrastive pretraining on captions
+
+    def check(self) -> None:
+        positive(self, "batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints")
+        non_negative(self, "global_batch_size", "chunk_size", "max_steps")
+        non_negative(self, "eval_every", "ckpt_every")
 
 
 @dataclass
 class TrackingConfig:
-    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<train.out_dir>/mlflow.db
-    experiment: str = "covr-train"
-    run_name: str = ""
-    parent_run_id: str = ""  # a sweep's run: this run becomes its child
-    artifact_location: str = ""  # new experiment's artifacts; "" = <store dir>/mlartifacts (SQLite)
+    """Where runs are logged; none of it changes the training (a run may resume elsewhere)."""
+
+    # "" = $MLFLOW_TRACKING_URI, else sqlite:///<train.out_dir>/mlflow.db
+    uri: str = field(default="", metadata=RESUME_FREE)
+    experiment: str = field(default="covr-train", metadata=RESUME_FREE)
+    run_name: str = field(default="", metadata=RESUME_FREE)
+    # a sweep's run: this run becomes its child
+    parent_run_id: str = field(default="", metadata=RESUME_FREE)
+    # new experiment's artifacts; "" = <store dir>/mlartifacts (SQLite)
+    artifact_location: str = field(default="", metadata=RESUME_FREE)
 
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=list)  # recall@K of validation; [] = eval.protocols.KS
-    batch_size: int = 64
-    report_queries: int = 8  # val queries in the end-of-training report (0: none)
+    """Validation during training; it reads the model and changes nothing of it."""
+
+    # recall@K of validation; [] = eval.protocols.KS
+    ks: list[int] = field(default_factory=list, metadata=RESUME_FREE)
+    batch_size: int = field(default=64, metadata=RESUME_FREE)
+    # val queries in the end-of-training report (0: none)
+    report_queries: int = field(default=8, metadata=RESUME_FREE)
+
+    def check(self) -> None:
+        positive(self, "batch_size")
+        non_negative(self, "report_queries")
+        if self.ks and min(self.ks) < 1:  # [] = the protocol's own list
+            raise FieldError("ks", f"ranks must be >= 1, got {list(self.ks)}")
 
 
 @dataclass
@@ -227,99 +350,27 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-POSITIVE = (
-    "train.batch_size",
-    "train.grad_accum",
-    "shards.samples_per_shard",
-    "shards.target_frames",
-    "shards.query_frames",
-    "loss.temperature",
-)
-FRACTIONS = ("data.mining.val_fraction", "data.mining.test_fraction", "sampler.beta")
-# values that used to fail only after the ranks had started (or trained nothing and exited 0)
-POSITIVE_RUN = (
-    "optim.lr",
-    "train.epochs",
-    "train.log_every",
-    "train.keep_checkpoints",
-    "deepspeed.timeout_s",
-    "eval.batch_size",
-    "shards.workers",
-    "data.synth.videos",
-    "model.num_query_tokens",
-    "model.embed_dim",
-    "model.max_text_len",
-)
-NON_NEGATIVE = (
-    "train.max_steps",
-    "train.eval_every",
-    "train.ckpt_every",
-    "optim.weight_decay",
-    "optim.grad_clip",
-    "optim.warmup_steps",
-    "shards.loader_workers",
-    "shards.frame_size",
-    "eval.report_queries",
-    "loss.beta",
-    "loss.alpha",
-    "augment.shift",
-    "augment.target_frames",
-)
-UNIT = (
-    "optim.min_lr_ratio",
-    "queue.momentum",
-    "optim.beta1",
-    "optim.beta2",
-    "augment.hflip",
-)  # in [0, 1]
+# `from __future__ import annotations` leaves field types as strings: the section classes by name
+_SECTIONS = {
+    name: obj
+    for name, obj in dict(globals()).items()
+    if isinstance(obj, type) and is_dataclass(obj)
+}
 
 
-def _get(cfg, dotted: str):
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def validate(cfg: Config) -> Config:
-    """Value checks the types cannot express (choices are `Literal` fields, checked by OmegaConf);
-    each failure names its key."""
-    for key in POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"key '{key}': must be > 0, got {_get(cfg, key)!r}")
-    for key in FRACTIONS:
-        if not 0 <= _get(cfg, key) <= 1:
-            raise ConfigError(f"key '{key}': must be in [0, 1], got {_get(cfg, key)!r}")
-    if cfg.train.global_batch_size < 0:
-        raise ConfigError(
-            f"key 'train.global_batch_size': must be >= 0, got {cfg.train.global_batch_size}"
-        )
-    if not 0 <= cfg.model.dropout < 1:
-        raise ConfigError(f"key 'model.dropout': must be in [0, 1), got {cfg.model.dropout!r}")
-    if cfg.train.chunk_size < 0:
-        raise ConfigError(f"key 'train.chunk_size': must be >= 0, got {cfg.train.chunk_size}")
-    if cfg.queue.size < 0:
-        raise ConfigError(f"key 'queue.size': must be >= 0, got {cfg.queue.size}")
-    for key in POSITIVE_RUN:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"key '{key}': must be > 0, got {_get(cfg, key)!r}")
-    for key in NON_NEGATIVE:
-        if not _get(cfg, key) >= 0:
-            raise ConfigError(f"key '{key}': must be >= 0, got {_get(cfg, key)!r}")
-    for key in UNIT:
-        if not 0 <= _get(cfg, key) <= 1:
-            raise ConfigError(f"key '{key}': must be in [0, 1], got {_get(cfg, key)!r}")
-    if not 1 <= cfg.shards.jpeg_quality <= 100:
-        raise ConfigError(
-            f"key 'shards.jpeg_quality': must be in [1, 100], got {cfg.shards.jpeg_quality}"
-        )
-    if cfg.data.synth.size <= 0 or cfg.data.synth.size % 2:  # yuv420p needs an even side
-        raise ConfigError(f"key 'data.synth.size': must be even and > 0, got {cfg.data.synth.size}")
-    if cfg.data.synth.family_size < 2:
-        raise ConfigError(
-            f"key 'data.synth.family_size': must be >= 2, got {cfg.data.synth.family_size}"
-        )
-    if cfg.eval.ks and min(cfg.eval.ks) < 1:  # [] = the protocol's own list
-        raise ConfigError(f"key 'eval.ks': ranks must be >= 1, got {list(cfg.eval.ks)}")
+def validate(cfg, prefix: str = ""):
+    """Value checks the types cannot express (choices are `Literal` fields, checked by OmegaConf):
+    each section's own `check`, nested sections first in declaration order; a failure names its
+    full key."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            validate(value, f"{prefix}{f.name}.")
+    if hasattr(cfg, "check"):
+        try:
+            cfg.check()
+        except FieldError as err:
+            raise ConfigError(f"key '{prefix}{err.name}': {err}") from None
     return cfg
 
 

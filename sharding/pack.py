@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from configs.schema import ShardConfig
+from configs.schema import ShardConfig, marked
 from data.paths import UnsafePathError
 from data.webvid_covr import MissingVideosError, read_annotations, split_of
 from sharding.manifest import MANIFEST, write_manifest
@@ -29,15 +29,7 @@ log = logging.getLogger(__name__)
 
 def _fingerprint(source: bytes, cfg: ShardConfig) -> str:
     h = hashlib.sha256(source)
-    for k in (
-        "epoch",
-        "samples_per_shard",
-        "query_frames",
-        "target_frames",
-        "frame_size",
-        "jpeg_quality",
-        "seed",
-    ):
+    for k in marked(ShardConfig, "packing"):  # the fields marked PACKING, in their order
         h.update(f"{k}={getattr(cfg, k)}".encode())
     return h.hexdigest()[:16]
 

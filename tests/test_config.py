@@ -59,6 +59,66 @@ def test_bad_values_name_the_key():
         load_config(None, ["augment.target_frames=-1"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.synth.size=7", "key 'data.synth.size': must be even and > 0, got 7"),
+        ("data.mining.val_fraction=2", "key 'data.mining.val_fraction': must be in [0, 1]"),
+        ("shards.jpeg_quality=0", "key 'shards.jpeg_quality': must be in [1, 100], got 0"),
+        ("model.dropout=1", "key 'model.dropout': must be in [0, 1), got 1.0"),
+        ("queue.size=-1", "key 'queue.size': must be >= 0, got -1"),
+        ("optim.lr=0", "key 'optim.lr': must be > 0, got 0.0"),
+        ("eval.ks=[0,5]", "key 'eval.ks': ranks must be >= 1, got [0, 5]"),
+        ("train.global_batch_size=-8", "key 'train.global_batch_size': must be >= 0, got -8"),
+    ],
+)
+def test_each_section_checks_its_values_and_names_the_full_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(message)
+
+
+def test_what_a_field_is_for_is_marked_on_it():
+    import hashlib
+
+    from configs.schema import ModelConfig, ShardConfig, marked
+    from sharding.pack import _fingerprint
+    from train.resume import is_free
+
+    packing = ["epoch", "samples_per_shard", "query_frames", "target_frames", "frame_size"]
+    packing += ["jpeg_quality", "seed"]
+    assert marked(ShardConfig, "packing") == packing  # in this order: the shards' fingerprint
+    cfg = ShardConfig(samples_per_shard=4)
+    h = hashlib.sha256(b"rows")
+    for k in packing:
+        h.update(f"{k}={getattr(cfg, k)}".encode())
+    assert _fingerprint(b"rows", cfg) == h.hexdigest()[:16]  # every packed shard set keeps its id
+    assert _fingerprint(b"rows", ShardConfig(samples_per_shard=4, workers=7)) == h.hexdigest()[:16]
+    assert marked(ModelConfig, "export_override") == [
+        "freeze_vision",
+        "train_target_encoder",
+        "combiner",
+        "reduce",
+        "dropout",
+    ]
+    free = marked(Config, "resume_free")
+    assert {"tracking.uri", "eval.ks", "train.chunk_size", "data.synth.workers"} <= set(free)
+    assert is_free("train.max_steps") and is_free("tracking.experiment")
+    assert not is_free("train.batch_size") and not is_free("model.dropout")
+    assert not is_free("optim.lr") and not is_free("shards.samples_per_shard")
+
+
+def test_an_export_refuses_overrides_of_its_own_weights(tmp_path):
+    from tests.tiny import tiny_model
+    from train.export import export_model, load_exported
+
+    model, tok = tiny_model(tmp_path / "tok")
+    export_model(model.state_dict(), model.cfg, tok, tmp_path / "export")
+    assert load_exported(tmp_path / "export", combiner="avg")[0].cfg.combiner == "avg"
+    with pytest.raises(ValueError, match=r"model.embed_dim cannot change .* these can: freeze"):
+        load_exported(tmp_path / "export", embed_dim=8)
+
+
 def test_choices_live_on_their_fields(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  stage: pretrain\n")

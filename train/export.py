@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from configs.schema import ModelConfig, TextSize, VisionSize
+from configs.schema import ModelConfig, TextSize, VisionSize, marked
 from data.tokenizer import load_tokenizer
 from train.models import build_model
 
@@ -68,8 +68,16 @@ def export_model(state: dict, model_cfg: ModelConfig, tokenizer, out_dir: str | 
 
 
 def load_exported(model_dir: str | Path, **overrides):
-    """(model, tokenizer) from an exported directory; `overrides` change model settings
-    (e.g. combiner, freeze_vision) for a next training stage."""
+    """(model, tokenizer) from an exported directory; `overrides` change the model settings
+    marked EXPORT_OVERRIDE (combiner, freeze_vision, ...) for a next training stage; the others
+    are the exported weights' own."""
+    allowed = marked(ModelConfig, "export_override")
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"model.{unknown[0]} cannot change when starting from an export ({model_dir}); "
+            f"these can: {', '.join(allowed)}"
+        )
     model_dir = Path(model_dir)
     path = model_dir / "covr_config.json"
     if not path.is_file():

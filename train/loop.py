@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from configs.schema import Config, per_rank_batch_size, to_dict
+from configs.schema import Config, ModelConfig, marked, per_rank_batch_size, to_dict
 from data.tokenizer import load_tokenizer
 from eval.protocols import EvalSettings, Evaluation, webvid_covr
 from eval.report import write_report
@@ -129,10 +129,7 @@ def split_shards(cfg: Config, split: str, model=None) -> tuple[list[str], list[i
 
 def build_model_and_tokenizer(cfg: Config):
     if cfg.train.init_from:
-        overrides = {
-            k: getattr(cfg.model, k)
-            for k in ("combiner", "freeze_vision", "train_target_encoder", "reduce", "dropout")
-        }
+        overrides = {k: getattr(cfg.model, k) for k in marked(ModelConfig, "export_override")}
         return load_exported(cfg.train.init_from, **overrides)
     tok_dir = cfg.model.tokenizer or cfg.model.pretrained
     if not tok_dir:

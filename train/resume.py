@@ -12,28 +12,12 @@ import json
 from pathlib import Path
 
 from configs import ConfigError
-from configs.schema import Config, to_dict
+from configs.schema import Config, marked, to_dict
 from train import checkpoint as ckpt
 from train.tracking import flatten
 
-# keys (or key prefixes ending in ".") a resumed run may change
-FREE = (
-    "tracking.",
-    "eval.",
-    "train.out_dir",
-    "train.resume",
-    "train.epochs",
-    "train.max_steps",
-    "train.log_every",
-    "train.eval_every",
-    "train.ckpt_every",
-    "train.keep_checkpoints",
-    "shards.loader_workers",
-    "shards.workers",
-    "data.synth.workers",
-    "deepspeed.timeout_s",
-    "train.chunk_size",  # the gradient cache gives the same steps: resume on a smaller device
-)
+# the keys a resumed run may change: the schema's fields marked RESUME_FREE
+FREE = frozenset(marked(Config, "resume_free"))
 
 
 _MISSING = object()
@@ -44,7 +28,7 @@ class SettingsChanged(ConfigError):
 
 
 def is_free(key: str) -> bool:
-    return any(key.startswith(f) if f.endswith(".") else key == f for f in FREE)
+    return key in FREE
 
 
 def differences(saved: dict, now: dict) -> dict[str, tuple]:
