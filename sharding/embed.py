@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from sharding import format as fmt
-from sharding.manifest import MANIFEST, read_manifest
+from sharding.manifest import read_manifest, shard_summary, write_manifest
 from sharding.reader import read_shard
-from sharding.writer import ShardStats, write_shard
+from sharding.writer import ShardStats, finished, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -129,24 +129,7 @@ def embed_shard(
         for chunk in _chunks(read_shard(str(src)), frames_per_batch)
         for sample in _embed_chunk(chunk, encoder, stats, strict)
     )
-    return write_shard(
-        out_dir / f"{name}.tar", out_dir / f"{name}.stats.json", samples, stats, start
-    )
-
-
-def finished(out_dir: Path, name: str, fingerprint: str) -> ShardStats | None:
-    """The stats of a shard an earlier run completed, else None; one from another encoder or
-    source is an error (a directory never mixes two models' embeddings)."""
-    path = out_dir / f"{name}.stats.json"
-    if not path.is_file() or not (out_dir / f"{name}.tar").is_file():
-        return None
-    stats = ShardStats(**json.loads(path.read_text()))
-    if stats.fingerprint != fingerprint:
-        raise EmbedError(
-            f"{path}: embedded by another model or from other shards (fingerprint "
-            f"{stats.fingerprint}, now {fingerprint}); use a fresh output directory"
-        )
-    return stats
+    return write_shard(out_dir, name, samples, stats, start)
 
 
 def weights_fingerprint(tensors: dict, settings: dict) -> str:
@@ -209,37 +192,15 @@ def embed_dir(
     if rank != 0:
         return None
     done = {name: s for part in parts for name, s in part.items()}
-    info = {"fingerprint": encoder.fingerprint, **encoder.info}
-    return write_embedded_manifest(src_dir, out_dir, manifest, done, info)
-
-
-def write_embedded_manifest(
-    src_dir: Path, out_dir: Path, source: dict, done: dict[str, ShardStats], info: dict
-) -> dict:
-    shards = [done[entry["name"]] for entry in source["shards"]]
-    manifest = {
-        **source,
-        "shards": [
-            {k: getattr(s, k) for k in ("name", "samples", "triplets", "bytes", "sha256")}
-            for s in shards
-        ],
-        "totals": {
-            **source["totals"],
-            "samples": sum(s.samples for s in shards),
-            "triplets": sum(s.triplets for s in shards),
-            "bytes": sum(s.bytes for s in shards),
-            "skipped_records": source["totals"].get("skipped_records", 0)
-            + sum(s.skipped_records for s in shards),
-            "skipped_triplets": source["totals"].get("skipped_triplets", 0)
-            + sum(s.skipped_triplets for s in shards),
-        },
-        "skipped": source.get("skipped", []) + [item for s in shards for item in s.skipped],
-        "embedded": {"source": str(src_dir.resolve()), **info},
+    shards = [done[entry["name"]] for entry in manifest["shards"]]
+    embedded = {
+        "source": str(src_dir.resolve()),
+        "fingerprint": encoder.fingerprint,
+        **encoder.info,
     }
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out_dir / MANIFEST)
-    return manifest
+    return write_manifest(
+        out_dir, {**manifest, **shard_summary(shards, manifest), "embedded": embedded}
+    )
 
 
 def check_embedded(manifest: dict, shard_dir, model) -> None:

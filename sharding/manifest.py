@@ -18,8 +18,32 @@ from sharding.writer import ShardStats
 MANIFEST = "manifest.json"
 
 
-def write_manifest(
-    out_dir: str | Path,
+def shard_summary(shards: list[ShardStats], base: dict | None = None) -> dict:
+    """The manifest's `shards`, `totals` and `skipped` for these shards; `base` (the manifest of
+    the shards these were made from) adds what was already lost before them."""
+    base_totals = (base or {}).get("totals", {})
+    return {
+        "shards": [
+            {k: getattr(s, k) for k in ("name", "samples", "triplets", "bytes", "sha256")}
+            for s in shards
+        ],
+        "totals": {
+            **base_totals,
+            "shards": len(shards),
+            "samples": sum(s.samples for s in shards),
+            "triplets": sum(s.triplets for s in shards),
+            "bytes": sum(s.bytes for s in shards),
+            # records and triplets not packed (a lost record's triplets counted too)
+            "skipped_records": base_totals.get("skipped_records", 0)
+            + sum(s.skipped_records for s in shards),
+            "skipped_triplets": base_totals.get("skipped_triplets", 0)
+            + sum(s.skipped_triplets for s in shards),
+        },
+        "skipped": (base or {}).get("skipped", []) + [item for s in shards for item in s.skipped],
+    }
+
+
+def packed_manifest(
     shards: list[ShardStats],
     source: str | Path,
     media_root: str | Path,
@@ -28,30 +52,21 @@ def write_manifest(
     start: float,
     split: str = "",
 ) -> dict:
-    """Write `out_dir/manifest.json` atomically; `start` is the run's perf_counter start."""
-    manifest = {
+    """What `sharding.pack` made, from what; `start` is the run's perf_counter start."""
+    return {
         "format": fmt.FORMAT,
         "split": split,
         "annotations": str(Path(source).resolve()),
         "media_root": str(Path(media_root).resolve()),
         "config": asdict(cfg),
         "fingerprint": fingerprint,
-        "shards": [
-            {k: getattr(s, k) for k in ("name", "samples", "triplets", "bytes", "sha256")}
-            for s in shards
-        ],
-        "totals": {
-            "shards": len(shards),
-            "samples": sum(s.samples for s in shards),
-            "triplets": sum(s.triplets for s in shards),
-            "bytes": sum(s.bytes for s in shards),
-            # records and triplets not packed (a lost record's triplets counted too)
-            "skipped_records": sum(s.skipped_records for s in shards),
-            "skipped_triplets": sum(s.skipped_triplets for s in shards),
-        },
-        "skipped": [item for s in shards for item in s.skipped],
+        **shard_summary(shards),
         "seconds_this_run": round(time.perf_counter() - start, 2),
     }
+
+
+def write_manifest(out_dir: str | Path, manifest: dict) -> dict:
+    """`out_dir/manifest.json`, atomically (the one manifest writer: packing and embedding)."""
     tmp = Path(out_dir) / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(Path(out_dir) / MANIFEST)

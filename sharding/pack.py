@@ -20,9 +20,9 @@ from tqdm import tqdm
 from configs.schema import ShardConfig, marked
 from data.paths import UnsafePathError
 from data.webvid_covr import MissingVideosError, read_annotations, split_of
-from sharding.manifest import MANIFEST, write_manifest
+from sharding.manifest import MANIFEST, packed_manifest, write_manifest
 from sharding.records import build_records, cirr_records
-from sharding.writer import ShardJob, finished, media_files, run_local, run_ray
+from sharding.writer import ShardJob, finished_job, media_files, run_local, run_ray
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def pack_records(
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     jobs = plan_jobs(records, fp, media_root, out, cfg)
-    done = {job.name: s for job in jobs if (s := finished(job)) is not None}
+    done = {job.name: s for job in jobs if (s := finished_job(job)) is not None}
     todo = [job for job in jobs if job.name not in done]
     log.info("%d shards planned, %d already complete", len(jobs), len(done))
     if todo:  # the old manifest no longer describes the directory
@@ -132,7 +132,8 @@ def pack_records(
     shards = [done[job.name] for job in jobs]
     if strict and (lost := sorted({item["reason"] for s in shards for item in s.skipped})):
         raise MissingVideosError(split, lost)
-    return write_manifest(out, shards, source, media_root, cfg, fp if jobs else "", start, split)
+    manifest = packed_manifest(shards, source, media_root, cfg, fp if jobs else "", start, split)
+    return write_manifest(out, manifest)
 
 
 def unusable_media(records: list[dict], media_root: str | Path) -> list[str]:

@@ -114,7 +114,7 @@ def inputs_signature(job: ShardJob) -> str:
     return h.hexdigest()[:16]
 
 
-def encode_record(record: dict, job: ShardJob, stats: ShardStats) -> dict | None:
+def pack_record(record: dict, job: ShardJob, stats: ShardStats) -> dict | None:
     """The record's sample, its media decoded and re-encoded; a triplet whose query cannot be
     read (or lies outside the media root) is dropped, a record whose target cannot be read (or
     with no triplet left) too, each listed in `stats.skipped` with its reason and counted."""
@@ -154,26 +154,23 @@ def encode_record(record: dict, job: ShardJob, stats: ShardStats) -> dict | None
     return fmt.encode_record(record["key"], meta, target, queries, cfg.frame_size, cfg.jpeg_quality)
 
 
-def _paths(job: ShardJob) -> tuple[Path, Path]:
-    out = Path(job.out_dir)
-    return out / f"{job.name}.tar", out / f"{job.name}.stats.json"
-
-
 def pack_shard(job: ShardJob) -> ShardStats:
     """Write one shard atomically and its stats file last. Safe to call again after a crash."""
     start = time.perf_counter()
-    final, stats_path = _paths(job)
     # the inputs as they are before reading them: a file changed while packing is seen next time
     stats = ShardStats(name=job.name, fingerprint=job.fingerprint, inputs=inputs_signature(job))
-    samples = (encode_record(record, job, stats) for record in job.records)
-    return write_shard(final, stats_path, (s for s in samples if s is not None), stats, start)
+    samples = (pack_record(record, job, stats) for record in job.records)
+    kept = (s for s in samples if s is not None)
+    return write_shard(job.out_dir, job.name, kept, stats, start)
 
 
 def write_shard(
-    final: Path, stats_path: Path, samples: Iterable[dict], stats: ShardStats, start: float
+    out_dir: str | Path, name: str, samples: Iterable[dict], stats: ShardStats, start: float
 ) -> ShardStats:
-    """`samples` into the tar `final` under a temporary name, renamed when complete; counted
-    into `stats`, whose file is written last: its presence marks the shard done."""
+    """`samples` into `out_dir/NAME.tar` under a temporary name, renamed when complete; counted
+    into `stats`, whose file `NAME.stats.json` is written last: its presence marks the shard
+    done (`finished`). The one shard writer, for packing and for embedding."""
+    final, stats_path = Path(out_dir) / f"{name}.tar", Path(out_dir) / f"{name}.stats.json"
     tmp = final.with_name(final.name + ".tmp")
     with tmp.open("wb") as f:
         writer = TarWriter(f, encoder=False, mtime=0.0)
@@ -192,22 +189,34 @@ def write_shard(
     return stats
 
 
-def finished(job: ShardJob) -> ShardStats | None:
-    """The stats of a shard an earlier run completed from the same inputs, else None (a shard
-    whose media files changed since is packed again)."""
-    final, path = _paths(job)
+class ShardMismatch(ValueError):
+    """A finished shard in the output directory was written from other inputs or settings."""
+
+
+def finished(
+    out_dir: str | Path, name: str, fingerprint: str, inputs: str | None = None
+) -> ShardStats | None:
+    """The stats of shard `name` an earlier run completed in `out_dir` (its stats file, written
+    last, is there), else None; with `inputs`, one whose media files changed since is None too
+    (done again). A shard with another fingerprint is an error: a directory never mixes shards
+    packed or embedded from different sources or settings."""
+    final, path = Path(out_dir) / f"{name}.tar", Path(out_dir) / f"{name}.stats.json"
     if not path.is_file() or not final.is_file():
         return None
     stats = ShardStats(**json.loads(path.read_text()))
-    if stats.fingerprint != job.fingerprint:
-        raise RuntimeError(
-            f"{path}: written from other annotations or settings (fingerprint {stats.fingerprint}, "
-            f"now {job.fingerprint}); use a fresh output directory"
+    if stats.fingerprint != fingerprint:
+        raise ShardMismatch(
+            f"{path}: written from other inputs, settings or model (fingerprint "
+            f"{stats.fingerprint}, now {fingerprint}); use a fresh output directory"
         )
-    if stats.inputs != inputs_signature(job):
-        log.info("%s: its media files changed since it was packed; packing it again", job.name)
+    if inputs is not None and stats.inputs != inputs:
+        log.info("%s: its media files changed since it was packed; packing it again", name)
         return None
     return stats
+
+
+def finished_job(job: ShardJob) -> ShardStats | None:
+    return finished(job.out_dir, job.name, job.fingerprint, inputs_signature(job))
 
 
 # --- running jobs ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from sharding.embed import EmbedError, check_embedded, embed_dir
 from sharding.manifest import read_manifest
 from sharding.pack import pack
 from sharding.reader import ShardReader, iter_records, shard_urls
+from sharding.writer import ShardMismatch
 
 SHARDS = ShardConfig(samples_per_shard=4, target_frames=3, workers=1, seed=2)
 
@@ -193,7 +194,7 @@ def test_finished_shards_are_skipped_and_a_killed_shard_is_redone(packed, tmp_pa
     nothing = _FakeEncoder()
     embed_dir(src, out, nothing)
     assert nothing.frame_calls == 0
-    with pytest.raises(EmbedError, match="embedded by another model"):
+    with pytest.raises(ShardMismatch, match="other inputs, settings or model"):
         embed_dir(src, out, _FakeEncoder("other"))
 
 
