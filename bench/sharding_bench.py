@@ -28,9 +28,8 @@ from data.tokenizer import load_tokenizer  # noqa: E402
 from data.video import load_frames  # noqa: E402
 from data.webvid_covr import read_annotations, video_path  # noqa: E402
 from sharding.batch import collate  # noqa: E402
-from sharding.manifest import read_manifest  # noqa: E402
 from sharding.pack import pack  # noqa: E402
-from sharding.reader import ShardReader, shard_urls  # noqa: E402
+from sharding.reader import ShardReader, open_shards  # noqa: E402
 from sharding.records import build_records  # noqa: E402
 
 
@@ -104,7 +103,8 @@ def main() -> None:
 
         tok = load_tokenizer(root / "tokenizer")
         shard_dir = Path(tmp) / "shards2"
-        urls, counts = shard_urls(shard_dir, read_manifest(shard_dir))
+        shards = open_shards(shard_dir)
+        urls, counts = shards.urls, shards.counts
         fn = partial(collate, tokenizer=tok, image_size=args.size, max_text_len=32)
         reader = ShardReader(urls, counts, batch_size=16, collate=fn)
         reader.set_position(0, 0, 1)

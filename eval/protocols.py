@@ -38,7 +38,7 @@ from eval.similarity import similarity
 from sharding import format as fmt
 from sharding.embed import check_embedded
 from sharding.format import decode_rgb
-from sharding.reader import iter_records, shard_urls
+from sharding.reader import ShardSet, iter_records, open_shards
 
 PROTOCOLS = ("webvid-covr", "cirr", "fashioniq", "circo")
 FASHIONIQ_GALLERIES = {
@@ -383,18 +383,20 @@ def _shard_images(urls: list[str], sources: list[tuple[str, int]]) -> Images:
     return Images(query=query, gallery=gallery)
 
 
-def webvid_covr(model, tokenizer, shard_dir, settings: EvalSettings | None = None) -> Evaluation:
+def webvid_covr(
+    model, tokenizer, shards: ShardSet | str | Path, settings: EvalSettings | None = None
+) -> Evaluation:
+    """`shards`: a split's shard directory, or the `ShardSet` a training run opened once."""
     from functools import partial
 
     from eval.retrieval import embed_split, webvid_topk
     from sharding.batch import collate
-    from sharding.manifest import read_manifest
 
     s = settings or EvalSettings()
     ks = s.ks or KS["webvid-covr"]
-    manifest = read_manifest(shard_dir)
-    check_embedded(manifest, shard_dir, model)  # precomputed targets: from this model's
-    urls, _ = shard_urls(shard_dir, manifest)
+    shards = shards if isinstance(shards, ShardSet) else open_shards(shards)
+    check_embedded(shards.manifest, shards.dir, model)  # precomputed targets: from this model's
+    urls = shards.urls
     batch_collate = partial(
         collate,
         tokenizer=tokenizer,

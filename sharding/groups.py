@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from sharding import format as fmt
-from sharding.manifest import read_manifest
-from sharding.reader import iter_records, shard_urls
+from sharding.reader import iter_records, open_shards
 
 GROUPS = "groups.json"
 
@@ -22,7 +21,7 @@ def kmeans_groups(
 ) -> dict[int, int]:
     import faiss
 
-    urls, _ = shard_urls(shard_dir, read_manifest(shard_dir))
+    urls = open_shards(shard_dir).urls
     ids, vectors = [], []
     for record in iter_records(urls):
         if fmt.EMBEDDINGS not in record:

@@ -134,6 +134,25 @@ def shard_urls(shard_dir: str | Path, manifest: dict) -> tuple[list[str], list[i
     ]
 
 
+@dataclass(frozen=True)
+class ShardSet:
+    """One split's shards as a run reads them: its manifest, read once, and the shard paths and
+    record counts it lists (checked present and of the recorded size when opened)."""
+
+    dir: Path
+    manifest: dict
+    urls: list[str]
+    counts: list[int]
+
+
+def open_shards(shard_dir: str | Path) -> ShardSet:
+    from sharding.manifest import read_manifest
+
+    manifest = read_manifest(shard_dir)
+    urls, counts = shard_urls(shard_dir, manifest)
+    return ShardSet(Path(shard_dir), manifest, urls, counts)
+
+
 def draw_triplet(
     record: dict, rng: random.Random, groups: dict[int, int] | None = None, meta=None
 ) -> dict:

@@ -87,6 +87,7 @@ def _job(total_steps: int, accum: int, log_every: int) -> Job:
         None,
         Tracker(),
         RunShape(2, 1, accum, 10 // accum, total_steps),
+        None,  # no validation split: these tests never validate
     )
 
 

@@ -190,6 +190,7 @@ def test_circo(monkeypatch, exported, tmp_path):
 def test_validation_in_training_runs_on_the_engine_module(exported, packed):
     """The loop validates `engine.module`, which DeepSpeed has put on the GPU."""
     from configs.schema import Config
+    from sharding.reader import open_shards
     from train.export import load_exported
     from train.loop import validate
 
@@ -198,7 +199,9 @@ def test_validation_in_training_runs_on_the_engine_module(exported, packed):
     cfg = Config()
     cfg.shards.dir = str(packed.parent)
     cfg.eval.batch_size = 4
-    job = SimpleNamespace(cfg=cfg, engine=SimpleNamespace(module=model), tok=tok, rank=0, world=1)
+    engine = SimpleNamespace(module=model)
+    val = open_shards(packed)
+    job = SimpleNamespace(cfg=cfg, engine=engine, tok=tok, rank=0, world=1, val=val)
     with MetaStandsForGPU() as mode:
         evaluation = validate(job)
     assert "R@1" in evaluation.metrics and mode.host_reads > 0

@@ -24,8 +24,7 @@ from eval.report import write_report
 from sharding.batch import augment, collate, pin_memory_for, to_device
 from sharding.embed import check_embedded
 from sharding.groups import read_groups
-from sharding.manifest import read_manifest
-from sharding.reader import ShardReader, shard_urls
+from sharding.reader import ShardReader, ShardSet, open_shards
 from train.checkpointer import Checkpointer
 from train.engine import (
     build_engine,
@@ -80,6 +79,7 @@ class Job:
     checkpointer: Checkpointer
     tracker: Tracker
     shape: RunShape
+    val: ShardSet  # the validation split, opened once
 
     def say(self, msg: str, *args) -> None:
         if self.rank == 0:
@@ -117,14 +117,12 @@ class Meter:
 # --- build ---------------------------------------------------------------------------------
 
 
-def split_shards(cfg: Config, split: str, model=None) -> tuple[list[str], list[int]]:
-    """The split's shard URLs and record counts; with `model`, shards holding precomputed
-    targets are checked to come from its frozen target path."""
-    shard_dir = Path(cfg.shards.dir) / split
-    manifest = read_manifest(shard_dir)
-    if model is not None:
-        check_embedded(manifest, shard_dir, model)
-    return shard_urls(shard_dir, manifest)
+def open_split(cfg: Config, split: str, model) -> ShardSet:
+    """The split's shards, their manifest read once for the run; shards holding precomputed
+    targets are checked to come from the model's frozen target path."""
+    shards = open_shards(Path(cfg.shards.dir) / split)
+    check_embedded(shards.manifest, shards.dir, model)
+    return shards
 
 
 def build_model_and_tokenizer(cfg: Config):
@@ -147,10 +145,10 @@ def build_loader(cfg: Config, model, tok, rank: int, world: int, batch_size: int
     batch_collate = partial(
         collate, tokenizer=tok, image_size=image_size, max_text_len=cfg.model.max_text_len
     )
-    urls, counts = split_shards(cfg, "train", model)  # before ZeRO-3 partitions the weights
+    train = open_split(cfg, "train", model)  # before ZeRO-3 partitions the weights
     reader = ShardReader(
-        urls,
-        counts,
+        train.urls,
+        train.counts,
         batch_size=batch_size,
         collate=batch_collate,
         sampler=cfg.sampler,
@@ -188,6 +186,7 @@ def build(cfg: Config, rank: int, world: int) -> Job:
     dim = model.hf.config.image_text_hidden_size
     queue = TargetQueue(cfg.queue.size, (tokens, dim)) if cfg.queue.size else None
     loader = build_loader(cfg, model, tok, rank, world, batch_size, model_device())
+    val = open_split(cfg, "val", model)
     state = TrainState()
     parts = {"train": state, "loader": loader, "queue": queue, "ema": momentum}
     checkpointer = Checkpointer(out / "checkpoints", cfg, parts, world)
@@ -242,6 +241,7 @@ def build(cfg: Config, rank: int, world: int) -> Job:
         checkpointer,
         tracker,
         shape,
+        val,
     )
     for line in checkpointer.describe():
         job.say(line)
@@ -371,7 +371,7 @@ def validate(job: Job) -> Evaluation:
         rank=job.rank,
         world=job.world,
     )
-    return webvid_covr(job.engine.module, job.tok, Path(c.shards.dir) / "val", settings)
+    return webvid_covr(job.engine.module, job.tok, job.val, settings)
 
 
 def log_validation(job: Job, metrics: dict) -> None:
