@@ -34,7 +34,7 @@ from data.video import load_frames  # noqa: E402
 from data.webvid_covr import read_annotations, video_path  # noqa: E402
 from eval.metrics import recall_at_k  # noqa: E402
 from eval.similarity import similarity  # noqa: E402
-from sharding.batch import collate  # noqa: E402
+from sharding.batch import Task, collate  # noqa: E402
 from sharding.records import masked_caption_group  # noqa: E402
 from sharding.samplers import BatchComposer  # noqa: E402
 from train.models import build_model  # noqa: E402
@@ -99,10 +99,10 @@ def evaluate(model, samples, tok, cfg) -> dict:
     for i in range(0, len(samples), 64):
         b = collate(samples[i : i + 64], tok, cfg.vision.image_size, cfg.max_text_len)
         queries.append(
-            model("encode_query", b["query_frames"], b["input_ids"], b["attention_mask"])
+            model(Task.ENCODE_QUERY, b["query_frames"], b["input_ids"], b["attention_mask"])
         )
         targets.append(
-            model("encode_target", b["target_frames"], b["target_scores"], b["target_mask"])
+            model(Task.ENCODE_TARGET, b["target_frames"], b["target_scores"], b["target_mask"])
         )
     scores = similarity(torch.cat(queries), torch.cat(targets), cfg.reduce)
     for qi, s in enumerate(samples):  # the query's own video is never an answer

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from bench.train_bench import model_and_batch  # noqa: E402
 from eval.search import IndexSpec, build_index, search, topk_agreement  # noqa: E402
+from sharding.batch import Task  # noqa: E402
 
 
 def timed(fn, repeat: int = 1):
@@ -83,8 +84,8 @@ def embed_bench(size: str, batch: int = 64, rounds: int = 5) -> None:
         model, b = model_and_batch(tmp, size, batch)
         model.eval()
         frames = b["query_frames"]
-        target = lambda: model("encode_target", frames)  # noqa: E731
-        query = lambda: model("encode_query", frames, b["input_ids"], b["attention_mask"])  # noqa: E731
+        target = lambda: model(Task.ENCODE_TARGET, frames)  # noqa: E731
+        query = lambda: model(Task.ENCODE_QUERY, frames, b["input_ids"], b["attention_mask"])  # noqa: E731
         target(), query()
         t_target, _ = timed(target, rounds)
         t_query, _ = timed(query, rounds)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from data.text import tokenize
 from data.video import to_model_input
-from sharding.batch import device_of, to_device
+from sharding.batch import Task, device_of, to_device
 from sharding.format import ImageDecodeError, decode_rgb
 
 Embedded = torch.Tensor | tuple[torch.Tensor, ...]
@@ -99,7 +99,7 @@ def embed_images(
 
     def batch(chosen):
         pixels = torch.stack([load_image(path, size) for path in chosen])[:, None]
-        return model("encode_target", to_device(pixels, device_of(model)))
+        return model(Task.ENCODE_TARGET, to_device(pixels, device_of(model)))
 
     return distributed_embed(paths, batch, batch_size, rank, world, "gallery", progress, len(paths))
 
@@ -127,7 +127,7 @@ def embed_image_queries(
             "attention_mask": text.attention_mask,
         }
         b = to_device(inputs, device_of(model))
-        return model("encode_query", b["pixels"], b["input_ids"], b["attention_mask"])
+        return model(Task.ENCODE_QUERY, b["pixels"], b["input_ids"], b["attention_mask"])
 
     pairs = list(zip(reference_paths, edits, strict=True))
     return distributed_embed(pairs, batch, batch_size, rank, world, "queries", progress, len(pairs))

@@ -19,7 +19,7 @@ from data.video import to_model_input
 from eval import protocols
 from eval.protocols import PROTOCOLS, EvalSettings, Evaluation
 from eval.search import IndexSpec, retrieve, topk_agreement
-from sharding.batch import device_of, to_device
+from sharding.batch import Task, device_of, to_device
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def combiner_weights(model, tok, evaluation: Evaluation, limit: int = 256) -> np
     text = tokenize(tok, evaluation.edits[:n], model.cfg.max_text_len)
     inputs = to_device((frames, text.input_ids, text.attention_mask), device_of(model))
     with torch.no_grad():
-        _, weights = model("compose", *inputs)
+        weights = model(Task.COMPOSE, *inputs).combiner_weights
     return weights.float().cpu().numpy()
 
 

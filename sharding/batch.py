@@ -1,4 +1,6 @@
-"""Samples -> model batch: the contract between the shard reader and the model.
+"""The contract between the data and the model: samples -> model batch (`collate`), the batch
+moved to where the model is (`to_device`), and what the model is asked (`Task`) and answers
+(`Composed`); `train.models` implements the model side.
 
 A sample is a dict: `query_frames` uint8 (Fq, H, W, 3); `target_frames` uint8 (Ft, H, W, 3) or
 `target_embeddings` float (Ft, Q, D); `edit` str; `scores` list of floats (one per target
@@ -7,6 +9,9 @@ caption, for the caption term) and `caption_embedding` float (D,) (its precomput
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -156,3 +161,24 @@ def to_device(batch, device):
     if isinstance(batch, tuple):
         return tuple(to_device(v, device) for v in batch)
     return batch
+
+
+class Task(StrEnum):
+    """What one call of the model's single entry point computes (`model(Task.COMPOSE, ...)`);
+    each value names the method it runs."""
+
+    COMPOSE = "compose"  # -> Composed
+    ENCODE_QUERY = "encode_query"  # -> (B, Q, D)
+    ENCODE_TARGET = "encode_target"  # -> (B, Q, D)
+    ENCODE_TARGET_FRAMES = "encode_target_frames"  # -> (N, Q, D)
+    ENCODE_TEXT = "encode_text"  # -> (B, D)
+    ENCODE_CAPTION = "encode_caption"  # -> (B, D)
+    ENCODE_IMAGE = "encode_image"  # -> (B, D)
+
+
+class Composed(NamedTuple):
+    """The composed query: its tokens (B, Q, D), and the `mlp` combiner's (fusion, image, text)
+    weights (B, 3) (None for the other combiners)."""
+
+    query: torch.Tensor
+    combiner_weights: torch.Tensor | None

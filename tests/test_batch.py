@@ -14,20 +14,13 @@ def test_collate_pads_frames_and_falls_back_to_uniform_scores(tmp_path):
     samples = [
         {
             "query_frames": frame,
-            "target_frames": np.zeros((3, 16, 16, 3), np.uint8),
-            "edit": "make it red",
+            "target_frames": np.zeros((frames, 16, 16, 3), np.uint8),
+            "edit": f"make it {colour}",
             "scores": [0.1, 0.2, 0.3],
-            "target_id": 4,
-            "caption": "a red circle",
-        },
-        {
-            "query_frames": frame,
-            "target_frames": np.zeros((2, 16, 16, 3), np.uint8),
-            "edit": "make it blue",
-            "scores": [0.1, 0.2, 0.3],
-            "target_id": 9,
-            "caption": "a blue circle",
-        },
+            "target_id": target,
+            "caption": f"a {colour} circle",
+        }
+        for frames, colour, target in ((3, "red", 4), (2, "blue", 9))
     ]
     batch = collate(samples, tok, image_size=32, max_text_len=8)
     assert batch["query_frames"].shape == (2, 1, 3, 32, 32)

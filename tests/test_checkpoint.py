@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from sharding.batch import Task
 from train.queue import MomentumEncoder, TargetQueue
 from train.state import RNGState, TrainState
 
@@ -101,7 +102,7 @@ def _engine(out: Path, stage: int = 2):
 
 def _step(engine, seed: int) -> None:
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    engine("encode_target_frames", x).pow(2).mean().backward()
+    engine(Task.ENCODE_TARGET_FRAMES, x).pow(2).mean().backward()
     engine.step()
 
 

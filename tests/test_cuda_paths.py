@@ -5,7 +5,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from configs.schema import LossConfig
-from sharding.batch import pin_memory_for, to_device
+from sharding.batch import Task, pin_memory_for, to_device
 from tests.tiny import tiny_model
 from train.objective import covr_loss
 from train.queue import MomentumEncoder, TargetQueue
@@ -135,10 +135,12 @@ def test_bf16_model_casts_inputs_and_keeps_the_loss_in_fp32(tmp_path):
 
     batch = make_batch(tok, 4, model.cfg.embed_dim, model.cfg.num_query_tokens, frames=2)
     batch["query_frames"] = torch.randn(4, 1, 3, 32, 32)  # fp32, as train.batch.collate makes it
-    query, _ = model("compose", batch["query_frames"], batch["input_ids"], batch["attention_mask"])
+    query, _ = model(
+        Task.COMPOSE, batch["query_frames"], batch["input_ids"], batch["attention_mask"]
+    )
     assert query.dtype == torch.bfloat16
     assert seen == {"pixels": torch.bfloat16, "qformer": torch.bfloat16}
-    target = model("encode_target", batch["target_embeddings"], batch["target_scores"])
+    target = model(Task.ENCODE_TARGET, batch["target_embeddings"], batch["target_scores"])
     assert target.dtype == torch.float32  # frame pooling of packed embeddings stays fp32
     loss, _ = covr_loss(model, batch, LossConfig())
     assert loss.dtype == torch.float32 and torch.isfinite(loss)

@@ -37,7 +37,8 @@ def dangling(files: list[Path], root: Path = ROOT) -> list[str]:
 
 
 def test_every_named_doc_is_in_the_repository():
-    assert dangling(tracked()) == []
+    files = [f for f in tracked() if f != Path(__file__).resolve()]  # this file names bad ones
+    assert dangling(files) == []
 
 
 def test_the_check_sees_a_missing_doc_and_section(tmp_path):

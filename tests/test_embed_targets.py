@@ -13,7 +13,7 @@ import torch
 from configs import load_config
 from configs.schema import LossConfig, ShardConfig
 from sharding import format as fmt
-from sharding.batch import collate
+from sharding.batch import Task, collate
 from sharding.embed import EmbedError, check_embedded, embed_dir
 from sharding.manifest import read_manifest
 from sharding.pack import pack
@@ -101,9 +101,9 @@ def test_targets_and_captions_are_the_frozen_starting_models(embedded):
             assert target.dtype == np.float16 and target.shape == (3, 4, 16)
             frames = to_model_input(fmt.decode_frames(fmt.target_jpegs(src)), 32)
             with torch.no_grad():
-                want = model("encode_target_frames", frames).numpy()
+                want = model(Task.ENCODE_TARGET_FRAMES, frames).numpy()
                 text = tokenize(tok, [t["txt2"] for t in meta["triplets"]], cfg.model.max_text_len)
-                captions = model("encode_caption", text.input_ids, text.attention_mask).numpy()
+                captions = model(Task.ENCODE_CAPTION, text.input_ids, text.attention_mask).numpy()
             assert np.abs(target.astype(np.float32) - want).max() < 2e-3
             got = fmt.decode_npy(rec[fmt.CAPTIONS]).astype(np.float32)
             assert got.shape == captions.shape and np.abs(got - captions).max() < 2e-3

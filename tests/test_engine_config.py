@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from configs import load_config
+from sharding.batch import Task
 from tests.tiny import tiny_model
 from train.engine import deepspeed_config, enable_activation_checkpointing
 from train.optim import cosine_factor
@@ -52,12 +53,12 @@ def test_activation_checkpointing_recomputes_and_keeps_the_gradients(tmp_path):
     calls = []
     model.hf.qformer.encoder.layer[0].attention.register_forward_hook(lambda *a: calls.append(1))
     x = torch.randn(2, 3, 32, 32)
-    model("encode_target_frames", x).sum().backward()
+    model(Task.ENCODE_TARGET_FRAMES, x).sum().backward()
     expected, plain_calls = model.hf.query_tokens.grad.clone(), len(calls)
     model.zero_grad()
     calls.clear()
     enable_activation_checkpointing(model)
-    model("encode_target_frames", x).sum().backward()
+    model(Task.ENCODE_TARGET_FRAMES, x).sum().backward()
     assert len(calls) == 2 * plain_calls  # forward, then recomputed in the backward pass
     assert torch.allclose(model.hf.query_tokens.grad, expected, atol=1e-4)
 

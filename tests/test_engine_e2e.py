@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from configs.schema import ShardConfig
+from sharding.batch import Task
 from sharding.pack import pack
 from tests.conftest import ROOT
 from tests.multirank import free_port
@@ -80,7 +81,7 @@ def test_zero_stages_train_checkpoint_export_and_track(setup, tmp_path, stage):
     Blip2ForImageTextRetrieval.from_pretrained(out / "export", local_files_only=True)
     model, tok = load_exported(out / "export")
     model.eval()
-    emb = model("encode_target_frames", torch.randn(2, 3, 32, 32))
+    emb = model(Task.ENCODE_TARGET_FRAMES, torch.randn(2, 3, 32, 32))
     assert emb.shape == (2, 4, 16) and torch.isfinite(emb).all()
     # MLflow: metrics read back through the client
     client = MlflowClient(summary["mlflow_tracking_uri"])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from eval.search import IndexSpec, exact_topk, retrieve
 from eval.similarity import similarity
+from sharding.batch import Task
 
 
 def test_max_is_the_best_of_every_query_token_target_token_pair():
@@ -116,7 +117,7 @@ def test_webvid_queries_one_seeded_triplet_per_target_64_tokens_longest(small_co
 
         def query(length, padding):
             text = tokenize(tok, [ev.edits[n]], length, padding=padding)
-            return model("encode_query", frames, text.input_ids, text.attention_mask)[0]
+            return model(Task.ENCODE_QUERY, frames, text.input_ids, text.attention_mask)[0]
 
         assert torch.allclose(ev.query_emb[n], query(64, "longest"), atol=1e-5)
         assert not torch.allclose(ev.query_emb[n], query(3, "max_length"), atol=1e-3)

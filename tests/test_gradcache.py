@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from configs.schema import LossConfig
+from sharding.batch import Task
 from tests.tiny import tiny_model
 from train.gradcache import chunked_backward
 from train.models import build_model
@@ -191,12 +192,12 @@ def test_model_dropout_setting(tmp_path, arch):
     assert not any(m.p for m in off.modules() if isinstance(m, torch.nn.Dropout))
     batch = _batch(tok, 3)
     off.train()
-    a = off("encode_query", batch["query_frames"], batch["input_ids"], batch["attention_mask"])
-    b = off("encode_query", batch["query_frames"], batch["input_ids"], batch["attention_mask"])
+    a = off(Task.ENCODE_QUERY, batch["query_frames"], batch["input_ids"], batch["attention_mask"])
+    b = off(Task.ENCODE_QUERY, batch["query_frames"], batch["input_ids"], batch["attention_mask"])
     assert torch.equal(a, b)  # dropout 0: training-mode forwards are deterministic
     model.train()
-    a = model("encode_query", batch["query_frames"], batch["input_ids"], batch["attention_mask"])
-    b = model("encode_query", batch["query_frames"], batch["input_ids"], batch["attention_mask"])
+    a = model(Task.ENCODE_QUERY, batch["query_frames"], batch["input_ids"], batch["attention_mask"])
+    b = model(Task.ENCODE_QUERY, batch["query_frames"], batch["input_ids"], batch["attention_mask"])
     assert not torch.equal(a, b)
 
 
@@ -212,8 +213,8 @@ def test_frozen_targets_are_encoded_once(tmp_path, float64):
     engine = Engine(model)
     chunked_backward(engine, batch, COVR, cfg, 3)
     tasks = engine.tasks
-    assert tasks.count("encode_target") == 3 + 1 and tasks.count("encode_caption") == 3 + 1
-    assert tasks.count("compose") == 3 + 3
+    assert tasks.count(Task.ENCODE_TARGET) == 3 + 1 and tasks.count(Task.ENCODE_CAPTION) == 3 + 1
+    assert tasks.count(Task.COMPOSE) == 3 + 3
     chunked = _grads(model)
     assert whole.keys() == chunked.keys()
     for name in whole:

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from sharding.batch import Task
 from tests.tiny import tiny_model
 from train.lavis import CheckpointMappingError, hf_to_lavis, lavis_to_hf, load_lavis_checkpoint
 
@@ -42,7 +43,7 @@ def test_loading_a_lavis_checkpoint_reproduces_the_model(tmp_path, arch):
     source.eval(), target.eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(
-        source("encode_target_frames", x), target("encode_target_frames", x), atol=1e-6
+        source(Task.ENCODE_TARGET_FRAMES, x), target(Task.ENCODE_TARGET_FRAMES, x), atol=1e-6
     )
 
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from configs.schema import ShardConfig
+from sharding.batch import Task
 from tests.conftest import CIRR_ROOT
 from tests.meta_device import MetaStandsForGPU
 from tests.tiny import tiny_model
@@ -56,14 +57,14 @@ def test_the_stand_in_refuses_cpu_operands_and_answers_host_reads(tmp_path):
     ids, mask = torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
     with MetaStandsForGPU() as mode, torch.no_grad():
         with pytest.raises(RuntimeError, match="device"):
-            model("encode_query", frames, ids, mask)  # the inputs left on the CPU
-        query = model("encode_query", frames.to(META), ids.to(META), mask.to(META))
+            model(Task.ENCODE_QUERY, frames, ids, mask)  # the inputs left on the CPU
+        query = model(Task.ENCODE_QUERY, frames.to(META), ids.to(META), mask.to(META))
         before = mode.host_reads  # the model's own reads of meta values (device syncs on a GPU)
         assert query.device == META and query.cpu().shape == query.shape
         assert query.sum().item() == 1 and mode.host_reads == before + 2
 
 
-def _eval_on_meta(monkeypatch, **job):
+def _eval_on_meta(monkeypatch, exported, tmp_path, protocol, data, **job):
     """`launch/eval.py`'s run with the model placed on `meta` where it would go to the GPU."""
     import train.engine
     from eval.run import EvalJob
@@ -84,7 +85,8 @@ def _eval_on_meta(monkeypatch, **job):
 
     monkeypatch.setattr(export, "load_exported", load_and_watch)
     with MetaStandsForGPU() as mode:
-        result = run(EvalJob(progress=False, **job))
+        out = str(tmp_path / "eval")
+        result = run(EvalJob(protocol, str(exported), str(data), out, progress=False, **job))
     assert placed and next(placed[0].parameters()).device == META
     assert mode.host_reads > 0  # the protocol's embeddings came from the model on meta
     return result
@@ -92,14 +94,7 @@ def _eval_on_meta(monkeypatch, **job):
 
 def test_webvid_covr_with_report_and_explanations(monkeypatch, exported, packed, tmp_path):
     result = _eval_on_meta(
-        monkeypatch,
-        protocol="webvid-covr",
-        checkpoint=str(exported),
-        data=str(packed),
-        out_dir=str(tmp_path / "eval"),
-        report=2,
-        explain=1,
-        batch_size=4,
+        monkeypatch, exported, tmp_path, "webvid-covr", packed, report=2, explain=1, batch_size=4
     )
     assert "R@1" in result["metrics"] and result["queries"] > 0
     names = {Path(f).name for f in result["files"]}
@@ -126,13 +121,7 @@ def _mini_cirr(root: Path, n: int = 6) -> None:
 def test_cirr_with_explanations(monkeypatch, exported, tmp_path):
     _mini_cirr(tmp_path / "cirr")
     result = _eval_on_meta(
-        monkeypatch,
-        protocol="cirr",
-        checkpoint=str(exported),
-        data=str(tmp_path / "cirr"),
-        out_dir=str(tmp_path / "eval"),
-        explain=1,
-        report=2,
+        monkeypatch, exported, tmp_path, "cirr", tmp_path / "cirr", explain=1, report=2
     )
     assert "Rsubset@1" in result["metrics"] and result["queries"] == 6
 
@@ -150,12 +139,7 @@ def test_fashioniq(monkeypatch, exported, tmp_path):
     (tmp_path / "fiq" / "captions" / "cap.dress.val.json").write_text(json.dumps(caps))
     (tmp_path / "fiq" / "image_splits" / "split.dress.val.json").write_text(json.dumps(names))
     result = _eval_on_meta(
-        monkeypatch,
-        protocol="fashioniq",
-        checkpoint=str(exported),
-        data=str(tmp_path / "fiq"),
-        categories=("dress",),
-        out_dir=str(tmp_path / "eval"),
+        monkeypatch, exported, tmp_path, "fashioniq", tmp_path / "fiq", categories=("dress",)
     )
     assert "dress/R@10" in result["metrics"]
 
@@ -164,26 +148,15 @@ def test_circo(monkeypatch, exported, tmp_path):
     images = tmp_path / "circo" / "COCO2017_unlabeled" / "unlabeled2017"
     for i in range(1, 9):
         _image(images / f"{i:012d}.jpg", i)
+    entry = {"relative_caption": "make it red", "shared_concept": "a thing"}
     val = [
-        {
-            "id": q,
-            "reference_img_id": q + 1,
-            "target_img_id": q + 2,
-            "relative_caption": "make it red",
-            "shared_concept": "a thing",
-            "gt_img_ids": [q + 2, q + 3],
-        }
+        {"id": q, "reference_img_id": q + 1, "target_img_id": q + 2, **entry}
+        | {"gt_img_ids": [q + 2, q + 3]}
         for q in range(3)
     ]
     (tmp_path / "circo" / "annotations").mkdir()
     (tmp_path / "circo" / "annotations" / "val.json").write_text(json.dumps(val))
-    result = _eval_on_meta(
-        monkeypatch,
-        protocol="circo",
-        checkpoint=str(exported),
-        data=str(tmp_path / "circo"),
-        out_dir=str(tmp_path / "eval"),
-    )
+    result = _eval_on_meta(monkeypatch, exported, tmp_path, "circo", tmp_path / "circo")
     assert "mAP@10" in result["metrics"]
 
 

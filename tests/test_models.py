@@ -5,6 +5,7 @@ import torch
 
 from configs.schema import LossConfig
 from eval.similarity import similarity
+from sharding.batch import Task
 from tests.tiny import tiny_model
 from train.models import pool_frames
 from train.objective import covr_loss
@@ -38,15 +39,22 @@ def _batch(tok, b=4, fq=1, ft=3, size=32, seed=0):
 def test_shapes_and_normalisation(tmp_path, arch, tokens, combiner):
     model, tok = tiny_model(tmp_path, arch, combiner=combiner)
     batch = _batch(tok, fq=2)  # several query frames
-    q, w = model("compose", batch["query_frames"], batch["input_ids"], batch["attention_mask"])
+    composed = model(
+        Task.COMPOSE, batch["query_frames"], batch["input_ids"], batch["attention_mask"]
+    )
+    q, w = composed.query, composed.combiner_weights
     assert q.shape == (4, tokens if combiner == "fusion" else 1, 16)
     assert torch.allclose(q.norm(dim=-1), torch.ones(q.shape[:2]), atol=1e-5)
     assert (w is None) == (combiner != "mlp")
     if w is not None:
         assert w.shape == (4, 3) and torch.allclose(w.sum(1), torch.ones(4))
-    t = model("encode_target", batch["target_frames"], batch["target_scores"], batch["target_mask"])
+    t = model(
+        Task.ENCODE_TARGET, batch["target_frames"], batch["target_scores"], batch["target_mask"]
+    )
     assert t.shape == (4, tokens, 16)
-    assert model("encode_text", batch["input_ids"], batch["attention_mask"]).shape == (4, 16)
+    assert model(Task.ENCODE_TEXT, batch["input_ids"], batch["attention_mask"]).shape == (4, 16)
+    with pytest.raises(TypeError, match="must be a sharding.batch.Task"):
+        model("encode_text", batch["input_ids"], batch["attention_mask"])  # a bare string
 
 
 @pytest.mark.parametrize("arch", ["blip2", "blip"])
@@ -106,7 +114,7 @@ def test_similarity_reductions():
 def test_from_scratch_gradients_are_finite(tmp_path):
     model, tok = tiny_model(tmp_path, "blip2", train_target_encoder=True)  # as the demo
     model.eval()  # no dropout to break the symmetry of equal query tokens
-    model("encode_target_frames", torch.randn(4, 3, 32, 32)).sum().backward()
+    model(Task.ENCODE_TARGET_FRAMES, torch.randn(4, 3, 32, 32)).sum().backward()
     grads = [p.grad for p in model.trainable_parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() and g.abs().max() < 1e4 for g in grads)
 
@@ -121,9 +129,11 @@ def test_no_gradient_reaches_any_parameter_from_the_target_side(tmp_path, arch, 
     model.eval()  # no dropout: the two backward passes below must see the same forward
     batch = _batch(tok)
     target = model(
-        "encode_target", batch["target_frames"], batch["target_scores"], batch["target_mask"]
+        Task.ENCODE_TARGET, batch["target_frames"], batch["target_scores"], batch["target_mask"]
     )
-    caption = model("encode_caption", batch["caption_input_ids"], batch["caption_attention_mask"])
+    caption = model(
+        Task.ENCODE_CAPTION, batch["caption_input_ids"], batch["caption_attention_mask"]
+    )
     assert not target.requires_grad and not caption.requires_grad
     # the whole loss (video + caption terms): gradients only through the query side, so exactly
     # those of the query side alone with the targets given as constants
@@ -132,7 +142,7 @@ def test_no_gradient_reaches_any_parameter_from_the_target_side(tmp_path, arch, 
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads and not any(n.startswith("frozen_target.") for n in grads)
     model.zero_grad()
-    q, _ = model("compose", batch["query_frames"], batch["input_ids"], batch["attention_mask"])
+    q, _ = model(Task.COMPOSE, batch["query_frames"], batch["input_ids"], batch["attention_mask"])
     from train.losses import hn_nce
 
     c = LossConfig(caption_weight=0.5)
@@ -153,17 +163,17 @@ def test_targets_stay_those_of_the_starting_model_while_the_query_side_trains(tm
     model.eval()
     batch = _batch(tok)
     frames = batch["target_frames"][:, 0]
-    before = model("encode_target_frames", frames)
+    before = model(Task.ENCODE_TARGET_FRAMES, frames)
     caption_before = model(
-        "encode_caption", batch["caption_input_ids"], batch["caption_attention_mask"]
+        Task.ENCODE_CAPTION, batch["caption_input_ids"], batch["caption_attention_mask"]
     )
     opt = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
     loss, _ = covr_loss(model, batch, LossConfig(caption_weight=0.5))
     loss.backward()
     opt.step()
-    assert torch.equal(model("encode_target_frames", frames), before)
+    assert torch.equal(model(Task.ENCODE_TARGET_FRAMES, frames), before)
     assert torch.equal(
-        model("encode_caption", batch["caption_input_ids"], batch["caption_attention_mask"]),
+        model(Task.ENCODE_CAPTION, batch["caption_input_ids"], batch["caption_attention_mask"]),
         caption_before,
     )
     # the live weights did move: the same head on the live path now gives something else
@@ -177,7 +187,7 @@ def test_a_trained_target_encoder_gets_gradients_from_the_target_side(tmp_path):
     model, tok = tiny_model(tmp_path, "blip2", train_target_encoder=True)
     assert model.frozen_target is None
     batch = _batch(tok)
-    model("encode_target", batch["target_frames"]).sum().backward()
+    model(Task.ENCODE_TARGET, batch["target_frames"]).sum().backward()
     assert model.hf.query_tokens.grad.abs().sum() > 0
     assert model.hf.vision_projection.weight.grad.abs().sum() > 0
 
@@ -197,10 +207,12 @@ def test_export_keeps_the_starting_target_encoder(tmp_path):
     loaded, _ = load_exported(tmp_path / "export")
     loaded.eval()
     assert torch.allclose(
-        loaded("encode_target_frames", frames), model("encode_target_frames", frames)
+        loaded(Task.ENCODE_TARGET_FRAMES, frames), model(Task.ENCODE_TARGET_FRAMES, frames)
     )
-    q = model("encode_query", batch["query_frames"], batch["input_ids"], batch["attention_mask"])
-    q2 = loaded("encode_query", batch["query_frames"], batch["input_ids"], batch["attention_mask"])
+    q = model(Task.ENCODE_QUERY, batch["query_frames"], batch["input_ids"], batch["attention_mask"])
+    q2 = loaded(
+        Task.ENCODE_QUERY, batch["query_frames"], batch["input_ids"], batch["attention_mask"]
+    )
     assert torch.allclose(q, q2, atol=1e-6)
 
 
@@ -232,9 +244,13 @@ def test_blip_vit_layer_norms_use_eps_1e6(tmp_path):
 def test_blip_pooled_target_is_normalised_again(tmp_path):
     model, tok = tiny_model(tmp_path, "blip")
     batch = _batch(tok)
-    t = model("encode_target", batch["target_frames"], batch["target_scores"], batch["target_mask"])
+    t = model(
+        Task.ENCODE_TARGET, batch["target_frames"], batch["target_scores"], batch["target_mask"]
+    )
     assert torch.allclose(t.norm(dim=-1), torch.ones(4, 1), atol=1e-5)
-    frames = model("encode_target_frames", batch["target_frames"].flatten(0, 1)).view(4, 3, 1, -1)
+    frames = model(Task.ENCODE_TARGET_FRAMES, batch["target_frames"].flatten(0, 1)).view(
+        4, 3, 1, -1
+    )
     pooled = pool_frames(frames, batch["target_scores"], batch["target_mask"])
     assert (pooled.norm(dim=-1) < 0.999).any()  # averaging unit vectors shrinks them
     assert torch.allclose(t, torch.nn.functional.normalize(pooled, dim=-1), atol=1e-6)
@@ -267,7 +283,7 @@ def test_blip_query_starts_with_enc_and_the_tokenizer_gives_the_reference_ids(tm
         lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
     )
     batch = _batch(tok)
-    model("encode_query", batch["query_frames"], batch["input_ids"], batch["attention_mask"])
+    model(Task.ENCODE_QUERY, batch["query_frames"], batch["input_ids"], batch["attention_mask"])
     assert (seen[0][:, 0] == tok.convert_tokens_to_ids("[ENC]")).all()
     assert torch.equal(seen[0][:, 1:], batch["input_ids"][:, 1:])
 
@@ -317,6 +333,6 @@ def test_a_covr_checkpoint_on_pretrained_weights_keeps_the_starting_target_path(
     start.eval(), trained.eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(
-        model("encode_target_frames", x), start("encode_target_frames", x), atol=1e-6
+        model(Task.ENCODE_TARGET_FRAMES, x), start(Task.ENCODE_TARGET_FRAMES, x), atol=1e-6
     )
     assert torch.equal(model.hf.qformer.layernorm.weight, trained.hf.qformer.layernorm.weight)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from sharding.batch import Task
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.e2e
@@ -103,7 +104,7 @@ def _frozen_targets_zero3(rank, world, out_dir):
     model, tok = tiny_model(__import__("pathlib").Path(out_dir) / f"r{rank}", "blip2")
     model.eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    plain = model("encode_target_frames", x)
+    plain = model(Task.ENCODE_TARGET_FRAMES, x)
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "zero_optimization": {"stage": 3},
@@ -112,11 +113,11 @@ def _frozen_targets_zero3(rank, world, out_dir):
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     engine.eval()
-    assert torch.allclose(engine("encode_target_frames", x), plain, atol=1e-6)
+    assert torch.allclose(engine(Task.ENCODE_TARGET_FRAMES, x), plain, atol=1e-6)
     loss, _ = covr_loss(engine, _batch(tok, seed=rank), LossConfig(caption_weight=0.5))
     engine.backward(loss)
     engine.step()
-    assert torch.allclose(engine("encode_target_frames", x), plain, atol=1e-6)
+    assert torch.allclose(engine(Task.ENCODE_TARGET_FRAMES, x), plain, atol=1e-6)
     torch.save(plain, f"{out_dir}/frozen{rank}.pt")
     del engine
     dist.destroy_process_group()

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from sharding.batch import Task
 from tests.tiny import tiny_model
 from train.queue import MomentumEncoder, TargetQueue
 
@@ -42,14 +43,16 @@ def test_momentum_is_an_ema_of_the_trainable_parameters(tmp_path):
     assert "hf.query_tokens" in ema.params and not any("vision_model" in n for n in ema.params)
     start = {n: t.clone() for n, t in ema.params.items()}
     x = torch.randn(2, 3, 32, 32)
-    assert torch.allclose(ema.encode_target_frames(x), model("encode_target_frames", x), atol=1e-6)
+    assert torch.allclose(
+        ema.encode_target_frames(x), model(Task.ENCODE_TARGET_FRAMES, x), atol=1e-6
+    )
     with torch.no_grad():
         for p in model.trainable_parameters():
             p.add_(1.0)
     ema.update()
     assert all(torch.allclose(ema.params[n], start[n] + 0.1, atol=1e-6) for n in start)
     assert not torch.allclose(
-        ema.encode_target_frames(x), model("encode_target_frames", x), atol=1e-3
+        ema.encode_target_frames(x), model(Task.ENCODE_TARGET_FRAMES, x), atol=1e-3
     )
     restored = MomentumEncoder(model, momentum=0.9)
     restored.load_state_dict(ema.state_dict())

@@ -16,7 +16,7 @@ from configs.schema import Config, ConfigError
 from data.text import tokenize
 from data.video import to_model_input
 from eval.embed import gather_objects
-from sharding.batch import to_device
+from sharding.batch import Task, to_device
 from sharding.embed import embed_dir
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class TargetEncoder:
             pixels = to_device(
                 to_model_input(frames[k : k + self.batch_size], self.size), self.device
             )
-            out.append(self.model("encode_target_frames", pixels).float().cpu())
+            out.append(self.model(Task.ENCODE_TARGET_FRAMES, pixels).float().cpu())
         return torch.cat(out).numpy().astype(np.float16)
 
     @torch.no_grad()
@@ -53,7 +53,7 @@ class TargetEncoder:
         for k in range(0, len(texts), self.batch_size):
             text = tokenize(self.tok, texts[k : k + self.batch_size], self.model.cfg.max_text_len)
             ids, mask = to_device((text.input_ids, text.attention_mask), self.device)
-            out.append(self.model("encode_caption", ids, mask).float().cpu())
+            out.append(self.model(Task.ENCODE_CAPTION, ids, mask).float().cpu())
         return torch.cat(out).numpy().astype(np.float16)
 
 

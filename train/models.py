@@ -1,6 +1,7 @@
 """CoVR models on the transformers BLIP-2 and BLIP retrieval classes.
 
-Both expose the same interface (docs/METHOD.md §2):
+Both expose the same interface (docs/METHOD.md §2), each method also reached through the one
+`forward` as `model(Task.X, ...)`:
   encode_query(frames (B, Fq, 3, H, W), input_ids, attention_mask) -> (B, Q, D)
   encode_target_frames(pixels (N, 3, H, W)) -> (N, Q, D), per-token normalised
   encode_target(frames (B, Ft, 3, H, W) or embeddings (B, Ft, Q, D), scores, mask) -> (B, Q, D)
@@ -26,6 +27,7 @@ from transformers import (
 )
 
 from configs.schema import ConfigError, ModelConfig
+from sharding.batch import Composed, Task
 from sharding.embed import weights_fingerprint
 from train.combiners import build_combiner
 
@@ -55,16 +57,6 @@ def pool_frames(
 
 class CoVRModel(nn.Module):
     """Shared parts: the combiner, frame pooling, freezing and the forward dispatcher."""
-
-    TASKS = (
-        "compose",
-        "encode_query",
-        "encode_target",
-        "encode_target_frames",
-        "encode_text",
-        "encode_caption",
-        "encode_image",
-    )
 
     def __init__(self, cfg: ModelConfig, embed_dim: int):
         super().__init__()
@@ -125,12 +117,12 @@ class CoVRModel(nn.Module):
             self.frozen_target.eval()
         return self
 
-    def forward(self, task: str, *args, **kwargs):
-        """`model("encode_query", ...)`: one entry point, so wrappers (DeepSpeed engine,
+    def forward(self, task: Task, *args, **kwargs):
+        """`model(Task.ENCODE_QUERY, ...)`: one entry point, so wrappers (DeepSpeed engine,
         torch.func.functional_call) reach every encoder."""
-        if task not in self.TASKS:
-            raise ValueError(f"unknown task {task!r}")
-        return getattr(self, task)(*args, **kwargs)
+        if not isinstance(task, Task):
+            raise TypeError(f"model task must be a sharding.batch.Task, got {task!r}")
+        return getattr(self, task.value)(*args, **kwargs)
 
     def _vision(self, pixels: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         vision = self._part("vision_model", frozen)
@@ -174,21 +166,20 @@ class CoVRModel(nn.Module):
         middle = frames[:, frames.shape[1] // 2]  # the live model: a query-side branch
         return F.normalize(self.target_head(self._vision(middle)).mean(1), dim=-1)
 
-    def compose(self, frames, input_ids, attention_mask):
-        """Query tokens and the combiner's weights (None unless `mlp`)."""
+    def compose(self, frames, input_ids, attention_mask) -> Composed:
         fused = (
             self.encode_fusion(frames, input_ids, attention_mask)
             if self.combiner.needs_fusion
             else None
         )
         if not self.combiner.needs_unimodal:
-            return self.combiner(fused)
+            return Composed(*self.combiner(fused))
         image = self.encode_image(frames)
         text = self.encode_text(input_ids, attention_mask)
-        return self.combiner(fused, image, text)
+        return Composed(*self.combiner(fused, image, text))
 
     def encode_query(self, frames, input_ids, attention_mask) -> torch.Tensor:
-        return self.compose(frames, input_ids, attention_mask)[0]
+        return self.compose(frames, input_ids, attention_mask).query
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

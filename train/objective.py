@@ -16,6 +16,7 @@ import torch
 
 from configs.schema import LossConfig
 from eval.similarity import similarity
+from sharding.batch import Task
 from train.distributed import gather, gather_with_grad
 from train.losses import hn_nce, hn_nce_from_similarity
 from train.models import CoVRModel, pool_frames
@@ -26,7 +27,7 @@ def _target(model: CoVRModel, batch: dict) -> torch.Tensor:
     source = batch.get("target_embeddings")
     if source is None:
         source = batch["target_frames"]
-    return model("encode_target", source, batch.get("target_scores"), batch.get("target_mask"))
+    return model(Task.ENCODE_TARGET, source, batch.get("target_scores"), batch.get("target_mask"))
 
 
 def covr_embed(
@@ -42,9 +43,10 @@ def covr_embed(
     `queue_entries`: the EMA encoder's view of the targets (no gradient). `keys`: compute only
     the target / caption among them (None: all); the query side is always computed."""
     want = lambda key: keys is None or key in keys  # noqa: E731
-    query, weights = model(
-        "compose", batch["query_frames"], batch["input_ids"], batch["attention_mask"]
+    composed = model(
+        Task.COMPOSE, batch["query_frames"], batch["input_ids"], batch["attention_mask"]
     )
+    query, weights = composed.query, composed.combiner_weights
     out = {"query": query.float()}
     if want("target"):
         out["target"] = _target(model, batch).float()
@@ -54,7 +56,7 @@ def covr_embed(
         caption = batch.get("caption_embeddings")  # embedded shards: precomputed, frozen
         if caption is None or model.cfg.train_target_encoder:
             caption = model(
-                "encode_caption", batch["caption_input_ids"], batch["caption_attention_mask"]
+                Task.ENCODE_CAPTION, batch["caption_input_ids"], batch["caption_attention_mask"]
             )
         out["caption"] = caption.to(query.device).float()
     if weights is not None:
@@ -131,7 +133,7 @@ def itc_embed(
     keys: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The target caption's and (unless `keys` leaves it out) the target video's embeddings."""
-    text = model("encode_text", batch["caption_input_ids"], batch["caption_attention_mask"])
+    text = model(Task.ENCODE_TEXT, batch["caption_input_ids"], batch["caption_attention_mask"])
     out = {"text": text.float()}
     if keys is None or "video" in keys:
         out["video"] = _target(model, batch).float().mean(1)
