@@ -145,12 +145,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--sampler", default="mix", help="random | hns | fs | mix")
     parser.add_argument("--videos", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--sampler", default="mix", help="random | hns | fs | mix")
     parser.add_argument("--variants", default="composed,composed-mlp,text-only,image-only")
     args = parser.parse_args()
     root = Path(args.out) / "corpus"

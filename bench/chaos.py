@@ -15,7 +15,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -61,29 +60,13 @@ class Job:
     """One `deepspeed` launch (2 ranks) whose console is followed for the current step."""
 
     def __init__(self, config: Path, out_dir: Path, log):
-        from train.engine import free_port
+        from train.network import deepspeed_command, start_job
 
-        cmd = [
-            "deepspeed",
-            "--num_accelerators",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(ROOT / "launch/train.py"),
-            "--config",
-            str(config),
-            f"train.out_dir={out_dir}",
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-            env=env,
+        cmd = deepspeed_command(
+            ROOT / "launch/train.py", 2, "--config", config, f"train.out_dir={out_dir}"
         )
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = start_job(cmd, ROOT, env=env)
         self.step = 0
         self.reader = threading.Thread(target=self._follow, args=(log,), daemon=True)
         self.reader.start()

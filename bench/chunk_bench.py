@@ -38,21 +38,12 @@ def setup(size: str, batch_size: int):
 
     from bench.train_bench import model_and_batch
     from configs import load_config
-    from tests.multirank import free_port
     from train.engine import build_engine, deepspeed_config, init_distributed
     from train.gradcache import chunked_backward
     from train.objective import COVR
     from train.optim import build_optimizer
 
     torch.set_num_threads(1)  # see main's --threads note
-    os.environ.update(
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    )
     init_distributed(600)
     with tempfile.TemporaryDirectory() as tmp:
         model, batch = model_and_batch(tmp, size, batch_size)

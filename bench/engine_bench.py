@@ -10,7 +10,6 @@
 """
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ import torch  # noqa: E402
 from bench.train_bench import SIZES, model_and_batch  # noqa: E402
 from configs.schema import LossConfig  # noqa: E402
 from tests.multirank import run_ranks  # noqa: E402
-from train.engine import build_engine, free_port  # noqa: E402
+from train.engine import build_engine  # noqa: E402
 from train.objective import covr_loss  # noqa: E402
 
 DS_CONFIG = {
@@ -57,13 +56,6 @@ def engine_steps(engine, batch, steps):
 def overhead(steps: int, size: str) -> None:
     from train.engine import init_distributed
 
-    os.environ.update(
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    )
     init_distributed(60)
     with tempfile.TemporaryDirectory() as tmp:
         plain_model, batch = model_and_batch(tmp, size)

@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import sys
 import tempfile
 import time
@@ -55,7 +54,6 @@ from train.engine import (  # noqa: E402
     build_engine,
     deepspeed_config,
     enable_activation_checkpointing,
-    free_port,
     init_distributed,
 )
 from train.gradcache import chunked_backward  # noqa: E402
@@ -593,14 +591,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: use --device cpu (and --size tiny)")
 
-    os.environ.update(
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    )
     init_distributed(600)  # the project's start-up: NCCL on a GPU, gloo on CPU
     import deepspeed
     import faiss

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configs.schema import CONFIG_DIR, load_config  # noqa: E402
 from data.corpus import build_synthetic  # noqa: E402
 from sharding.pack import pack_splits  # noqa: E402
-from train.engine import free_port  # noqa: E402
+from train.network import deepspeed_command  # noqa: E402
 from tune.space import Scheduler, Sweep, check, overrides_of  # noqa: E402
 from tune.sweep import run_sweep  # noqa: E402
 from tune.trial import TRAIN_SCRIPT  # noqa: E402
@@ -53,21 +53,16 @@ def main() -> None:
 
     direct = 0.0
     for sampler in SAMPLERS:
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_accelerators",
-            "1",
-            "--master_port",
-            str(free_port()),
-            str(TRAIN_SCRIPT),
+        cmd = deepspeed_command(
+            TRAIN_SCRIPT,
+            1,
             "--config",
             base,
             *overrides_of(fixed),
             f"sampler.kind={sampler}",
             f"train.out_dir={out / 'direct' / sampler}",
-        ]
+            launcher=(sys.executable, "-m", "deepspeed.launcher.runner"),
+        )
         start = time.perf_counter()
         subprocess.run(
             cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}

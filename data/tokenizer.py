@@ -18,6 +18,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[ENC]", "[DEC]"]
 
 
+# BERT's special tokens by role, as transformers tokenizers name them
+TOKEN_ROLES = {
+    "unk_token": "[UNK]",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "mask_token": "[MASK]",
+}
+
+
 def build_vocab_tokenizer(texts: Iterable[str], out_dir: str | Path) -> PreTrainedTokenizerFast:
     """BERT-style tokenizer (lower-casing, BERT pre-tokenizer, [CLS] x [SEP]) whose word-piece
     vocabulary is the words of `texts`; saved to out_dir in the transformers format."""
@@ -33,13 +43,7 @@ def build_vocab_tokenizer(texts: Iterable[str], out_dir: str | Path) -> PreTrain
     )
     core.decoder = WordPieceDecoder()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        additional_special_tokens=["[ENC]", "[DEC]"],
+        tokenizer_object=core, **TOKEN_ROLES, additional_special_tokens=["[ENC]", "[DEC]"]
     )
     tok.save_pretrained(out_dir)
     return tok

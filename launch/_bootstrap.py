@@ -10,6 +10,7 @@
 - `preflight(cfg)`: the files a training run reads exist, checked before any heavy import.
 """
 
+import argparse
 import json
 import logging
 import os
@@ -31,6 +32,21 @@ QUIET = {
     "matplotlib": logging.WARNING,  # "generated new fontManager" on a fresh machine
 }
 GPU_DEVICES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dri")  # NVIDIA, AMD, Intel drivers
+
+
+def command_parser(doc: str, config_help: str = "YAML config (default: built-in defaults)"):
+    """(parser, subcommands) of a script with subcommands, all reading one `--config`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", help=config_help)
+    return parser, parser.add_subparsers(dest="command", required=True)
+
+
+def launched(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser` plus what the deepspeed launcher passes each rank (`--local_rank`, unused: the
+    environment has it) and the `key=value` config overrides."""
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser
 
 
 def rank() -> int:

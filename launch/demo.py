@@ -52,9 +52,10 @@ def main(argv=None) -> int:
     from data.corpus import build_synthetic
     from eval.run import EvalJob, evaluate, resolve_checkpoint
     from sharding.pack import pack_splits
-    from train.engine import free_port, model_device
+    from train.engine import model_device
     from train.export import load_exported
-    from train.tracking import Tracker, ui_command
+    from train.network import deepspeed_command
+    from train.tracking import Tracker, where_to_look
 
     start = time.perf_counter()
     print(f"[1/4] synthetic corpus -> {cfg.data.root}", flush=True)
@@ -67,17 +68,8 @@ def main(argv=None) -> int:
         print(f"      {split}: {manifest['totals']}", flush=True)
 
     print(f"[3/4] deepspeed training on {args.ranks} ranks -> {cfg.train.out_dir}", flush=True)
-    cmd = [
-        "deepspeed",
-        "--num_accelerators",
-        str(args.ranks),
-        "--master_port",
-        str(free_port()),
-        str(Path(__file__).resolve().parent / "train.py"),
-        "--config",
-        args.config,
-        *overrides,
-    ]
+    script = Path(__file__).resolve().parent / "train.py"
+    cmd = deepspeed_command(script, args.ranks, "--config", args.config, *overrides)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.ranks))}
     done = subprocess.run(cmd, env=env)
     if done.returncode:  # the ranks have said why
@@ -130,8 +122,7 @@ def main(argv=None) -> int:
         "  " + "  ".join(f"{k} {results['test'][k]:6.2f}" for k in ("R@1", "R@5", "R@10", "R@50"))
     )
     print(f"  chance R@1 {100 / test['gallery_size']:.2f}")
-    print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}")
-    print(f"  open the UI: {ui_command(summary['mlflow_tracking_uri'])}")
+    print(where_to_look("run", summary["mlflow_run_id"], summary["mlflow_tracking_uri"]))
     print(f"wrote {out / 'results.json'} ({results['seconds']} s)")
     return 0
 

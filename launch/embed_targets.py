@@ -25,9 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True, help="packed shards: one split or a folder of them")
     p.add_argument("--out", required=True, help="where the embedded shards go")
     p.add_argument("--frames-per-batch", type=int, default=256, help="target frames per forward")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return p
+    return _bootstrap.launched(p)
 
 
 def main(argv=None) -> int:

@@ -14,11 +14,7 @@ import _bootstrap
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML config (default: built-in defaults)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = _bootstrap.command_parser(__doc__)
     p = sub.add_parser("synth", help="generate the synthetic corpus and mine its splits")
     p.add_argument("--out", required=True)
     p.add_argument("--videos", type=int)

@@ -21,11 +21,7 @@ import _bootstrap
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML config (default: built-in defaults)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = _bootstrap.command_parser(__doc__)
     p = sub.add_parser("pack", help="pack an annotation CSV and its videos into shards")
     p.add_argument("--annotations", required=True)
     p.add_argument("--video-root", required=True)

@@ -21,9 +21,7 @@ import _bootstrap
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return p
+    return _bootstrap.launched(p)
 
 
 def main(argv=None) -> int:

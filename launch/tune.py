@@ -61,14 +61,13 @@ def main(argv=None) -> int:
         build_synthetic(cfg.data.root, cfg.data.synth, cfg.data.mining)
         pack_splits(cfg.data.root, cfg.shards.dir, cfg.shards)
 
-    from train.tracking import ui_command
+    from train.tracking import where_to_look
     from tune.sweep import run_sweep
 
     summary = run_sweep(sweep, out, a.address, a.tracking_uri)
     print("\n" + summary["table"])
     print(f"\nbest: {json.dumps(summary['best'])}")
-    print(f"MLflow parent run {summary['parent_run_id']} in {summary['mlflow_tracking_uri']}")
-    print(f"  open the UI: {ui_command(summary['mlflow_tracking_uri'])}")
+    print(where_to_look("parent run", summary["parent_run_id"], summary["mlflow_tracking_uri"]))
     print(f"wrote {out / 'sweep.json'}")
     return 0
 

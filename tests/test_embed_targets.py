@@ -240,7 +240,7 @@ def test_two_gloo_ranks_through_the_launcher_and_a_killed_job_resumes(embedded, 
     import time
 
     from tests.conftest import ROOT
-    from tests.multirank import free_port
+    from train.network import deepspeed_command, start_job
 
     cfg, base, reference = embedded
     cfg_file = tmp_path / "cfg.yaml"
@@ -248,31 +248,9 @@ def test_two_gloo_ranks_through_the_launcher_and_a_killed_job_resumes(embedded, 
     overrides = tiny_overrides(cfg.model.tokenizer)
 
     def launch(out, wait=True):
-        cmd = [
-            "deepspeed",
-            "--num_accelerators",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(ROOT / "launch/embed_targets.py"),
-            "--config",
-            str(cfg_file),
-            "--src",
-            str(base / "shards"),
-            "--out",
-            str(out),
-            "--frames-per-batch",
-            "3",
-            *overrides,
-        ]
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        args = ("--config", cfg_file, "--src", base / "shards", "--out", out)
+        args += ("--frames-per-batch", "3", *overrides)
+        proc = start_job(deepspeed_command(ROOT / "launch/embed_targets.py", 2, *args), ROOT)
         if wait:
             log, _ = proc.communicate(timeout=600)
             assert proc.returncode == 0, log[-3000:]
@@ -303,15 +281,11 @@ def test_two_gloo_ranks_through_the_launcher_and_a_killed_job_resumes(embedded, 
     assert len(kept) == len(done) < total  # shards finished before the kill were not redone
 
     # then training reads them (CoVR-2's caption term from the stored embeddings) ...
-    train = [
-        "deepspeed",
-        "--num_accelerators",
-        "1",
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "launch/train.py"),
+    train = deepspeed_command(
+        ROOT / "launch/train.py",
+        1,
         "--config",
-        str(cfg_file),
+        cfg_file,
         f"shards.dir={out}",
         "shards.loader_workers=1",
         "train.batch_size=2",
@@ -323,7 +297,7 @@ def test_two_gloo_ranks_through_the_launcher_and_a_killed_job_resumes(embedded, 
         "eval.report_queries=2",
         "deepspeed.zero_stage=0",
         *overrides,
-    ]
+    )
     done = subprocess.run(
         [*train, f"train.out_dir={tmp_path / 'run'}"],
         cwd=ROOT,

@@ -18,8 +18,8 @@ from configs.schema import ShardConfig
 from sharding.batch import Task
 from sharding.pack import pack
 from tests.conftest import ROOT
-from tests.multirank import free_port
 from tests.tiny import write_tiny_config
+from train.network import deepspeed_command, start_job
 
 pytestmark = pytest.mark.e2e
 
@@ -35,26 +35,8 @@ def setup(small_corpus, tmp_path_factory):
 
 
 def launch(config, out_dir, *overrides, ranks=2, wait=True):
-    cmd = [
-        "deepspeed",
-        "--num_accelerators",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "launch/train.py"),
-        "--config",
-        str(config),
-        f"train.out_dir={out_dir}",
-        *overrides,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    args = ("--config", config, f"train.out_dir={out_dir}", *overrides)
+    proc = start_job(deepspeed_command(ROOT / "launch/train.py", ranks, *args), ROOT)
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=600)

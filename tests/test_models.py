@@ -261,18 +261,11 @@ def test_blip_query_starts_with_enc_and_the_tokenizer_gives_the_reference_ids(tm
     from tokenizers.models import WordPiece
     from transformers import PreTrainedTokenizerFast
 
-    from data.tokenizer import load_tokenizer
+    from data.tokenizer import TOKEN_ROLES, load_tokenizer
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "make", "it", "red"]
     core = Tokenizer(WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    bare = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
+    bare = PreTrainedTokenizerFast(tokenizer_object=core, **TOKEN_ROLES)  # no [ENC] / [DEC]
     bare.save_pretrained(tmp_path / "bert")
     tok = load_tokenizer(tmp_path / "bert")  # a bare BERT vocabulary, as bert-base-uncased
     assert tok.convert_tokens_to_ids("[DEC]") == len(words)  # 30522 for bert-base-uncased

@@ -10,6 +10,19 @@ from tests.multirank import run_ranks
 pytestmark = pytest.mark.e2e
 
 
+def _zero3_engine(model, micro_batch: int):
+    """`model` under ZeRO-3 (parameters partitioned across the ranks), plain SGD."""
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,
+    }
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
+
+
 def _gather_and_queue(rank, world, out_dir):
     import torch.nn.functional as F
 
@@ -59,13 +72,7 @@ def _momentum_zero3(rank, world, out_dir):
     model.eval()
     ema = MomentumEncoder(model, momentum=0.5)
     before = {n: t.clone() for n, t in ema.params.items()}
-    config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "zero_optimization": {"stage": 3},
-        "zero_allow_untested_optimizer": True,
-    }
-    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine = _zero3_engine(model, micro_batch=1)
     assert any(hasattr(p, "ds_id") for p in model.parameters())
     with torch.no_grad():  # change the partitioned weights: +1 everywhere
         with deepspeed.zero.GatheredParameters(model.trainable_parameters(), modifier_rank=0):
@@ -91,7 +98,6 @@ def test_momentum_update_under_zero3(tmp_path):
 def _frozen_targets_zero3(rank, world, out_dir):
     """ZeRO-3 partitions the frozen starting copy too: targets must still come out whole and
     equal on every rank, and a training step must leave them unchanged."""
-    import deepspeed
 
     from configs.schema import LossConfig
     from tests.test_models import _batch
@@ -105,13 +111,7 @@ def _frozen_targets_zero3(rank, world, out_dir):
     model.eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     plain = model(Task.ENCODE_TARGET_FRAMES, x)
-    config = {
-        "train_micro_batch_size_per_gpu": 4,
-        "zero_optimization": {"stage": 3},
-        "zero_allow_untested_optimizer": True,
-    }
-    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine = _zero3_engine(model, micro_batch=4)
     engine.eval()
     assert torch.allclose(engine(Task.ENCODE_TARGET_FRAMES, x), plain, atol=1e-6)
     loss, _ = covr_loss(engine, _batch(tok, seed=rank), LossConfig(caption_weight=0.5))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _listeners: list[socket.socket] = []  # the store's listening socket lives as long as the process
@@ -16,6 +17,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def deepspeed_command(
+    script, ranks: int, *args, port: int | None = None, launcher=("deepspeed",)
+) -> list[str]:
+    """The local launch of `script` on `ranks` processes by DeepSpeed's launcher (`launcher`:
+    its console script, or `python -m deepspeed.launcher.runner`), each launch on its own
+    rendezvous port (`port`, else a free one), then the script's `args`."""
+    port = port or free_port()
+    head = [*launcher, "--num_accelerators", str(ranks), "--master_port", str(port)]
+    return [*head, str(script), *map(str, args)]
+
+
+def start_job(cmd: list[str], cwd, **kwargs) -> subprocess.Popen:
+    """A launcher command in its own session (the whole job can be signalled at once), its
+    console captured as text."""
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
 
 
 def is_loopback(host: str | None) -> bool:

@@ -64,6 +64,11 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"
 
 
+def where_to_look(what: str, run_id: str, uri: str) -> str:
+    """The lines a job ends with: its MLflow run and how to open the UI on it."""
+    return f"MLflow {what} {run_id} in {uri}\n  open the UI: {ui_command(uri)}"
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

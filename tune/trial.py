@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.network import deepspeed_command
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "launch" / "train.py"
 
@@ -42,18 +44,16 @@ def _die_with_parent() -> None:  # the launcher gets SIGTERM if the trial's work
 
 
 def launch_command(settings: TrialSettings, overrides: list[str], port: int) -> list[str]:
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    return [
-        *launcher,
-        "--num_accelerators",
-        str(settings.ranks),
-        "--master_port",
-        str(port),
-        str(TRAIN_SCRIPT),
+    launcher = (sys.executable, "-m", "deepspeed.launcher.runner")
+    return deepspeed_command(
+        TRAIN_SCRIPT,
+        settings.ranks,
         "--config",
         settings.base,
         *overrides,
-    ]
+        port=port,
+        launcher=launcher,
+    )
 
 
 def read_validations(path: Path, after_step: int) -> list[dict]:
