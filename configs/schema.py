@@ -29,9 +29,8 @@ def marked(section, flag: str, prefix: str = "") -> list[str]:
     included) carrying `flag`, in declaration order."""
     keys = []
     for f in fields(section):
-        kind = f.type if isinstance(f.type, type) else _SECTIONS.get(f.type)
-        if kind is not None and is_dataclass(kind):
-            keys += marked(kind, flag, f"{prefix}{f.name}.")
+        if is_dataclass(f.default_factory):  # a nested section
+            keys += marked(f.default_factory, flag, f"{prefix}{f.name}.")
         elif f.metadata.get(flag):
             keys.append(f"{prefix}{f.name}")
     return keys
@@ -348,14 +347,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-# `from __future__ import annotations` leaves field types as strings: the section classes by name
-_SECTIONS = {
-    name: obj
-    for name, obj in dict(globals()).items()
-    if isinstance(obj, type) and is_dataclass(obj)
-}
 
 
 def validate(cfg, prefix: str = ""):

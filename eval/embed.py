@@ -121,13 +121,9 @@ def embed_image_queries(
 
     def batch(pairs):
         text = tokenize(tokenizer, [edit for _, edit in pairs], text_len, padding="longest")
-        inputs = {
-            "pixels": torch.stack([load_image(path, size) for path, _ in pairs])[:, None],
-            "input_ids": text.input_ids,
-            "attention_mask": text.attention_mask,
-        }
-        b = to_device(inputs, device_of(model))
-        return model(Task.ENCODE_QUERY, b["pixels"], b["input_ids"], b["attention_mask"])
+        pixels = torch.stack([load_image(path, size) for path, _ in pairs])[:, None]
+        inputs = to_device((pixels, text.input_ids, text.attention_mask), device_of(model))
+        return model(Task.ENCODE_QUERY, *inputs)
 
     pairs = list(zip(reference_paths, edits, strict=True))
     return distributed_embed(pairs, batch, batch_size, rank, world, "queries", progress, len(pairs))

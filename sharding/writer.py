@@ -164,13 +164,18 @@ def pack_shard(job: ShardJob) -> ShardStats:
     return write_shard(job.out_dir, job.name, kept, stats, start)
 
 
+def shard_paths(out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """A shard's tar and its stats file (the completion marker)."""
+    return Path(out_dir) / f"{name}.tar", Path(out_dir) / f"{name}.stats.json"
+
+
 def write_shard(
     out_dir: str | Path, name: str, samples: Iterable[dict], stats: ShardStats, start: float
 ) -> ShardStats:
     """`samples` into `out_dir/NAME.tar` under a temporary name, renamed when complete; counted
     into `stats`, whose file `NAME.stats.json` is written last: its presence marks the shard
     done (`finished`). The one shard writer, for packing and for embedding."""
-    final, stats_path = Path(out_dir) / f"{name}.tar", Path(out_dir) / f"{name}.stats.json"
+    final, stats_path = shard_paths(out_dir, name)
     tmp = final.with_name(final.name + ".tmp")
     with tmp.open("wb") as f:
         writer = TarWriter(f, encoder=False, mtime=0.0)
@@ -200,7 +205,7 @@ def finished(
     last, is there), else None; with `inputs`, one whose media files changed since is None too
     (done again). A shard with another fingerprint is an error: a directory never mixes shards
     packed or embedded from different sources or settings."""
-    final, path = Path(out_dir) / f"{name}.tar", Path(out_dir) / f"{name}.stats.json"
+    final, path = shard_paths(out_dir, name)
     if not path.is_file() or not final.is_file():
         return None
     stats = ShardStats(**json.loads(path.read_text()))

@@ -3,16 +3,11 @@ in a fresh process (a test that starts Ray: once gRPC ran in a process, a proces
 such as a DataLoader worker, may crash)."""
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from train.network import free_port
 
 
 def _entry(rank, world, port, fn, args, errors):
