@@ -199,6 +199,9 @@ class LossConfig:
     beta: float = 0.5  # 0 = InfoNCE
     video_weight: float = 1.0
     caption_weight: float = 0.0  # CoVR-2 pretraining: 0.5 / 0.5
+    # corrected: the published formula, detached weights; reference: the reference code's
+    # value and gradient (train/losses.py), to compare with its runs
+    hn_nce: Literal["corrected", "reference"] = "corrected"
 
     def check(self) -> None:
         positive(self, "temperature")
@@ -347,6 +350,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        if self.loss.hn_nce == "reference" and self.queue.size:
+            raise FieldError(
+                "loss.hn_nce",
+                "'reference' has no queue (the reference code has none): set queue.size=0",
+            )
 
 
 def validate(cfg, prefix: str = ""):

@@ -68,6 +68,14 @@ def test_each_section_checks_its_values_and_names_the_full_key(override, message
     assert str(err.value).startswith(message)
 
 
+def test_the_reference_loss_refuses_a_queue():
+    assert load_config(None, ["loss.hn_nce=reference"]).loss.hn_nce == "reference"
+    with pytest.raises(ConfigError, match="key 'loss.hn_nce': 'reference' has no queue"):
+        load_config(None, ["loss.hn_nce=reference", "queue.size=64"])
+    with pytest.raises(ConfigError, match="key 'loss.hn_nce'"):
+        load_config(None, ["loss.hn_nce=lavis"])
+
+
 def test_what_a_field_is_for_is_marked_on_it():
     import hashlib
 

@@ -75,3 +75,55 @@ def test_weights_carry_no_gradient():
         loss = loss + (torch.logsumexp(logits + w.log(), 1) - logits.diag()).mean()
     loss.backward()
     assert torch.allclose(q.grad, q2.grad, atol=1e-5)
+
+
+def reference_formula(s: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """The reference code's HN-NCE on logits `s` (B, B), element by element, with autograd:
+    q->t weight (i, j) normalised by the negatives of row j, t->q by those of column j."""
+    b = s.shape[0]
+
+    def weight(i, j, norm):
+        if i == j:
+            return torch.tensor(alpha, dtype=s.dtype)
+        return (b - 1) * torch.exp(beta * s[i, j]) / norm
+
+    row = [sum(torch.exp(beta * s[j, k]) for k in range(b) if k != j) for j in range(b)]
+    col = [sum(torch.exp(beta * s[k, j]) for k in range(b) if k != j) for j in range(b)]
+    q2t = sum(
+        torch.log(sum(weight(i, j, row[j]) * torch.exp(s[i, j]) for j in range(b))) - s[i, i]
+        for i in range(b)
+    )
+    t2q = sum(
+        torch.log(sum(weight(i, j, col[j]) * torch.exp(s[i, j]) for i in range(b))) - s[j, j]
+        for j in range(b)
+    )
+    return (q2t + t2q) / b
+
+
+def test_reference_variant_reproduces_the_reference_value_and_gradient():
+    q, t = unit(4, 8, seed=10), unit(4, 8, seed=11)
+    q64 = q.double().requires_grad_()
+    expected = reference_formula(q64 @ t.double().t() / 0.07, 1.0, 0.5)
+    expected.backward()
+
+    q_ref = q.clone().requires_grad_()
+    got = hn_nce(q_ref, t, variant="reference")
+    got.backward()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(q_ref.grad.double(), q64.grad, atol=1e-4)
+
+    # the case is one where the variants differ, in value and in gradient
+    q_cor = q.clone().requires_grad_()
+    corrected = hn_nce(q_cor, t)
+    corrected.backward()
+    assert corrected.item() == pytest.approx(formula(q @ t.t()), rel=1e-5)
+    assert abs(corrected.item() - got.item()) > 1e-3
+    assert (q_cor.grad - q_ref.grad).abs().max() > 1e-3
+
+
+def test_reference_variant_refuses_a_queue_and_unknown_variants():
+    q, t, extra = unit(3, 8, seed=12), unit(3, 8, seed=13), unit(2, 8, seed=14)
+    with pytest.raises(ValueError, match="no queue"):
+        hn_nce_from_similarity(q @ t.t(), extra_negatives=q @ extra.t(), variant="reference")
+    with pytest.raises(ValueError, match="variant"):
+        hn_nce(q, t, variant="lavis")

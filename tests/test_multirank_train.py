@@ -38,11 +38,12 @@ def _gather_and_queue(rank, world, out_dir):
     q = q_all[mine].clone().requires_grad_()
     loss = hn_nce(gather_with_grad(q), gather(t_all[mine]))
     loss.backward()
-    # single-process reference: the same global loss, gradient of this rank's rows
+    # single-process reference: the same global loss; this rank's rows carry world x their
+    # gradient (what the reference's summed gather gives), so the averaged update is exact
     q_ref = q_all.clone().requires_grad_()
     hn_nce(q_ref, t_all).backward()
     assert torch.allclose(loss.detach(), hn_nce(q_all, t_all), atol=1e-6)
-    assert torch.allclose(q.grad, q_ref.grad[mine], atol=1e-6)
+    assert torch.allclose(q.grad, world * q_ref.grad[mine], atol=1e-6)
 
     queue = TargetQueue(16, (8,))
     for step in range(3):
@@ -57,6 +58,61 @@ def test_global_negatives_and_cross_rank_queue(tmp_path):
     q0, q1 = (torch.load(tmp_path / f"queue{r}.pt") for r in (0, 1))
     assert torch.equal(q0["features"], q1["features"]) and torch.equal(q0["ids"], q1["ids"])
     assert q0["ids"][:12].tolist() == [0, 1, 10, 11, 100, 101, 110, 111, 200, 201, 210, 211]
+
+
+def _update_of_ranks(rank, world, stage, out_dir):
+    import deepspeed
+    import torch.nn.functional as F
+
+    from train.distributed import gather, gather_with_grad
+    from train.engine import init_distributed
+    from train.losses import hn_nce
+
+    init_distributed(60)
+    g = torch.Generator().manual_seed(0)
+    x_all, t_all = torch.randn(4 * world, 6, generator=g), torch.randn(4 * world, 5, generator=g)
+    t_all = F.normalize(t_all, dim=-1)
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(6, 5)
+    start = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 when unset
+    }
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    engine = deepspeed.initialize(model=layer, optimizer=optimizer, config=config)[0]
+    mine = slice(4 * rank, 4 * rank + 4)
+    query = F.normalize(engine(x_all[mine]), dim=-1)
+    loss = hn_nce(gather_with_grad(query), gather(t_all[mine]))
+    engine.backward(loss)
+    engine.step()
+    if rank == 0:
+        after = {n: p.detach().clone() for n, p in layer.named_parameters()}
+        torch.save({"start": start, "after": after, "x": x_all, "t": t_all}, f"{out_dir}/upd.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_ranks_give_the_update_of_one_process_on_the_global_batch(tmp_path, stage):
+    """The gathered loss's gradient on N ranks, averaged by the engine, is the gradient one
+    process computes on the whole batch (plain SGD: the update shows the gradient's scale)."""
+    import torch.nn.functional as F
+
+    run_ranks(_update_of_ranks, 2, (stage, str(tmp_path)))
+    saved = torch.load(tmp_path / "upd.pt")
+    layer = torch.nn.Linear(6, 5)
+    layer.load_state_dict(saved["start"])
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    from train.losses import hn_nce
+
+    hn_nce(F.normalize(layer(saved["x"]), dim=-1), saved["t"]).backward()
+    optimizer.step()
+    for name, p in layer.named_parameters():
+        moved = (saved["after"][name] - saved["start"][name]).abs().max()
+        assert moved > 1e-3, name  # the step did something
+        assert torch.allclose(p.detach(), saved["after"][name], atol=1e-6), name
 
 
 def _momentum_zero3(rank, world, out_dir):

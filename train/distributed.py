@@ -12,15 +12,32 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `factor`."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from all ranks along dim 0 (rank order); the local slice keeps its
-    autograd history, other ranks' slices are constants. Equal shapes on every rank."""
+    """Concatenate `x` from all ranks along dim 0 (rank order). Equal shapes on every rank.
+
+    Every rank computes the same loss over the gathered batch, so the gradient the reference
+    sums back from all ranks (Fabric's `all_gather(sync_grads=True)`) is world x this rank's
+    own: the local slice carries that gradient without a second collective, and after the
+    engine averages over ranks the update equals one process's on the global batch."""
     rank, size = world()
     if size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.detach().contiguous())
-    parts[rank] = x
+    parts[rank] = _ScaleGrad.apply(x, float(size))
     return torch.cat(parts)
 
 

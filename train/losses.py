@@ -5,7 +5,11 @@ For row i of S = q t^T / tau (query -> target):
     w_ii = alpha,   L_i = log sum_j w_ij exp(S_ij) - S_ii
 with N_i the number of valid negatives of row i (B - 1 without a queue), and the same over the
 columns for target -> query. Weights are constants (no gradient). beta = 0 gives InfoNCE.
-The public reference code normalises the q->t weights by the wrong axis; this follows the formula.
+
+`variant="reference"` reproduces the public reference code instead (value and gradient), for
+comparing with its runs: its q->t weight w_ij is normalised by row j's sum (a (B, B) matrix divided
+by a length-B vector broadcasts along the wrong axis) and neither direction's weights are detached.
+It has no queue, so it takes no extra negatives.
 """
 
 from __future__ import annotations
@@ -29,6 +33,26 @@ def _directional(
     return (torch.logsumexp(logits + log_w, dim=1) - positive).mean()
 
 
+VARIANTS = ("corrected", "reference")
+
+
+def _reference(logits: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Both directions as the reference code computes them (see the module docstring)."""
+    b = logits.shape[0]
+    rows = torch.arange(b, device=logits.device)
+    positive = logits[rows, rows]
+    e = torch.exp(beta * logits)
+    own = e[rows, rows]
+    w_q2t = (b - 1) * e / (e.sum(1) - own)  # divides column j by row j's sum: the slip
+    w_t2q = (b - 1) * e / (e.sum(0) - own)  # column j by column j's sum: right
+    diagonal = torch.eye(b, dtype=torch.bool, device=logits.device)
+    w_q2t = w_q2t.masked_fill(diagonal, alpha)
+    w_t2q = w_t2q.masked_fill(diagonal, alpha)
+    q2t = torch.log((torch.exp(logits) * w_q2t).sum(1)) - positive
+    t2q = torch.log((torch.exp(logits) * w_t2q).sum(0)) - positive
+    return q2t.mean() + t2q.mean()
+
+
 def hn_nce_from_similarity(
     sim: torch.Tensor,
     temperature: float = 0.07,
@@ -36,12 +60,20 @@ def hn_nce_from_similarity(
     beta: float = 0.5,
     extra_negatives: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
+    variant: str = "corrected",
 ) -> torch.Tensor:
     """Both directions of HN-NCE from a (B, B) similarity matrix (positives on the diagonal).
     `extra_negatives` (B, K): more target columns for the query->target direction only (the
-    queue); `extra_mask` (B, K) bool marks which of them are valid negatives."""
+    queue); `extra_mask` (B, K) bool marks which of them are valid negatives. `variant`: one of
+    `VARIANTS` (module docstring)."""
     b = sim.shape[0]
     logits = sim / temperature
+    if variant == "reference":
+        if extra_negatives is not None and extra_negatives.shape[1] > 0:
+            raise ValueError("the reference HN-NCE has no queue: extra negatives need 'corrected'")
+        return _reference(logits.float(), alpha, beta)
+    if variant != "corrected":
+        raise ValueError(f"HN-NCE variant must be one of {VARIANTS}, got {variant!r}")
     in_batch = ~torch.eye(b, dtype=torch.bool, device=sim.device)
     q2t_logits, q2t_neg = logits, in_batch
     if extra_negatives is not None and extra_negatives.shape[1] > 0:
@@ -63,6 +95,7 @@ def hn_nce(
     temperature: float = 0.07,
     alpha: float = 1.0,
     beta: float = 0.5,
+    variant: str = "corrected",
 ) -> torch.Tensor:
     """HN-NCE on (B, D) embeddings (L2-normalised by the caller), both directions summed."""
-    return hn_nce_from_similarity(query @ target.t(), temperature, alpha, beta)
+    return hn_nce_from_similarity(query @ target.t(), temperature, alpha, beta, variant=variant)

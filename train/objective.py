@@ -105,13 +105,15 @@ def covr_contrast(
         extra_mask = queue.negatives_mask(all_ids)
     c = loss_cfg
     loss = c.video_weight * hn_nce_from_similarity(
-        sim, c.temperature, c.alpha, c.beta, extra, extra_mask
+        sim, c.temperature, c.alpha, c.beta, extra, extra_mask, c.hn_nce
     )
     metrics = {"loss_video": loss.detach()}
     if c.caption_weight > 0:
         caption = emb["caption"]
         all_caption = gather_with_grad(caption) if caption.requires_grad else gather(caption)
-        caption_loss = hn_nce(all_query.mean(1), all_caption, c.temperature, c.alpha, c.beta)
+        caption_loss = hn_nce(
+            all_query.mean(1), all_caption, c.temperature, c.alpha, c.beta, c.hn_nce
+        )
         loss = loss + c.caption_weight * caption_loss
         metrics["loss_caption"] = caption_loss.detach()
 
@@ -149,7 +151,9 @@ def itc_contrast(
 ) -> tuple[torch.Tensor, dict]:
     c, video = loss_cfg, emb["video"]
     all_video = gather_with_grad(video) if video.requires_grad else gather(video)
-    loss = hn_nce(gather_with_grad(emb["text"]), all_video, c.temperature, c.alpha, c.beta)
+    loss = hn_nce(
+        gather_with_grad(emb["text"]), all_video, c.temperature, c.alpha, c.beta, c.hn_nce
+    )
     return loss, {"loss": loss.detach()}
 
 
