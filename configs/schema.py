@@ -125,7 +125,14 @@ class ShardConfig:
     target_frames: int = field(default=15, metadata=PACKING)
     # resize frames to this square size before JPEG encoding; 0 keeps them
     frame_size: int = field(default=0, metadata=PACKING)
+    # how frames are stored: jpeg (quality below; the default, ~10x smaller) or png (lossless,
+    # the reference feeds decoded frames; bench/codec_bench.py measures what JPEG costs)
+    frame_format: Literal["jpeg", "png"] = field(default="jpeg", metadata=PACKING)
     jpeg_quality: int = field(default=90, metadata=PACKING)
+    # bgr stores target frames channel-swapped: the reference's target-embedding script reads
+    # videos with OpenCV and never converts, so its released embeddings and checkpoints saw BGR
+    # targets (queries RGB). Only for reproducing those; ours is rgb.
+    target_channels: Literal["rgb", "bgr"] = field(default="rgb", metadata=PACKING)
     # packing processes (or Ray tasks in flight)
     workers: int = field(default=2, metadata=RESUME_FREE)
     seed: int = field(default=1234, metadata=PACKING)
@@ -173,6 +180,11 @@ class ModelConfig:
     num_query_tokens: int = 32
     embed_dim: int = 256
     max_text_len: int = 32
+    # the target caption (CoVR-2's caption term): words kept by the cleaning and tokens kept
+    # (0: the whole caption, up to the text position embeddings). CoVR-2's embedding script
+    # cleans to 50 words and does not truncate
+    caption_words: int = 30
+    caption_tokens: int = 32
     ln_vision_eps: float = 1e-5  # LAVIS's ln_vision; transformers builds 1e-6
     freeze_vision: bool = field(default=True, metadata=EXPORT_OVERRIDE)
     # True: targets re-encoded each step, EMA feeds the queue
@@ -187,9 +199,25 @@ class ModelConfig:
     dropout: float = field(default=0.1, metadata=EXPORT_OVERRIDE)
 
     def check(self) -> None:
-        positive(self, "num_query_tokens", "embed_dim", "max_text_len")
+        positive(self, "num_query_tokens", "embed_dim", "max_text_len", "caption_words")
+        non_negative(self, "caption_tokens")
+        longest = self.text.max_position_embeddings
+        for key in ("max_text_len", "caption_tokens"):
+            if getattr(self, key) > longest:
+                raise FieldError(
+                    key,
+                    f"{getattr(self, key)} tokens do not fit the text encoder's {longest} "
+                    "position embeddings (model.text.max_position_embeddings)",
+                )
         if not 0 <= self.dropout < 1:
             raise FieldError("dropout", f"must be in [0, 1), got {self.dropout!r}")
+
+    def caption_tokenization(self) -> dict:
+        """`data.text.tokenize` arguments for target captions."""
+        if self.caption_tokens:
+            return {"max_words": self.caption_words, "max_length": self.caption_tokens}
+        longest = self.text.max_position_embeddings
+        return {"max_words": self.caption_words, "max_length": longest, "padding": "longest"}
 
 
 @dataclass

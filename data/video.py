@@ -27,10 +27,18 @@ class VideoDecodeError(RuntimeError):
 
 
 def centre_indices(num_frames: int, n: int) -> list[int]:
-    """Indices at the centres of `n` equal intervals over `num_frames` frames (n=1: middle)."""
+    """The reference's frame choice. n=1: the middle frame, `num_frames // 2` (its query frame).
+    n>1 (its target frames): with a = linspace(0, num_frames, n + 1) cut to integers, frame
+    (a[i] + a[i+1] - 1) // 2 of each interval; a video shorter than n keeps all its frames
+    (fewer than n: the batch masks the missing slots)."""
     if num_frames <= 0:
         raise ValueError("video has no frames")
-    return [min(num_frames - 1, ((2 * i + 1) * num_frames) // (2 * n)) for i in range(n)]
+    if n == 1:
+        return [num_frames // 2]
+    if num_frames < n:
+        return list(range(num_frames))
+    a = np.linspace(0, num_frames, n + 1).astype(int)  # numpy's rounding, as the reference
+    return [int(lo + hi - 1) // 2 for lo, hi in zip(a[:-1], a[1:])]
 
 
 def select_indices(

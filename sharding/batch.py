@@ -31,10 +31,17 @@ def _pad_frames(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def collate(
-    samples: list[dict], tokenizer, image_size: int, max_text_len: int, padding: str = "max_length"
+    samples: list[dict],
+    tokenizer,
+    image_size: int,
+    max_text_len: int,
+    padding: str = "max_length",
+    caption: dict | None = None,
 ) -> dict:
-    """Model batch; texts at most `max_text_len` tokens, padded to it (training) or to the
-    longest of the batch (`padding="longest"`, evaluation)."""
+    """Model batch; edits at most `max_text_len` tokens, padded to it (training) or to the
+    longest of the batch (`padding="longest"`, evaluation); target captions tokenised by the
+    `caption` arguments of `data.text.tokenize` (`ModelConfig.caption_tokenization`; default:
+    as the edits)."""
     edits = tokenize(tokenizer, [s["edit"] for s in samples], max_text_len, padding=padding)
     batch = {
         "query_frames": torch.stack(
@@ -59,9 +66,8 @@ def collate(
             scores[i, : len(s["scores"])] = torch.tensor(s["scores"], dtype=torch.float32)
     batch["target_scores"] = scores
     if "caption" in samples[0]:
-        captions = tokenize(
-            tokenizer, [s["caption"] for s in samples], max_text_len, padding=padding
-        )
+        caption = caption or {"max_length": max_text_len, "padding": padding}
+        captions = tokenize(tokenizer, [s["caption"] for s in samples], **caption)
         batch["caption_input_ids"], batch["caption_attention_mask"] = (
             captions.input_ids,
             captions.attention_mask,

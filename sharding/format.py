@@ -4,14 +4,14 @@ read it through these functions.
 A record is one WebDataset sample, one tar member per field (readable by any WebDataset reader):
   KEY.json          {"target", "target_id", "triplets": [{"row", "pth1", "txt1", "txt2", "edit",
                      "scores", "group"}, ...]}
-  KEY.t00.jpg ...   target frames (centres of `target_frames` equal intervals), or
+  KEY.t00.jpg ...   target frames (`data.video.centre_indices`; `.png` when packed lossless), or
   KEY.target.npy    (Ft, Q, D) float16 target frame embeddings of the frozen starting model
                     (`embedded_record`, written by the embed step, launch/embed_targets.py)
   KEY.caption.npy   (T, D) float16 embeddings of each triplet's target caption (txt2), likewise
   KEY.thumb.jpg     with those: the target's middle frame, kept for reports (`target_picture`)
-  KEY.q000_0.jpg    query frame(s) of triplet 0 (`q{triplet}_{frame}`)
+  KEY.q000_0.jpg    query frame(s) of triplet 0 (`q{triplet}_{frame}`; `.png` likewise)
 
-`decode_rgb` is the one image decoder (JPEG bytes from a record, or an image file).
+`decode_rgb` is the one image decoder (JPEG or PNG bytes from a record, or an image file).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ META = "json"
 EMBEDDINGS = "target.npy"
 CAPTIONS = "caption.npy"
 THUMB = "thumb.jpg"
+THUMB_PNG = "thumb.png"
+FRAME_EXTENSIONS = {"jpeg": "jpg", "png": "png"}  # ShardConfig.frame_format -> member suffix
 
 
 class ImageDecodeError(ValueError):
@@ -40,12 +42,20 @@ class RecordError(ValueError):
     frames missing, an embedding member that does not load. The message names shard and key."""
 
 
-def target_member(frame: int) -> str:
-    return f"t{frame:02d}.jpg"
+def target_member(frame: int, ext: str = "jpg") -> str:
+    return f"t{frame:02d}.{ext}"
 
 
-def query_member(triplet: int, frame: int) -> str:
-    return f"q{triplet:03d}_{frame}.jpg"
+def query_member(triplet: int, frame: int, ext: str = "jpg") -> str:
+    return f"q{triplet:03d}_{frame}.{ext}"
+
+
+def _present(record: dict, member, *index) -> str | None:
+    """The record's member for `index` in whichever frame format it was packed, or None."""
+    for ext in FRAME_EXTENSIONS.values():
+        if member(*index, ext) in record:
+            return member(*index, ext)
+    return None
 
 
 def record_key(member: str) -> str:
@@ -56,13 +66,19 @@ def record_key(member: str) -> str:
 # --- encoding ----------------------------------------------------------------------------------
 
 
-def encode_jpeg(frame: np.ndarray, size: int = 0, quality: int = 90) -> bytes:
-    """uint8 (H, W, 3) -> JPEG bytes, resized to (size, size) first when size > 0."""
-    image = Image.fromarray(frame)
+def encode_image(
+    frame: np.ndarray, size: int = 0, quality: int = 90, frame_format: str = "jpeg"
+) -> bytes:
+    """uint8 (H, W, 3) -> JPEG (at `quality`) or PNG bytes, resized to (size, size) first when
+    size > 0 (PIL bicubic, as the reference's torchvision Resize on PIL images)."""
+    image = Image.fromarray(np.ascontiguousarray(frame))
     if size:
         image = image.resize((size, size), Image.BICUBIC)
     buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=quality)
+    if frame_format == "png":
+        image.save(buf, format="PNG", compress_level=1)  # lossless either way; 1 is fastest
+    else:
+        image.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -79,15 +95,17 @@ def encode_record(
     queries: list[np.ndarray],
     size: int = 0,
     quality: int = 90,
+    frame_format: str = "jpeg",
 ) -> dict:
     """A WebDataset sample. `target`: (Ft, H, W, 3) uint8 frames; `queries[j]`: the
-    (Fq, H, W, 3) frames of `meta["triplets"][j]`."""
+    (Fq, H, W, 3) frames of `meta["triplets"][j]`; `frame_format` jpeg or png."""
+    ext = FRAME_EXTENSIONS[frame_format]
     sample = {"__key__": key}
     for f, frame in enumerate(target):
-        sample[target_member(f)] = encode_jpeg(frame, size, quality)
+        sample[target_member(f, ext)] = encode_image(frame, size, quality, frame_format)
     for j, frames in enumerate(queries):
         for f, frame in enumerate(frames):
-            sample[query_member(j, f)] = encode_jpeg(frame, size, quality)
+            sample[query_member(j, f, ext)] = encode_image(frame, size, quality, frame_format)
     sample[META] = json.dumps(meta, sort_keys=True).encode("utf-8")
     return sample
 
@@ -96,11 +114,11 @@ def embedded_record(record: dict, target: np.ndarray, captions: np.ndarray) -> d
     """A read record (field -> bytes) with its target JPEGs replaced by `target` (Ft, Q, D) and
     the triplets' caption embeddings `captions` (T, D), both stored float16; the query frames and
     the metadata are kept byte for byte."""
-    jpegs = target_jpegs(record)
-    frames = {target_member(f) for f in range(len(jpegs))}
+    frames = _frame_members(record, target_member)
     sample = {k: v for k, v in record.items() if k not in frames and not k.startswith("__")}
     sample["__key__"] = record["__key__"]
-    sample[THUMB] = jpegs[len(jpegs) // 2]  # what a report shows of the target
+    middle = frames[len(frames) // 2]  # what a report shows of the target, in its own format
+    sample[THUMB if middle.endswith(".jpg") else THUMB_PNG] = record[middle]
     sample[EMBEDDINGS] = encode_npy(np.asarray(target, dtype=np.float16))
     sample[CAPTIONS] = encode_npy(np.asarray(captions, dtype=np.float16))
     return sample
@@ -154,9 +172,9 @@ def record_meta(record: dict) -> dict:
         if not isinstance(trip, dict):
             raise RecordError(f"{where}: triplet {j} is not an object")
         _check_types(trip, _TRIPLET_TYPES, f"{where} triplet {j}")
-        if query_member(j, 0) not in record:
+        if _present(record, query_member, j, 0) is None:
             raise RecordError(f"{where}: no query frame of triplet {j}")
-    if target_member(0) not in record and EMBEDDINGS not in record:
+    if _present(record, target_member, 0) is None and EMBEDDINGS not in record:
         raise RecordError(f"{where}: no target frames or embeddings")
     return meta
 
@@ -170,26 +188,28 @@ def _check_types(obj: dict, types: dict, where: str) -> None:
 
 
 def target_jpegs(record: dict) -> list[bytes]:
-    """The target's frames in order ([] when the record holds embeddings)."""
-    return _frames(record, target_member)
+    """The target's encoded frames in order ([] when the record holds embeddings)."""
+    return [record[m] for m in _frame_members(record, target_member)]
 
 
 def target_picture(record: dict) -> bytes | None:
-    """The target's middle frame (JPEG): from its frames, or the thumbnail embedded records keep."""
+    """The target's middle frame (encoded): from its frames, or the thumbnail embedded records
+    keep."""
     frames = target_jpegs(record)
-    return frames[len(frames) // 2] if frames else record.get(THUMB)
+    return frames[len(frames) // 2] if frames else record.get(THUMB, record.get(THUMB_PNG))
 
 
 def query_jpegs(record: dict, triplet: int) -> list[bytes]:
-    return _frames(record, lambda f: query_member(triplet, f))
+    return [record[m] for m in _frame_members(record, lambda f, ext: query_member(triplet, f, ext))]
 
 
-def _frames(record: dict, member) -> list[bytes]:
+def _frame_members(record: dict, member) -> list[str]:
     out = []
     for f in count():
-        if member(f) not in record:
+        name = _present(record, member, f)
+        if name is None:
             return out
-        out.append(record[member(f)])
+        out.append(name)
 
 
 def raw_triplet(record: dict, j: int, meta: dict | None = None) -> dict:

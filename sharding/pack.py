@@ -27,8 +27,13 @@ from sharding.writer import ShardJob, finished_job, media_files, run_local, run_
 log = logging.getLogger(__name__)
 
 
+# bumped when the frame choice changes (v2: the reference's linspace rule, no repeated frames)
+FRAME_RULE = "frames-v2"
+
+
 def _fingerprint(source: bytes, cfg: ShardConfig) -> str:
     h = hashlib.sha256(source)
+    h.update(FRAME_RULE.encode())
     for k in marked(ShardConfig, "packing"):  # the fields marked PACKING, in their order
         h.update(f"{k}={getattr(cfg, k)}".encode())
     return h.hexdigest()[:16]

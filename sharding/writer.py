@@ -123,6 +123,8 @@ def pack_record(record: dict, job: ShardJob, stats: ShardStats) -> dict | None:
     try:
         path = media_path(root, record["target"], record.get("target_file"))
         target = load_media(path, cfg.target_frames)
+        if cfg.target_channels == "bgr":  # the reference's OpenCV-read targets (ShardConfig)
+            target = target[..., ::-1]
     except (VideoDecodeError, UnsafePathError) as err:
         stats.skipped.append(
             {"key": record["key"], "video": record["target"], "reason": str(err), "rows": rows}
@@ -151,7 +153,9 @@ def pack_record(record: dict, job: ShardJob, stats: ShardStats) -> dict | None:
         stats.skipped_records += 1
         return None
     meta = {"target": record["target"], "target_id": record["target_id"], "triplets": kept}
-    return fmt.encode_record(record["key"], meta, target, queries, cfg.frame_size, cfg.jpeg_quality)
+    return fmt.encode_record(
+        record["key"], meta, target, queries, cfg.frame_size, cfg.jpeg_quality, cfg.frame_format
+    )
 
 
 def pack_shard(job: ShardJob) -> ShardStats:

@@ -32,6 +32,36 @@ def test_collate_pads_frames_and_falls_back_to_uniform_scores(tmp_path):
     assert batch["caption_input_ids"].shape == (2, 8)
 
 
+def test_covr2_target_captions_keep_50_words_untruncated(tmp_path):
+    from configs.schema import ModelConfig
+
+    _, tok = tiny_model(tmp_path)
+    vocab = "a red blue green circle square moving left right".split()  # one token each
+    words = [vocab[i % len(vocab)] for i in range(60)]
+    sample = {
+        "query_frames": np.zeros((1, 8, 8, 3), np.uint8),
+        "target_frames": np.zeros((1, 8, 8, 3), np.uint8),
+        "edit": "make it red",
+        "scores": [],
+        "target_id": 0,
+        "caption": " ".join(words),
+    }
+
+    def caption_of(cfg):
+        batch = collate([sample], tok, 8, 32, caption=cfg.caption_tokenization())
+        ids = batch["caption_input_ids"][0][batch["caption_attention_mask"][0].bool()]
+        return batch["caption_input_ids"].shape[1], tok.decode(ids, skip_special_tokens=True)
+
+    length, text = caption_of(ModelConfig(caption_words=50, caption_tokens=0))  # CoVR-2's way
+    assert text == " ".join(words[:50]) and length == 52  # every word of 50, [CLS] and [SEP]
+    length, text = caption_of(ModelConfig())  # 30 words cut to 32 tokens with [CLS] and [SEP]
+    assert length == 32 and text == " ".join(words[:30])
+    from configs.schema import Config, ConfigError, validate
+
+    with pytest.raises(ConfigError, match="model.caption_tokens.*512 position embeddings"):
+        validate(Config(model=ModelConfig(caption_tokens=600)))
+
+
 def _marked_batch(b=16, ft=3, size=16):
     """Each sample's query and target frames: one bright pixel at a per-sample place on zeros."""
     q = torch.zeros(b, 1, 3, size, size)

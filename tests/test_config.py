@@ -80,14 +80,15 @@ def test_what_a_field_is_for_is_marked_on_it():
     import hashlib
 
     from configs.schema import ModelConfig, ShardConfig, marked
-    from sharding.pack import _fingerprint
+    from sharding.pack import FRAME_RULE, _fingerprint
     from train.resume import is_free
 
     packing = ["epoch", "samples_per_shard", "query_frames", "target_frames", "frame_size"]
-    packing += ["jpeg_quality", "seed"]
+    packing += ["frame_format", "jpeg_quality", "target_channels", "seed"]
     assert marked(ShardConfig, "packing") == packing  # in this order: the shards' fingerprint
     cfg = ShardConfig(samples_per_shard=4)
     h = hashlib.sha256(b"rows")
+    h.update(FRAME_RULE.encode())  # shards packed under another frame choice are packed again
     for k in packing:
         h.update(f"{k}={getattr(cfg, k)}".encode())
     assert _fingerprint(b"rows", cfg) == h.hexdigest()[:16]  # every packed shard set keeps its id

@@ -74,6 +74,8 @@ REFERENCE = {
         "model.arch": "blip2",
         "model.vision.image_size": 364,
         "model.max_text_len": 32,
+        "model.caption_words": 50,
+        "model.caption_tokens": 0,
         "model.num_query_tokens": 32,
         "optim.lr": 2e-05,
         "train.global_batch_size": 512,

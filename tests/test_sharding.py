@@ -41,12 +41,10 @@ def test_group_key_masks_the_edited_word():
     assert masked_caption_group("A red circle", "a red square box") == "a red square box"
 
 
-def test_a_packed_record_decodes_back_through_the_format(tmp_path):
+def _picture_record(tmp_path):
+    """A record of three small image files: queries a and b, target c (their pixels too)."""
     import numpy as np
     from PIL import Image
-
-    from sharding import format as fmt
-    from sharding.pack import pack_records
 
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 60, 16)[None, :, None]  # smooth pictures of distinct colours
@@ -75,6 +73,18 @@ def test_a_packed_record_decodes_back_through_the_format(tmp_path):
         "target_file": str(tmp_path / "c.png"),
         "triplets": trips,
     }
+    return record, pictures
+
+
+def test_a_packed_record_decodes_back_through_the_format(tmp_path):
+    import numpy as np
+
+    from sharding import format as fmt
+    from sharding.pack import pack_records
+
+    rng = np.random.default_rng(0)
+    record, pictures = _picture_record(tmp_path)
+    trips = record["triplets"]
     manifest = pack_records([record], "fp", tmp_path, tmp_path, tmp_path / "out", CFG)
     (packed_record,) = iter_records(shard_urls(tmp_path / "out", manifest)[0])
     assert packed_record["__key__"] == "v000000007"
@@ -92,7 +102,7 @@ def test_a_packed_record_decodes_back_through_the_format(tmp_path):
         ):
             assert got.shape == (1, 12, 16, 3) and got.dtype == np.uint8
             assert np.array_equal(
-                got[0], fmt.decode_rgb(fmt.encode_jpeg(original, 0, CFG.jpeg_quality))
+                got[0], fmt.decode_rgb(fmt.encode_image(original, 0, CFG.jpeg_quality))
             )
             assert np.abs(got[0].astype(int) - original).mean() < 4  # JPEG-close to its own picture
     assert not np.array_equal(
@@ -120,6 +130,26 @@ def test_a_packed_record_decodes_back_through_the_format(tmp_path):
     assert np.array_equal(decoded["caption_embedding"], captions[1])
     with pytest.raises(fmt.ImageDecodeError):
         fmt.decode_rgb(b"not an image")
+
+
+def test_lossless_bgr_packing_keeps_every_pixel_and_swaps_only_targets(tmp_path):
+    import numpy as np
+
+    from sharding import format as fmt
+    from sharding.pack import pack_records
+
+    record, pictures = _picture_record(tmp_path)
+    cfg = replace(CFG, frame_format="png", target_channels="bgr")
+    manifest = pack_records([record], "fp", tmp_path, tmp_path, tmp_path / "out", cfg)
+    (packed_record,) = iter_records(shard_urls(tmp_path / "out", manifest)[0])
+    assert {"t00.png", "q000_0.png", "q001_0.png"} <= set(packed_record)
+    assert not any(k.endswith(".jpg") for k in packed_record)
+    sample = fmt.decode_sample(fmt.raw_triplet(packed_record, 1))
+    assert np.array_equal(sample["query_frames"][0], pictures["b"])  # exact, RGB
+    assert np.array_equal(sample["target_frames"][0], pictures["c"][..., ::-1])  # exact, BGR
+    embedded = fmt.embedded_record(packed_record, np.zeros((1, 2, 4)), np.zeros((2, 4)))
+    assert fmt.THUMB_PNG in embedded and not fmt.target_jpegs(embedded)
+    assert fmt.target_picture(embedded) == packed_record["t00.png"]
 
 
 def test_pack_manifest_and_verify(packed):

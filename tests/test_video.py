@@ -26,10 +26,13 @@ def clip(tmp_path_factory):
     return path, frames
 
 
-def test_centre_indices():
-    assert centre_indices(30, 1) == [15]
-    assert centre_indices(30, 15) == list(range(1, 30, 2))
-    assert centre_indices(4, 15) == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+def test_centre_indices_follow_the_reference_rule():
+    assert centre_indices(30, 1) == [15]  # the query frame: frame count // 2
+    # a = linspace(0, 30, 16) cut to integers = 0, 2, 4, ... 30: (a_i + a_i+1 - 1) // 2 = a_i
+    assert centre_indices(30, 15) == list(range(0, 30, 2))
+    # a = 0, 6, 13, 20, 26, 33, 40, 46, 53, 60, 66, 73, 80, 86, 93, 100 (6.67 steps, floored)
+    assert centre_indices(100, 15) == [2, 9, 16, 22, 29, 36, 42, 49, 56, 62, 69, 76, 82, 89, 96]
+    assert centre_indices(4, 15) == [0, 1, 2, 3]  # shorter than 15: every frame, none repeated
 
 
 def test_random_indices_stay_in_their_interval():

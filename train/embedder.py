@@ -49,9 +49,9 @@ class TargetEncoder:
 
     @torch.no_grad()
     def captions(self, texts: list[str]) -> np.ndarray:
-        out = []
+        out, how = [], self.model.cfg.caption_tokenization()
         for k in range(0, len(texts), self.batch_size):
-            text = tokenize(self.tok, texts[k : k + self.batch_size], self.model.cfg.max_text_len)
+            text = tokenize(self.tok, texts[k : k + self.batch_size], **how)
             ids, mask = to_device((text.input_ids, text.attention_mask), self.device)
             out.append(self.model(Task.ENCODE_CAPTION, ids, mask).float().cpu())
         return torch.cat(out).numpy().astype(np.float16)

@@ -143,7 +143,11 @@ def build_loader(cfg: Config, model, tok, rank: int, world: int, batch_size: int
     inside its loader, at the start of the run."""
     image_size = model.hf.config.vision_config.image_size
     batch_collate = partial(
-        collate, tokenizer=tok, image_size=image_size, max_text_len=cfg.model.max_text_len
+        collate,
+        tokenizer=tok,
+        image_size=image_size,
+        max_text_len=cfg.model.max_text_len,
+        caption=cfg.model.caption_tokenization(),
     )
     train = open_split(cfg, "train", model)  # before ZeRO-3 partitions the weights
     reader = ShardReader(

@@ -106,7 +106,8 @@ class CoVRModel(nn.Module):
             "arch": c.arch,
             "image_size": self.hf.config.vision_config.image_size,
             "ln_vision_eps": c.ln_vision_eps,
-            "caption_tokens": c.max_text_len,
+            "caption_words": c.caption_words,
+            "caption_tokens": c.caption_tokens,
         }
         self._fingerprint = weights_fingerprint(tensors, settings)
         return self._fingerprint
