@@ -197,6 +197,9 @@ class ModelConfig:
     frame_score_temperature: float = 0.1
     # Q-Former / text encoder, hidden and attention (the reference's); 0 = off
     dropout: float = field(default=0.1, metadata=EXPORT_OVERRIDE)
+    # ViT stochastic depth at the last block (linear from 0), active in train mode even when the
+    # ViT is frozen, as the reference's BLIP (0.1); 0 = off (transformers' ViTs have none)
+    vision_drop_path: float = field(default=0.0, metadata=EXPORT_OVERRIDE)
 
     def check(self) -> None:
         positive(self, "num_query_tokens", "embed_dim", "max_text_len", "caption_words")
@@ -209,8 +212,9 @@ class ModelConfig:
                     f"{getattr(self, key)} tokens do not fit the text encoder's {longest} "
                     "position embeddings (model.text.max_position_embeddings)",
                 )
-        if not 0 <= self.dropout < 1:
-            raise FieldError("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        for key in ("dropout", "vision_drop_path"):
+            if not 0 <= getattr(self, key) < 1:
+                raise FieldError(key, f"must be in [0, 1), got {getattr(self, key)!r}")
 
     def caption_tokenization(self) -> dict:
         """`data.text.tokenize` arguments for target captions."""

@@ -99,6 +99,7 @@ def test_what_a_field_is_for_is_marked_on_it():
         "combiner",
         "reduce",
         "dropout",
+        "vision_drop_path",
     ]
     free = marked(Config, "resume_free")
     assert {"tracking.uri", "eval.ks", "train.chunk_size", "data.synth.workers"} <= set(free)

@@ -241,6 +241,32 @@ def test_blip_vit_layer_norms_use_eps_1e6(tmp_path):
     )
 
 
+def test_vit_stochastic_depth_drops_whole_samples_in_train_mode_only(tmp_path):
+    torch.manual_seed(0)
+    plain, _ = tiny_model(tmp_path, "blip")
+    torch.manual_seed(0)
+    model, _ = tiny_model(tmp_path, "blip", vision_drop_path=0.5)  # 2 blocks: rates 0 and 0.5
+    assert plain.state_dict().keys() == model.state_dict().keys()  # checkpoints unchanged
+    first, last = model.hf.vision_model.encoder.layers
+    assert not first.mlp._forward_hooks and len(last.mlp._forward_hooks) == 1
+    seen = {}
+    last.mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    pixels = torch.randn(64, 3, 32, 32)
+    model.train()  # the ViT is frozen, yet in train mode as in the reference
+    model._vision(pixels)
+    raw = last.mlp.forward(seen["x"])  # .forward: the branch without its hooks
+    dropped = (seen["y"] == 0).flatten(1).all(1)
+    kept = torch.isclose(seen["y"], 2 * raw, atol=1e-6).flatten(1).all(1)  # scaled by 1 / 0.5
+    assert (dropped ^ kept).all()  # each sample whole: dropped or kept
+    assert 16 <= int(dropped.sum()) <= 48  # about half of 64
+    plain.eval()  # the target path (sharing the frozen ViT) still encodes in eval mode
+    target = model(Task.ENCODE_TARGET_FRAMES, pixels)
+    assert torch.equal(target, plain(Task.ENCODE_TARGET_FRAMES, pixels)) and model.training
+    model.eval()
+    plain.eval()
+    assert torch.equal(model._vision(pixels), plain._vision(pixels))  # eval: no stochastic depth
+
+
 def test_blip_pooled_target_is_normalised_again(tmp_path):
     model, tok = tiny_model(tmp_path, "blip")
     batch = _batch(tok)

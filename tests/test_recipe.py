@@ -76,6 +76,7 @@ REFERENCE = {
         "model.max_text_len": 32,
         "model.caption_words": 50,
         "model.caption_tokens": 0,
+        "model.vision_drop_path": 0.0,  # LAVIS's EVA ViT: none, and kept in eval mode
         "model.num_query_tokens": 32,
         "optim.lr": 2e-05,
         "train.global_batch_size": 512,
@@ -87,6 +88,7 @@ REFERENCE = {
         "model.arch": "blip",
         "model.vision.image_size": 384,
         "model.max_text_len": 35,
+        "model.vision_drop_path": 0.1,
         "optim.lr": 1e-05,
         "train.global_batch_size": 1024,
         "loss.video_weight": 1.0,

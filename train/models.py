@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +130,10 @@ class CoVRModel(nn.Module):
     def _vision(self, pixels: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         vision = self._part("vision_model", frozen)
         pixels = pixels.to(vision.embeddings.patch_embedding.weight.dtype)  # bf16 / fp16 engines
-        if self.cfg.freeze_vision or frozen:
+        if frozen:  # targets: the starting model in eval mode (a shared ViT: no stochastic depth)
+            with torch.no_grad(), _eval_mode(vision):
+                return vision(pixel_values=pixels).last_hidden_state
+        if self.cfg.freeze_vision:
             with torch.no_grad():
                 return vision(pixel_values=pixels).last_hidden_state
         return vision(pixel_values=pixels).last_hidden_state
@@ -306,6 +311,40 @@ class BlipCoVR(CoVRModel):
         return F.normalize(self._part("text_proj", frozen)(hidden[:, 0]), dim=-1)
 
 
+@contextmanager
+def _eval_mode(module: nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def add_stochastic_depth(vision_model: nn.Module, rate: float) -> None:
+    """Stochastic depth on the ViT's residual branches, as the reference's BLIP ViT (timm
+    DropPath, the rate rising linearly from 0 at the first block to `rate` at the last). In train
+    mode each sample's attention and MLP branch outputs are dropped with their block's rate and
+    kept ones scaled by 1 / (1 - rate), each branch drawn on its own. The reference runs its
+    frozen ViT in train mode, so this acts on the query frame although the ViT is frozen. Forward
+    hooks: parameter names and checkpoints are unchanged."""
+    layers = vision_model.encoder.layers
+    for i, layer in enumerate(layers):
+        p = rate * i / max(1, len(layers) - 1)
+        if p > 0:
+            layer.self_attn.register_forward_hook(partial(_drop_branch, p))
+            layer.mlp.register_forward_hook(partial(_drop_branch, p))
+
+
+def _drop_branch(p: float, module: nn.Module, args, output):
+    if not module.training:
+        return None  # output unchanged
+    branch = output[0] if isinstance(output, tuple) else output
+    shape = (branch.shape[0],) + (1,) * (branch.dim() - 1)
+    keep = branch.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
+    return (branch * keep, *output[1:]) if isinstance(output, tuple) else branch * keep
+
+
 def set_dropout(hf, arch: str, p: float) -> None:
     """Dropout of the Q-Former (BLIP-2) / text encoder (BLIP), hidden and attention, also on
     loaded weights: the modules read it at build time (`nn.Dropout.p`, BLIP-2's attention keeps
@@ -439,4 +478,6 @@ def build_model(cfg: ModelConfig, tokenizer) -> CoVRModel:
         model = BlipCoVR(hf, cfg, enc_token_id=tokenizer.convert_tokens_to_ids("[ENC]"))
     if cfg.lavis_checkpoint and cfg.pretrained:
         load_lavis_checkpoint(model.hf, cfg.lavis_checkpoint, cfg.arch)
+    if cfg.vision_drop_path:  # the live ViT only: the frozen target copy encodes in eval mode
+        add_stochastic_depth(model.hf.vision_model, cfg.vision_drop_path)
     return model
