@@ -239,6 +239,16 @@ class ShardReader(IterableDataset):
         self.augment = augment  # (batch, rng) -> batch, after collate (training only)
         self.epoch, self.start_batch, self.num_workers = 0, 0, 1
         self.excluded = np.zeros(0, dtype=np.int64)
+        if rank == 0 and self.sampler.buffer < 8 * batch_size:
+            # a shard's records meet again in later epochs' batches at about batch / buffer
+            # (bench/mixing_bench.py: 3-4x uniform on 2 ranks at 1,024; 1.1x at 8x the batch)
+            log.warning(
+                "sampler.buffer %d is under 8x the per-rank batch %d: in-batch negatives repeat "
+                "across epochs more than under a uniform shuffle; consider sampler.buffer=%d",
+                self.sampler.buffer,
+                batch_size,
+                8 * batch_size,
+            )
 
     def set_position(
         self, epoch: int, start_batch: int = 0, num_workers: int = 1, excluded=()

@@ -457,3 +457,12 @@ def test_cirr_triplets_pack_with_image_set_groups(tmp_path, tok):
     assert first["triplets"][0]["edit"] == entries[0]["caption"]
     batch = _epoch(_reader(tmp_path / "shards", tok), workers=1)[0]
     assert batch["target_frames"].shape[1] == 1 and batch["query_frames"].shape[1] == 1
+
+
+def test_a_buffer_under_eight_batches_is_warned_about(packed, caplog):
+    _, out, manifest = packed
+    urls, counts = shard_urls(out, manifest)
+    for buffer, warned in ((16, True), (32, False)):
+        caplog.clear()
+        ShardReader(urls, counts, batch_size=4, collate=list, sampler=SamplerConfig(buffer=buffer))
+        assert ("sampler.buffer 16 is under 8x the per-rank batch 4" in caplog.text) == warned
