@@ -3,9 +3,11 @@
 Training (`ShardReader`, an IterableDataset yielding ready batches):
 - Every (rank, DataLoader worker) pair is a *slot*. Each epoch the shards are permuted with
   (seed, epoch), the same permutation on every rank, and the concatenated record sequence is cut
-  into equal contiguous ranges, one per slot (the tail of fewer than one record per slot is left
-  for the next epoch's permutation). So every slot, hence every rank, yields the same number of
-  batches whatever the shard sizes, and no record is read by two slots in one epoch.
+  into contiguous ranges of whole batches: every rank the same number, split over its workers as
+  evenly as whole batches allow (the first workers one more). What is left, less than one batch
+  per rank, waits for the next epoch's permutation. So every rank yields the same number of
+  batches whatever the shard sizes, no record is read by two slots in one epoch, and no slot
+  reads records it cannot make a batch of.
 - Within a slot: records -> (target mode) one triplet drawn per record -> batch composition
   (`sharding.samplers.BatchComposer`: random / hns / fs / mix, which also shuffles) -> decoding ->
   collate -> optional augmentation (`sharding.batch.augment`, seeded per batch). Decoding comes last, so resuming mid-epoch replays the cheap part and skips batches
@@ -261,27 +263,34 @@ class ShardReader(IterableDataset):
 
     def batches_per_epoch(self) -> int:
         """Batches this rank yields in the epoch (the same on every rank)."""
-        slots = self.world * self.num_workers
-        per_slot = (sum(self.counts) - len(self.excluded)) // slots
-        if per_slot < self.batch_size:
-            if len(self.excluded):  # the rest of a re-split epoch: may be less than a batch
-                return 0
+        per_rank = (sum(self.counts) - len(self.excluded)) // (self.world * self.batch_size)
+        if per_rank == 0 and not len(self.excluded):  # a re-split epoch's rest may be < 1 batch
             raise ValueError(
-                f"{sum(self.counts)} samples over {self.world} ranks x {self.num_workers} workers leave "
-                f"{per_slot} per worker, less than one batch of {self.batch_size}: use fewer workers or ranks"
+                f"{sum(self.counts)} samples over {self.world} ranks leave less than one batch "
+                f"of {self.batch_size} per rank: use fewer ranks or a smaller batch"
             )
-        return (per_slot // self.batch_size) * self.num_workers
+        return per_rank
 
-    def _slot_range(self, slot: int, slots: int) -> tuple[list[int], Sequence[int]]:
-        """The epoch's shard order and the (sorted) positions of the slot's records."""
+    def worker_batches(self, worker: int) -> int:
+        """Batches of the rank's epoch that loader worker `worker` yields: as even as whole
+        batches allow, the first workers one more (the DataLoader's round robin from worker 0
+        then skips the others once they are done, so batch k still comes from worker k % W)."""
+        q, r = divmod(self.batches_per_epoch(), self.num_workers)
+        return q + (worker < r)
+
+    def _slot_range(self, worker: int) -> tuple[list[int], Sequence[int]]:
+        """The epoch's shard order and the (sorted) positions of this rank's worker's records:
+        each rank a contiguous range of whole batches, cut into one range per worker."""
         order = list(range(len(self.urls)))
         random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
-        total = sum(self.counts)
-        per_slot = (total - len(self.excluded)) // slots
+        q, r = divmod(self.batches_per_epoch(), self.num_workers)
+        first_batch = self.rank * self.batches_per_epoch() + worker * q + min(worker, r)
+        start = first_batch * self.batch_size
+        stop = start + self.worker_batches(worker) * self.batch_size
         if not len(self.excluded):
-            return order, range(slot * per_slot, (slot + 1) * per_slot)
-        rest = np.setdiff1d(np.arange(total), self.excluded, assume_unique=True)
-        return order, rest[slot * per_slot : (slot + 1) * per_slot].tolist()
+            return order, range(start, stop)
+        rest = np.setdiff1d(np.arange(sum(self.counts)), self.excluded, assume_unique=True)
+        return order, rest[start:stop].tolist()
 
     def _range(self, order: list[int], positions: Sequence[int], on_error) -> Iterator[tuple]:
         """(position, record) at `positions` (sorted) of the epoch's concatenated shard sequence."""
@@ -350,9 +359,9 @@ class ShardReader(IterableDataset):
             raise RuntimeError(
                 f"set_position(num_workers={workers}) before iterating (got {self.num_workers})"
             )
-        slot, slots = self.rank * workers + worker, self.world * workers
-        order, positions = self._slot_range(slot, slots)
-        my_batches = self.batches_per_epoch() // workers
+        slot = self.rank * workers + worker
+        order, positions = self._slot_range(worker)
+        my_batches = self.worker_batches(worker)
         skip = max(0, (self.start_batch - worker + workers - 1) // workers)
         counts = ReaderCounts()
         rng = random.Random(f"{self.seed}-{self.epoch}-{slot}-draw")

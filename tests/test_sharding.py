@@ -365,12 +365,33 @@ def test_corrupt_shard_is_skipped_counted_and_batches_stay_equal(packed, tok, tm
     assert stats["corrupt_shards"] >= 1 and stats["resampled"] >= 1
 
 
-def test_too_many_slots_is_a_clear_error(packed, tok):
+def test_too_many_ranks_is_a_clear_error(packed, tok):
     _, out, manifest = packed
-    reader = _reader(out, tok, 0, 8, batch_size=4)
+    reader = _reader(out, tok, 0, manifest["totals"]["samples"], batch_size=2)
     reader.set_position(0, 0, 2)
-    with pytest.raises(ValueError, match="less than one batch"):
+    with pytest.raises(ValueError, match="less than one batch of 2 per rank"):
         reader.batches_per_epoch()
+
+
+def test_workers_share_whole_batches_and_an_epoch_uses_all_but_the_last_partial_batch(packed, tok):
+    _, out, manifest = packed
+    total, workers = manifest["totals"]["samples"], 3
+    per_rank = total // (2 * 2)  # 2 ranks, batches of 2
+    assert per_rank % workers, "the corpus should leave workers with unequal shares"
+    seen = []
+    for rank in range(2):
+        batches = _epoch(_reader(out, tok, rank, 2), workers=workers)
+        assert len(batches) == per_rank  # the leftover of a worker's range is no longer lost
+        assert [b["reader_stats"]["worker"] for b in batches] == [
+            k % workers for k in range(per_rank)
+        ]
+        seen += [k for b in batches for k in b["keys"]]
+        for start in (1, per_rank - 1):  # resumed where the workers' shares differ
+            rest = _epoch(_reader(out, tok, rank, 2), start=start, workers=workers)
+            assert [k for b in rest for k in b["keys"]] == [
+                k for b in batches[start:] for k in b["keys"]
+            ]
+    assert len(seen) == len(set(seen)) == total - total % 4
 
 
 def test_pipe_urls_are_refused_unless_enabled(tok):
