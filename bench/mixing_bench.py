@@ -11,10 +11,10 @@ nearby batches every epoch; the reference's `DataLoader(shuffle=True)` draws fre
 
 The order is computed on record ids only (no shard is read, nothing decoded), with the project's
 own functions: `plan_jobs` (records -> shards), `ShardReader._slot_range` and
-`batches_per_epoch` (the epoch's shard permutation and the slot's range), `BatchComposer` with
+`worker_batches` (the epoch's shard permutation, the slot's range and its batch count), `BatchComposer` with
 the reader's seeds (`kind: random` never looks at the sample, so record ids stand in for the
 drawn triplets). What the reader does around them (read the slot's positions in order, stop
-after `batches_per_epoch() // workers` batches, worker k % W gives the rank's batch k) is
+after `worker_batches(w)` batches, worker k % W gives the rank's batch k) is
 mirrored here, and `check_mirror` first compares the mirror with the real reader on small tar
 shards through a 2-worker DataLoader, batch for batch.
 
@@ -27,8 +27,8 @@ Measures, epoch 1 -> epoch 2 (global batch B, N records, per-rank batch b):
 - distinct partners over the recipes' 5 epochs, as a fraction of the 5 (B - 1) partner slots,
   for a sample of records (the negative diversity HN-NCE sees).
 Each for the global batch (the negatives) and for the per-rank batch (where the structure is);
-and the share of the records an epoch uses (ours: `batches_per_epoch() // workers` whole batches
-per slot; the rest of each slot's range is not read that epoch).
+and the share of the records an epoch uses (ours: whole batches per rank, shared by its
+workers; less than one batch per rank waits for the next epoch).
 
 Candidate fixes, simulated the same way: a larger `sampler.buffer`; a slot reading k shards of
 its range at once, records interleaved round-robin (`Setup.interleave`, not in the reader: a
@@ -40,6 +40,7 @@ samples: the target's JPEGs or its `target.npy`, one query JPEG, the record's `c
 """
 
 import argparse
+import logging
 import json
 import sys
 import tempfile
@@ -104,19 +105,30 @@ def our_epoch(shards: list[np.ndarray], s: Setup, epoch: int, seed: int = SEED) 
     counts = [len(x) for x in shards]
     urls = [f"shard-{i:06d}" for i in range(len(shards))]
     sampler = SamplerConfig(kind="random", buffer=s.buffer)
-    reader = ShardReader(
-        urls, counts, batch_size=s.batch, collate=list, sampler=sampler, world=s.world, seed=seed
-    )
-    reader.set_position(epoch, 0, s.workers)
-    slots, per_worker = s.world * s.workers, reader.batches_per_epoch() // s.workers
-    order, _ = reader._slot_range(0, slots)
+
+    def reader_of(rank: int) -> ShardReader:
+        reader = ShardReader(
+            urls,
+            counts,
+            batch_size=s.batch,
+            collate=list,
+            sampler=sampler,
+            rank=rank,
+            world=s.world,
+            seed=seed,
+        )
+        reader.set_position(epoch, 0, s.workers)
+        return reader
+
+    order, _ = reader_of(0)._slot_range(0)
     sequence = np.concatenate([shards[i] for i in order])  # the epoch's record sequence
     run_of = np.repeat(np.arange(len(order)), [counts[i] for i in order])
-    out = np.empty((per_worker * s.workers, s.world, s.batch), np.int64)
+    out = np.empty((reader_of(0).batches_per_epoch(), s.world, s.batch), np.int64)
     for rank in range(s.world):
+        reader = reader_of(rank)
         for worker in range(s.workers):
             slot = rank * s.workers + worker
-            _, positions = reader._slot_range(slot, slots)
+            _, positions = reader._slot_range(worker)
             positions = np.asarray(positions, dtype=np.int64)
             if s.interleave > 1:
                 positions = interleaved(positions, run_of, s.interleave)
@@ -126,7 +138,7 @@ def our_epoch(shards: list[np.ndarray], s: Setup, epoch: int, seed: int = SEED) 
                 seed=f"{seed}-{epoch}-{slot}-compose",
             )
             for index, batch in enumerate(composer(sequence[positions].tolist())):
-                if index >= per_worker:
+                if index >= reader.worker_batches(worker):
                     break
                 out[index * s.workers + worker, rank] = batch  # DataLoader: round-robin
     return out
@@ -346,6 +358,7 @@ def row(r: dict) -> str:
 
 
 def main() -> None:
+    logging.getLogger("sharding.reader").setLevel(logging.ERROR)  # its buffer warning, per reader
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
