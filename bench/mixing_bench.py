@@ -40,8 +40,8 @@ samples: the target's JPEGs or its `target.npy`, one query JPEG, the record's `c
 """
 
 import argparse
-import logging
 import json
+import logging
 import sys
 import tempfile
 import time
