@@ -13,6 +13,7 @@ from pathlib import Path
 from data.paths import UnsafePathError, inside
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+FOLDER_IMAGE_SUFFIXES = (".png", ".jpg")  # what the reference embeds (src/data/embs.py)
 
 
 class BenchmarkFormatError(ValueError):
@@ -72,10 +73,17 @@ def check_images(gallery: dict[str, Path]) -> None:
 
 
 def read_cirr(
-    root: str | Path, split: str = "val", image_root: str | Path | None = None
+    root: str | Path,
+    split: str = "val",
+    image_root: str | Path | None = None,
+    gallery: str = "split",
 ) -> tuple[list[CompositionQuery], dict[str, Path]]:
     """CIRR: `captions/cap.rc2.{split}.json` and `image_splits/split.rc2.{split}.json`.
-    Image paths in the split file are relative to `image_root` (default `<root>/img_raw`)."""
+    Image paths in the split file are relative to `image_root` (default `<root>/img_raw`).
+    `gallery`: "split" = the split file's images; "folder" = those plus every other image in
+    the folders they lie in (`folder_gallery`)."""
+    if gallery not in ("split", "folder"):
+        raise ValueError(f"unknown cirr_gallery {gallery!r}; one of ('split', 'folder')")
     root = Path(root)
     image_root = Path(image_root) if image_root is not None else root / "img_raw"
     cap_path = root / "captions" / f"cap.rc2.{split}.json"
@@ -83,7 +91,9 @@ def read_cirr(
     entries, names = _load_json(cap_path), _load_json(split_path)
     if not isinstance(entries, list) or not isinstance(names, dict):
         raise BenchmarkFormatError(f"{cap_path} must be a list and {split_path} a mapping")
-    gallery = _gallery(names, names.get, image_root, split_path)
+    images = _gallery(names, names.get, image_root, split_path)
+    if gallery == "folder":
+        images = folder_gallery(images, split_path)
     queries = []
     for i, e in enumerate(entries):
         _require(e, ("pairid", "reference", "caption", "img_set"), cap_path, i)
@@ -99,7 +109,25 @@ def read_cirr(
                 extra={"target_soft": e.get("target_soft", {}), "set_id": e["img_set"]["id"]},
             )
         )
-    return queries, gallery
+    return queries, images
+
+
+def folder_gallery(gallery: dict[str, Path], source: Path) -> dict[str, Path]:
+    """`gallery` plus every other image file in the folders its files lie in, id = file stem:
+    the reference ranks against the embeddings of a whole image folder (for CIRR val it asserts
+    8,102 images; the split file lists 2,297)."""
+    images, known = dict(gallery), set(gallery.values())
+    for folder in sorted({p.parent for p in gallery.values()}):
+        found = sorted(folder.iterdir()) if folder.is_dir() else []
+        for path in found:
+            if path.suffix not in FOLDER_IMAGE_SUFFIXES or path in known:
+                continue
+            if path.stem in images:  # one id, two files: which one is meant is unknown
+                raise BenchmarkFormatError(
+                    f"{source}: {path} and {images[path.stem]} share the id {path.stem!r}"
+                )
+            images[path.stem] = path
+    return images
 
 
 def read_fashioniq(

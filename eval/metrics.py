@@ -18,6 +18,13 @@ def positive_ranks(scores: torch.Tensor, positives: torch.Tensor | list[int]) ->
     return (scores >= pos).sum(1) - 1
 
 
+def item_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """0-based rank of every item of one (N,) score vector, each as `positive_ranks` ranks a
+    positive (a CIRR subset, where soft labels credit any member)."""
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    return (scores[None, :] >= scores[:, None]).sum(1) - 1
+
+
 def recall_at_k(scores, positives, ks=(1, 5, 10, 50)) -> dict[int, float]:
     """{k: percent of queries whose positive ranks within the top k}."""
     ranks = positive_ranks(scores, positives)

@@ -2,10 +2,13 @@
 
 - `webvid_covr`: a split's shards; gallery = its targets, the query's reference removed.
 - `cirr`: val R@K and Recall_subset@K (rank among the query's image set minus the reference);
-  test writes the two evaluation-server files.
+  test writes the two evaluation-server files. The gallery is the split file's images
+  (`cirr_gallery="folder"`: every image of their folder, as CoVR); Recall_subset credits
+  `target_hard` (`cirr_subset_credit="soft"`: the best `target_soft` score, as CoVR).
 - `fashioniq`: R@10 / R@50 per category and their average; the candidate (reference) image is
   removed from its ranking (CoVR's rule; `fashioniq_gallery="clip4cir"` keeps it).
-- `circo`: mAP@K (several correct targets); test writes the top-50 submission.
+- `circo`: mAP@K (several correct targets) and, as CoVR, R@K of the one `target_img_id`;
+  test writes the top-50 submission.
 All search through `eval.search.retrieve` (exact by default); every rank embeds its share of the
 items. Query edits are tokenised as the reference's test scripts do: `pre_caption`, at most
 `EVAL_TEXT_LEN` (64) tokens, padded to the longest in the batch. Each Evaluation says in
@@ -32,7 +35,7 @@ from data.benchmarks import (
     read_fashioniq,
 )
 from eval.embed import embed_image_queries, embed_images
-from eval.metrics import map_at_k, positive_ranks
+from eval.metrics import item_ranks, map_at_k
 from eval.search import IndexSpec, recall_from_topk, retrieve
 from eval.similarity import similarity
 from sharding import format as fmt
@@ -45,8 +48,19 @@ FASHIONIQ_GALLERIES = {
     "covr": "candidate removed (CoVR, src/test/*/fashioniq.py)",
     "clip4cir": "candidate kept (CLIP4Cir)",
 }
+# CoVR's CIRR val numbers (src/test/*/cirr_val.py) rank against a whole folder: every embedding
+# in CIRR/<model>-embs-large/dev, made from all of images/dev, 8,102 asserted; our default ranks
+# the 2,297 images of the split file
+CIRR_GALLERIES = {
+    "split": "the split file's images (image_splits/split.rc2.<split>.json)",
+    "folder": "every image in the split's image folder (CoVR, src/test/*/cirr_val.py)",
+}
+CIRR_SUBSET_CREDITS = {
+    "hard": "target_hard only",
+    "soft": "best target_soft score in the top K, floored at 0 (CoVR, src/test/*/cirr_val.py)",
+}
 EVAL_TEXT_LEN = 64  # the reference's test tokenisation (src/test/*/*.py: longest, max 64)
-# each benchmark's standard K: R@K (webvid-covr, cirr, fashioniq), mAP@K (circo)
+# each benchmark's standard K: R@K (webvid-covr, cirr, fashioniq), mAP@K and R@K (circo)
 KS = {
     "webvid-covr": (1, 5, 10, 50),
     "cirr": (1, 5, 10, 50),
@@ -114,7 +128,14 @@ class EvalSettings:
     progress: bool = False
     text_len: int = EVAL_TEXT_LEN
     fashioniq_gallery: str = "covr"  # covr: the candidate removed; clip4cir: kept
+    cirr_gallery: str = "split"  # split: the split file's images; folder: all of their folder
+    cirr_subset_credit: str = "hard"  # hard: target_hard; soft: the best target_soft score
     seed: int = 1234  # WebVid-CoVR: which triplet of each target is the query
+
+
+def check_choice(key: str, value: str, choices: dict) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {key} {value!r}; one of {tuple(choices)}")
 
 
 def _search_conventions(s: EvalSettings) -> dict:
@@ -189,15 +210,30 @@ def subset_scores(query_emb, gallery_emb, position: dict, members: list[str], re
     return similarity(query_emb[None], gallery_emb[rows], reduce)[0]
 
 
+def subset_credits(queries: list[CompositionQuery], rule: str = "hard") -> list[dict]:
+    """What each image earns its query when ranked within the top K of the subset: hard = 1 for
+    `target_hard`; soft = its `target_soft` score floored at 0 (the reference: -1 earns 0, 0.5
+    half; `target_hard` earns only what `target_soft` gives it)."""
+    check_choice("cirr_subset_credit", rule, CIRR_SUBSET_CREDITS)
+    if rule == "hard":
+        return [{q.target: 1.0} for q in queries]
+    return [{g: max(0.0, float(v)) for g, v in q.extra["target_soft"].items()} for q in queries]
+
+
 def subset_recall(
-    member_scores: list, members: list[list[str]], targets: list[str], ks=(1, 2, 3)
+    member_scores: list, members: list[list[str]], credits: list[dict], ks=(1, 2, 3)
 ) -> dict:
-    """Recall_subset@K (percent): the target's pessimistic rank among its subset's scores."""
-    ranks = [
-        int(positive_ranks(torch.as_tensor(sc)[None], [m.index(t)])[0]) if t in m else len(m)
-        for sc, m, t in zip(member_scores, members, targets)
-    ]
-    return {f"Rsubset@{k}": 100.0 * float(np.mean([r < k for r in ranks])) for k in ks}
+    """Recall_subset@K (percent): per query, the best credit among the members ranked within
+    the top K of its subset's scores (pessimistic ranks: a tie counts against every member)."""
+    recall = {}
+    ranks = [item_ranks(torch.as_tensor(sc)).tolist() for sc in member_scores]
+    for k in ks:
+        best = [
+            max([0.0] + [credit.get(g, 0.0) for g, r in zip(m, rank) if r < k])
+            for m, rank, credit in zip(members, ranks, credits)
+        ]
+        recall[f"Rsubset@{k}"] = 100.0 * float(np.mean(best))
+    return recall
 
 
 def cirr(
@@ -211,7 +247,9 @@ def cirr(
 ) -> Evaluation:
     s = settings or EvalSettings(reduce="max")
     ks = s.ks or KS["cirr"]
-    queries, gallery = read_cirr(root, split, image_root)
+    check_choice("cirr_gallery", s.cirr_gallery, CIRR_GALLERIES)
+    check_choice("cirr_subset_credit", s.cirr_subset_credit, CIRR_SUBSET_CREDITS)
+    queries, gallery = read_cirr(root, split, image_root, s.cirr_gallery)
     found = _search_images(model, tokenizer, queries, gallery, s, max(max(ks), 50), True)
     ids, query_emb, gallery_emb, scores, top_ids = found
     position = {g: n for n, g in enumerate(ids)}
@@ -222,7 +260,10 @@ def cirr(
     ]
     metrics: dict = {}
     evaluation = _evaluation("cirr", metrics, queries, found, gallery)
-    evaluation.conventions = {**_search_conventions(s), "gallery": "reference removed"}
+    evaluation.conventions = {
+        **_search_conventions(s),
+        "gallery": f"{CIRR_GALLERIES[s.cirr_gallery]}, reference removed",
+    }
     if queries[0].target is None:  # test split: the server's files
         ranked = [
             [m[j] for j in torch.argsort(sc, descending=True, stable=True).tolist()]
@@ -231,7 +272,9 @@ def cirr(
         evaluation.files = write_cirr_submission(queries, top_ids, ranked, out_dir or ".", split)
         return evaluation
     metrics.update(_recall_table(top_ids, scores, [q.target for q in queries], ks))
-    metrics.update(subset_recall(member_scores, members, [q.target for q in queries]))
+    credits = subset_credits(queries, s.cirr_subset_credit)
+    metrics.update(subset_recall(member_scores, members, credits))
+    evaluation.conventions["subset_credit"] = CIRR_SUBSET_CREDITS[s.cirr_subset_credit]
     if "R@5" in metrics:  # the benchmark's headline average
         metrics["Ravg"] = (metrics["R@5"] + metrics["Rsubset@1"]) / 2
     return evaluation
@@ -270,11 +313,7 @@ def fashioniq(
     The returned Evaluation holds the queries of all categories, in order."""
     s = settings or EvalSettings()
     ks = s.ks or KS["fashioniq"]
-    if s.fashioniq_gallery not in FASHIONIQ_GALLERIES:
-        raise ValueError(
-            f"unknown fashioniq_gallery {s.fashioniq_gallery!r}; one of "
-            f"{tuple(FASHIONIQ_GALLERIES)}"
-        )
+    check_choice("fashioniq_gallery", s.fashioniq_gallery, FASHIONIQ_GALLERIES)
     remove = s.fashioniq_gallery == "covr"
     metrics: dict = {}
     parts = []
@@ -331,7 +370,7 @@ def circo(
     s = settings or EvalSettings()
     ks = s.ks or KS["circo"]
     queries, gallery = read_circo(root, split, image_dir)
-    found = _search_images(model, tokenizer, queries, gallery, s, 50, True)
+    found = _search_images(model, tokenizer, queries, gallery, s, max(max(ks), 50), True)
     top_ids = found[4]
     metrics: dict = {}
     evaluation = _evaluation("circo", metrics, queries, found, gallery)
@@ -347,6 +386,8 @@ def circo(
         return evaluation
     for k, v in map_at_k(top_ids, [q.targets for q in queries], ks).items():
         metrics[f"mAP@{k}"] = v
+    metrics.update(_recall_table(top_ids, found[3], [q.target for q in queries], ks))
+    evaluation.conventions["metrics"] = "mAP@K of gt_img_ids; R@K of target_img_id (CoVR)"
     return evaluation
 
 

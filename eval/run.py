@@ -17,7 +17,14 @@ import torch
 from data.text import tokenize
 from data.video import to_model_input
 from eval import protocols
-from eval.protocols import PROTOCOLS, EvalSettings, Evaluation
+from eval.protocols import (
+    CIRR_GALLERIES,
+    CIRR_SUBSET_CREDITS,
+    FASHIONIQ_GALLERIES,
+    PROTOCOLS,
+    EvalSettings,
+    Evaluation,
+)
 from eval.search import IndexSpec, retrieve, topk_agreement
 from sharding.batch import Task, device_of, to_device
 
@@ -35,6 +42,10 @@ class EvalJob:
     categories: tuple = protocols.FASHIONIQ_CATEGORIES
     reduce: str | None = None  # default: the model's own setting (CIRR: max)
     fashioniq_gallery: str = "covr"  # covr: the candidate removed from its ranking; clip4cir: kept
+    # split: the split file's images; folder: every image of their folder (CoVR's val numbers)
+    cirr_gallery: str = "split"
+    # hard: Recall_subset credits target_hard; soft: the best target_soft score (CoVR)
+    cirr_subset_credit: str = "hard"
     index: IndexSpec = field(default_factory=IndexSpec)
     batch_size: int = 64
     report: int = 0  # queries in the qualitative report (0: none)
@@ -49,6 +60,10 @@ class EvalJob:
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; one of {PROTOCOLS}")
+        # before any model is loaded
+        protocols.check_choice("fashioniq_gallery", self.fashioniq_gallery, FASHIONIQ_GALLERIES)
+        protocols.check_choice("cirr_gallery", self.cirr_gallery, CIRR_GALLERIES)
+        protocols.check_choice("cirr_subset_credit", self.cirr_subset_credit, CIRR_SUBSET_CREDITS)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -75,6 +90,8 @@ def run_protocol(job: EvalJob, model, tok, rank: int = 0, world: int = 1) -> Eva
         world=world,
         progress=job.progress,
         fashioniq_gallery=job.fashioniq_gallery,
+        cirr_gallery=job.cirr_gallery,
+        cirr_subset_credit=job.cirr_subset_credit,
     )
     if job.protocol == "webvid-covr":
         return protocols.webvid_covr(model, tok, job.data, s)

@@ -49,6 +49,18 @@ def parser() -> argparse.ArgumentParser:
         help="covr: the candidate image removed from its ranking; clip4cir: kept",
     )
     p.add_argument(
+        "--cirr-gallery",
+        choices=("split", "folder"),
+        default="split",
+        help="split: the split file's images; folder: every image of their folder (CoVR's val)",
+    )
+    p.add_argument(
+        "--cirr-subset-credit",
+        choices=("hard", "soft"),
+        default="hard",
+        help="Recall_subset credit: hard: target_hard; soft: best target_soft score (CoVR's)",
+    )
+    p.add_argument(
         "--index",
         choices=INDEX_KINDS,
         default="flat",
@@ -92,6 +104,8 @@ def main(argv=None) -> int:
         categories=tuple(a.categories.split(",")),
         reduce=a.reduce,
         fashioniq_gallery=a.fashioniq_gallery,
+        cirr_gallery=a.cirr_gallery,
+        cirr_subset_credit=a.cirr_subset_credit,
         index=IndexSpec(a.index, nprobe=a.nprobe, gpu=a.gpu_index),
         batch_size=a.batch_size,
         report=a.report or len(chosen or []),

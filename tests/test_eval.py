@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from eval.metrics import recall_at_k
-from eval.protocols import subset_recall
+from eval.protocols import subset_credits, subset_recall
 from eval.search import IndexSpec, recall_from_topk, retrieve, topk_agreement
 from eval.similarity import similarity
 from tests.conftest import CIRR_ROOT
@@ -75,8 +75,32 @@ def test_subset_recall_hand_computed():
     members = [["a", "b", "c"], ["a", "b", "c"], ["a", "b", "c"]]
     scores = [[0.1, 0.9, 0.3], [0.5, 0.5, 0.1], [0.2, 0.1, 0.0]]
     # ranks of the targets: b first (0); b ties a (pessimistic 1); c last (2)
-    got = subset_recall(scores, members, ["b", "b", "c"])
+    got = subset_recall(scores, members, [{"b": 1.0}, {"b": 1.0}, {"c": 1.0}])
     assert got == pytest.approx({"Rsubset@1": 100 / 3, "Rsubset@2": 200 / 3, "Rsubset@3": 100.0})
+
+
+def test_subset_recall_soft_credit_differs_from_hard_hand_computed():
+    from data.benchmarks import CompositionQuery
+
+    def query(target, soft):
+        return CompositionQuery("q", "ref", "edit", target, extra={"target_soft": soft})
+
+    queries = [
+        query("b", {"a": 1.0, "b": 1.0}),  # a (top-1) is correct too
+        query("c", {"c": 1.0, "b": 0.5, "a": -1.0}),  # b (top-1) half correct, a wrong
+        query("a", {"a": -1.0}),  # target_hard marked wrong: soft credits nothing, not -1
+    ]
+    members = [["a", "b", "c"]] * 3
+    scores = [[0.9, 0.5, 0.1], [0.2, 0.8, 0.4], [0.9, 0.1, 0.0]]
+    # subset rankings a b c | b c a | a b c
+    hard = subset_recall(scores, members, subset_credits(queries, "hard"))
+    soft = subset_recall(scores, members, subset_credits(queries, "soft"))
+    # hard: q0 b at 2nd, q1 c at 2nd, q2 a at 1st
+    assert hard == pytest.approx({"Rsubset@1": 100 / 3, "Rsubset@2": 100.0, "Rsubset@3": 100.0})
+    # soft: q0 1 (a) at K=1; q1 .5 (b) at K=1, 1 (c) from K=2; q2 0 (max(0, -1))
+    assert soft == pytest.approx({"Rsubset@1": 50.0, "Rsubset@2": 200 / 3, "Rsubset@3": 200 / 3})
+    with pytest.raises(ValueError, match="cirr_subset_credit"):
+        subset_credits(queries, "graded")
 
 
 def _embed_owned(rank, world, out):
@@ -490,9 +514,10 @@ def test_circo_map_and_test_submission(cirr_setup, tmp_path):
     ]
     (tmp_path / "annotations" / "val.json").write_text(json.dumps(val))
     ev = circo(model, tok, tmp_path)
-    assert ev.metrics == pytest.approx(
+    assert {k: v for k, v in ev.metrics.items() if k.startswith("mAP")} == pytest.approx(
         {"mAP@5": 100.0, "mAP@10": 100.0, "mAP@25": 100.0, "mAP@50": 100.0}
     )
+    assert {f"R@{k}" for k in (5, 10, 25, 50)} <= set(ev.metrics)  # of target_img_id
     test = [
         {
             "id": q,

@@ -1,5 +1,6 @@
 """Evaluation as the reference does it, each rule against hand-computed cases: all-pairs `max`,
-exact search over the whole gallery, FashionIQ's gallery, WebVid-CoVR's test rules."""
+exact search over the whole gallery, FashionIQ's gallery, WebVid-CoVR's test rules, CIRR's
+folder gallery and soft Recall_subset, CIRCO's R@K of target_img_id."""
 
 import json
 import random
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from eval.search import IndexSpec, exact_topk, retrieve
 from eval.similarity import similarity
@@ -126,3 +128,131 @@ def test_webvid_queries_one_seeded_triplet_per_target_64_tokens_longest(small_co
     )
     assert ev.conventions["targets"] == "pooled tokens re-normalised"
     assert json.dumps(ev.conventions)  # goes into results.json
+
+
+def _fake_cirr_val(root):
+    """Two val queries over a 6-image set in img_raw/dev/, whose folder holds a 7th image the
+    split file does not list. Soft labels: query 1 rates every other member .5 (its reference
+    1), query 2 rates every other member 1."""
+    names = [f"dev-{i}-img0" for i in range(6)]
+    (root / "img_raw" / "dev").mkdir(parents=True)
+    for i, name in enumerate([*names, "dev-extra"]):
+        pixels = np.random.default_rng(i).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "img_raw" / "dev" / f"{name}.png")
+    entries = [
+        {
+            "pairid": pairid,
+            "reference": ref,
+            "target_hard": target,
+            "target_soft": {**{m: value for m in names if m != ref}, ref: 1.0},
+            "caption": "make it red",
+            "img_set": {"id": 0, "members": names},
+        }
+        for pairid, ref, target, value in (
+            (1, names[0], names[1], 0.5),
+            (2, names[2], names[3], 1.0),
+        )
+    ]
+    for sub, name, body in (
+        ("captions", "cap.rc2.val.json", entries),
+        ("image_splits", "split.rc2.val.json", {n: f"./dev/{n}.png" for n in names}),
+    ):
+        (root / sub).mkdir()
+        (root / sub / name).write_text(json.dumps(body))
+
+
+@pytest.fixture(scope="module")
+def tiny_blip2(tmp_path_factory):
+    from tests.tiny import tiny_model
+
+    torch.manual_seed(0)
+    model, tok = tiny_model(tmp_path_factory.mktemp("tiny"), "blip2")
+    return model.eval(), tok
+
+
+def test_cirr_folder_gallery_and_soft_subset_credit(tiny_blip2, tmp_path):
+    from eval.protocols import EvalSettings, cirr
+
+    model, tok = tiny_blip2
+    _fake_cirr_val(tmp_path)
+
+    def run(**options):
+        return cirr(model, tok, tmp_path, settings=EvalSettings(reduce="max", **options))
+
+    ours, folder, soft = run(), run(cirr_gallery="folder"), run(cirr_subset_credit="soft")
+    assert len(ours.gallery_ids) == 6 and "dev-extra" not in ours.gallery_ids
+    assert len(folder.gallery_ids) == 7 and "dev-extra" in folder.gallery_ids
+    # 7 images less the reference: the extra one is in every ranking, and only there
+    assert all("dev-extra" in top and len(top) == 6 for top in folder.top_ids)
+    assert all("dev-extra" not in top and len(top) == 5 for top in ours.top_ids)
+    assert ours.conventions["gallery"].startswith("the split file's images")
+    assert folder.conventions["gallery"].startswith("every image in the split's image folder")
+    # soft: query 1 earns .5 whatever ranks first (its reference's 1 never counts), query 2 earns
+    # 1: Recall_subset@K = 75 for every K, however the untrained model ranks
+    assert [soft.metrics[f"Rsubset@{k}"] for k in (1, 2, 3)] == pytest.approx([75.0] * 3)
+    assert soft.conventions["subset_credit"].startswith("best target_soft score")
+    assert ours.conventions["subset_credit"] == "target_hard only"
+    for k in (1, 5, 10, 50):  # R@K counts target_hard either way
+        assert soft.metrics[f"R@{k}"] == ours.metrics[f"R@{k}"]
+    for key in ("cirr_gallery", "cirr_subset_credit"):
+        with pytest.raises(ValueError, match=key):
+            run(**{key: "x"})
+    assert json.dumps(folder.conventions) and json.dumps(soft.conventions)
+
+
+def test_eval_job_refuses_an_unknown_choice_naming_its_key():
+    from eval.run import EvalJob
+
+    for key in ("fashioniq_gallery", "cirr_gallery", "cirr_subset_credit"):
+        with pytest.raises(ValueError, match=f"unknown {key} 'x'"):
+            EvalJob("cirr", "ckpt", "data", **{key: "x"})
+    job = EvalJob("cirr", "ckpt", "data", cirr_gallery="folder", cirr_subset_credit="soft")
+    assert (job.cirr_gallery, job.cirr_subset_credit) == ("folder", "soft")
+
+
+def test_circo_val_reports_recall_of_target_img_id_beside_map(monkeypatch, tmp_path):
+    from eval import protocols
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(1, 9):
+        (images / f"{i:012d}.jpg").write_bytes(b"")
+    # (reference, target_img_id, gt_img_ids, the ranking the search returns)
+    cases = [
+        (1, 2, [2, 3], [2, 4, 3, 5, 6]),  # target 1st
+        (2, 3, [3], [4, 5, 3, 6, 7]),  # target 3rd
+        (3, 4, [4, 5], [5, 6, 7, 8, 1]),  # target absent; another gt image 1st
+    ]
+    val = [
+        {
+            "id": n,
+            "reference_img_id": r,
+            "target_img_id": t,
+            "gt_img_ids": gt,
+            "relative_caption": "x",
+        }
+        for n, (r, t, gt, _) in enumerate(cases)
+    ]
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "val.json").write_text(json.dumps(val))
+
+    def ranked(model, tok, queries, gallery, s, k, exclude_reference):
+        top_ids = [[str(g) for g in c[3]] for c in cases]
+        scores = np.tile(np.linspace(0.9, 0.5, 5), (len(cases), 1))
+        return list(gallery), None, None, scores, top_ids
+
+    monkeypatch.setattr(protocols, "_search_images", ranked)
+    settings = protocols.EvalSettings(ks=(1, 2, 5))
+    ev = protocols.circo(None, None, tmp_path, image_dir=images, settings=settings)
+    assert ev.metrics == pytest.approx(
+        {
+            "R@1": 100 / 3,
+            "R@2": 100 / 3,
+            "R@5": 200 / 3,
+            # AP@1: 1, 0, 1; AP@2: 1/2, 0, 1/2; AP@5: (1 + 2/3) / 2, (1/3) / 1, 1/2
+            "mAP@1": 200 / 3,
+            "mAP@2": 100 / 3,
+            "mAP@5": 100 * ((1 + 2 / 3) / 2 + 1 / 3 + 1 / 2) / 3,
+        }
+    )
+    assert ev.conventions["metrics"] == "mAP@K of gt_img_ids; R@K of target_img_id (CoVR)"

@@ -237,3 +237,16 @@ def test_eval_launcher_choices_match_the_library():
     assert tuple(module.INDEX_KINDS) == tuple(INDEX_KINDS)
     assert module.default_split("webvid-covr", "runs/demo/shards/test") == "test"
     assert module.default_split("cirr", "CIRR/test") == "val"
+    from eval.protocols import CIRR_GALLERIES, CIRR_SUBSET_CREDITS, FASHIONIQ_GALLERIES
+
+    actions = {a.dest: a for a in module.parser()._actions}
+    for dest, library in (
+        ("cirr_gallery", CIRR_GALLERIES),
+        ("cirr_subset_credit", CIRR_SUBSET_CREDITS),
+        ("fashioniq_gallery", FASHIONIQ_GALLERIES),
+    ):
+        assert tuple(actions[dest].choices) == tuple(library), dest
+    args = module.parser().parse_args(
+        ["--protocol", "cirr", "--checkpoint", "c", "--data", "d", "--cirr-gallery", "folder"]
+    )
+    assert (args.cirr_gallery, args.cirr_subset_credit) == ("folder", "hard")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from eval.metrics import map_at_k, positive_ranks, recall_at_k
+from eval.metrics import item_ranks, map_at_k, positive_ranks, recall_at_k
 
 
 def test_recall_hand_computed():
@@ -27,3 +27,10 @@ def test_map_at_k_hand_computed():
     got = map_at_k([["a", "b", "c", "d"]], [["a", "c"]], ks=(1, 3))
     assert got[1] == pytest.approx(100.0)  # min(K, |gt|) = 1
     assert got[3] == pytest.approx(100 * (1 + 2 / 3) / 2)
+
+
+def test_item_ranks_rank_every_item_pessimistically():
+    # .5 and .5 tie: both take the worse place (2nd), as a positive would
+    assert item_ranks(torch.tensor([0.1, 0.5, 0.9, 0.5])).tolist() == [3, 2, 0, 2]
+    scores = torch.tensor([[0.1, 0.5, 0.9, 0.5]])
+    assert [int(positive_ranks(scores, [i])[0]) for i in range(4)] == [3, 2, 0, 2]
