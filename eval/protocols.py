@@ -473,5 +473,14 @@ def webvid_covr(
             "queries": f"one triplet per target (seed {s.seed})",
             "targets": "pooled tokens re-normalised",
             "gallery": "query's own video removed",
+            "frames": packed_frames(shards.manifest),
         },
     )
+
+
+def packed_frames(manifest: dict) -> str:
+    """How the shards store frames (a packing setting: the reference saw BGR decoded targets)."""
+    packing = manifest.get("config", {})
+    fmt_name = packing.get("frame_format", "jpeg")
+    stored = f"jpeg q{packing.get('jpeg_quality', 90)}" if fmt_name == "jpeg" else fmt_name
+    return f"{stored}, targets {packing.get('target_channels', 'rgb')}"

@@ -127,6 +127,12 @@ def test_webvid_queries_one_seeded_triplet_per_target_64_tokens_longest(small_co
         ev.gallery_emb.norm(dim=-1), torch.ones(ev.gallery_emb.shape[:2]), atol=1e-5
     )
     assert ev.conventions["targets"] == "pooled tokens re-normalised"
+    assert ev.conventions["frames"] == "jpeg q90, targets rgb"  # the shards' packing settings
+    from eval.protocols import packed_frames
+
+    assert packed_frames({"config": {"frame_format": "png", "target_channels": "bgr"}}) == (
+        "png, targets bgr"
+    )
     assert json.dumps(ev.conventions)  # goes into results.json
 
 
