@@ -10,6 +10,7 @@ model's device; results come back as float32 CPU tensors.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,6 +23,17 @@ from sharding.batch import Task, device_of, to_device
 from sharding.format import ImageDecodeError, decode_rgb
 
 Embedded = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """`module` in eval mode for the block, its train/eval mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def distributed_embed(

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from data.text import tokenize
+from eval.embed import eval_mode
 from eval.similarity import similarity
 from sharding.batch import device_of, to_device
 
@@ -95,8 +96,6 @@ def explain(
     model, tokenizer, frame: torch.Tensor, edit: str, target: torch.Tensor, reduce: str = "mean"
 ) -> Explanation:
     """`frame` (3, H, W) model input; `target` the target tokens (T, D) to score against."""
-    was_training = model.training
-    model.eval()
     text = tokenize(tokenizer, [edit], model.cfg.max_text_len)
     frame, ids, mask, target = to_device(
         (frame, text.input_ids, text.attention_mask, target), device_of(model)
@@ -105,7 +104,7 @@ def explain(
     cross, selfs = [], []
     hooks = _record(cross_modules, cross) + _record(self_modules, selfs)
     try:
-        with _eager_attention(model), torch.enable_grad():
+        with eval_mode(model), _eager_attention(model), torch.enable_grad():
             fused = model.encode_fusion(frame[None, None], ids, mask)
             score = similarity(fused, target[None].to(fused.dtype), reduce)[0, 0]
             score.backward()
@@ -113,7 +112,6 @@ def explain(
         for h in hooks:
             h.remove()
         model.zero_grad(set_to_none=True)
-        model.train(was_training)
     vision = model.hf.config.vision_config
     grid = vision.image_size // vision.patch_size
     patches = slice(1, 1 + grid * grid)  # the first frame's patches (token 0 is CLS)

@@ -247,7 +247,7 @@ def cirr(
 ) -> Evaluation:
     s = settings or EvalSettings(reduce="max")
     ks = s.ks or KS["cirr"]
-    check_choice("cirr_gallery", s.cirr_gallery, CIRR_GALLERIES)
+    # the credit rule before any embedding; read_cirr checks the gallery choice itself
     check_choice("cirr_subset_credit", s.cirr_subset_credit, CIRR_SUBSET_CREDITS)
     queries, gallery = read_cirr(root, split, image_root, s.cirr_gallery)
     found = _search_images(model, tokenizer, queries, gallery, s, max(max(ks), 50), True)

@@ -15,7 +15,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from eval.embed import distributed_embed
+from eval.embed import distributed_embed, eval_mode
 from eval.search import IndexSpec, retrieve
 from sharding import format as fmt
 from sharding.batch import Task, device_of, to_device
@@ -43,8 +43,6 @@ def embed_split(
     "query_sources", "gallery_ids"}, one query and one gallery row per record, in record order
     whatever the world size: query row n is triplet `query_sources[n][1]` of the record keyed
     `query_sources[n][0]`, and its positive is gallery row n."""
-    was_training = model.training
-    model.eval()
     rows = []  # every record's (key, triplet, reference, edit, target): metadata only
 
     def records():
@@ -62,12 +60,10 @@ def embed_split(
         source = b.get("target_embeddings", b.get("target_frames"))
         return query, model(Task.ENCODE_TARGET, source, b["target_scores"], b["target_mask"])
 
-    try:
+    with eval_mode(model):
         query, gallery = distributed_embed(
             records(), embed, batch_size, rank, world, "embed", progress
         )
-    finally:
-        model.train(was_training)
     return {
         "query": query,
         "gallery": gallery,

@@ -271,22 +271,26 @@ class ShardReader(IterableDataset):
             )
         return per_rank
 
-    def worker_batches(self, worker: int) -> int:
-        """Batches of the rank's epoch that loader worker `worker` yields: as even as whole
-        batches allow, the first workers one more (the DataLoader's round robin from worker 0
-        then skips the others once they are done, so batch k still comes from worker k % W)."""
+    def _worker_start(self, worker: int) -> int:
+        """Where loader worker `worker`'s share starts among the rank's batches of the epoch: as
+        even as whole batches allow, the first workers one more (the DataLoader's round robin
+        from worker 0 then skips the others once they are done, so batch k still comes from
+        worker k % W)."""
         q, r = divmod(self.batches_per_epoch(), self.num_workers)
-        return q + (worker < r)
+        return worker * q + min(worker, r)
+
+    def worker_batches(self, worker: int) -> int:
+        """Batches of the rank's epoch that loader worker `worker` yields."""
+        return self._worker_start(worker + 1) - self._worker_start(worker)
 
     def _slot_range(self, worker: int) -> tuple[list[int], Sequence[int]]:
         """The epoch's shard order and the (sorted) positions of this rank's worker's records:
         each rank a contiguous range of whole batches, cut into one range per worker."""
         order = list(range(len(self.urls)))
         random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
-        q, r = divmod(self.batches_per_epoch(), self.num_workers)
-        first_batch = self.rank * self.batches_per_epoch() + worker * q + min(worker, r)
-        start = first_batch * self.batch_size
-        stop = start + self.worker_batches(worker) * self.batch_size
+        rank_start = self.rank * self.batches_per_epoch()
+        start = (rank_start + self._worker_start(worker)) * self.batch_size
+        stop = (rank_start + self._worker_start(worker + 1)) * self.batch_size
         if not len(self.excluded):
             return order, range(start, stop)
         rest = np.setdiff1d(np.arange(sum(self.counts)), self.excluded, assume_unique=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -29,6 +28,7 @@ from transformers import (
 )
 
 from configs.schema import ConfigError, ModelConfig
+from eval.embed import eval_mode
 from sharding.batch import Composed, Task
 from sharding.embed import weights_fingerprint
 from train.combiners import build_combiner
@@ -131,7 +131,7 @@ class CoVRModel(nn.Module):
         vision = self._part("vision_model", frozen)
         pixels = pixels.to(vision.embeddings.patch_embedding.weight.dtype)  # bf16 / fp16 engines
         if frozen:  # targets: the starting model in eval mode (a shared ViT: no stochastic depth)
-            with torch.no_grad(), _eval_mode(vision):
+            with torch.no_grad(), eval_mode(vision):
                 return vision(pixel_values=pixels).last_hidden_state
         if self.cfg.freeze_vision:
             with torch.no_grad():
@@ -309,16 +309,6 @@ class BlipCoVR(CoVRModel):
             input_ids=input_ids, attention_mask=attention_mask
         ).last_hidden_state
         return F.normalize(self._part("text_proj", frozen)(hidden[:, 0]), dim=-1)
-
-
-@contextmanager
-def _eval_mode(module: nn.Module):
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 def add_stochastic_depth(vision_model: nn.Module, rate: float) -> None:
