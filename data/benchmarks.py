@@ -65,11 +65,14 @@ def _gallery(names, path_of, root: Path, source: Path) -> dict[str, Path]:
     return gallery
 
 
-def check_images(gallery: dict[str, Path]) -> None:
+def check_images(gallery: dict[str, Path], hint: str = "") -> None:
     missing = sorted(str(p) for p in gallery.values() if not Path(p).is_file())
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-        raise FileNotFoundError(f"{len(missing)} of {len(gallery)} image(s) missing: {shown}")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(gallery)} image(s) missing: {shown}"
+            + (f" ({hint})" if hint else "")
+        )
 
 
 def read_cirr(

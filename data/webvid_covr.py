@@ -65,7 +65,8 @@ class MissingVideosError(FileNotFoundError):
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
         super().__init__(
             f"{split}: {len(missing)} video(s) missing, unreadable or outside the video root "
-            f"(this split keeps every query): {shown}"
+            f"(this split keeps every query; `launch/shard.py pack --subset` packs the ones "
+            f"that exist, evaluated and reported as a subset): {shown}"
         )
 
 

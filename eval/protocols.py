@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from data.benchmarks import (
     FASHIONIQ_CATEGORIES,
     CompositionQuery,
-    check_images,
     read_circo,
     read_cirr,
     read_fashioniq,
 )
+from eval.coverage import Coverage, image_subset, shard_coverage
 from eval.embed import embed_image_queries, embed_images
 from eval.metrics import item_ranks, map_at_k
 from eval.search import IndexSpec, recall_from_topk, retrieve
@@ -97,6 +97,7 @@ class Evaluation:
     images: Images
     files: list[Path] = field(default_factory=list)  # submissions written
     conventions: dict = field(default_factory=dict)  # the protocol's rules as run (results.json)
+    coverage: Coverage | None = None  # how much of the split was evaluated (eval.coverage)
 
     def ranking_of(self, i: int, k: int) -> list[str]:
         return self.top_ids[i][:k]
@@ -107,6 +108,13 @@ def _recall_table(top: list[list[str]], scores: np.ndarray, positives: list[str]
     ids = np.array([row + [""] * (width - len(row)) for row in top], dtype=object)
     scores = np.pad(scores, ((0, 0), (0, width - scores.shape[1])), constant_values=-np.inf)
     return {f"R@{k}": v for k, v in recall_from_topk(ids, positives, ks, scores).items()}
+
+
+def _stack_ragged(scores: list[np.ndarray]) -> np.ndarray:
+    """Score rows of galleries smaller than K (fewer columns), padded with -inf."""
+    width = max(x.shape[1] for x in scores)
+    pad = [np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=-np.inf) for x in scores]
+    return np.concatenate(pad)
 
 
 def _mean_recalls(metrics: dict, ks) -> None:
@@ -131,6 +139,7 @@ class EvalSettings:
     cirr_gallery: str = "split"  # split: the split file's images; folder: all of their folder
     cirr_subset_credit: str = "hard"  # hard: target_hard; soft: the best target_soft score
     seed: int = 1234  # WebVid-CoVR: which triplet of each target is the query
+    subset: bool = False  # image benchmarks: evaluate the images that exist (eval.coverage)
 
 
 def check_choice(key: str, value: str, choices: dict) -> None:
@@ -161,7 +170,7 @@ def _search_images(
         raise ValueError(
             f"{len(absent)} reference image id(s) not in the gallery: {', '.join(absent[:10])}"
         )
-    check_images(gallery)
+    queries, gallery, coverage = image_subset(queries, gallery, s.subset)
     ids = list(gallery)
     position = {g: n for n, g in enumerate(ids)}
     args = dict(batch_size=s.batch_size, rank=s.rank, world=s.world, progress=s.progress)
@@ -177,10 +186,10 @@ def _search_images(
     exclude = [[position[q.reference]] if exclude_reference else [] for q in queries]
     scores, top = retrieve(query_emb, gallery_emb, k, s.reduce, exclude, s.index)
     top_ids = [[ids[j] for j in row] for row in top]
-    return ids, query_emb, gallery_emb, scores, top_ids
+    return queries, gallery, coverage, (ids, query_emb, gallery_emb, scores, top_ids)
 
 
-def _evaluation(protocol, metrics, queries, found, gallery) -> Evaluation:
+def _evaluation(protocol, metrics, queries, found, gallery, coverage) -> Evaluation:
     ids, query_emb, gallery_emb, scores, top_ids = found
     return Evaluation(
         protocol=protocol,
@@ -198,6 +207,7 @@ def _evaluation(protocol, metrics, queries, found, gallery) -> Evaluation:
             query=lambda i: decode_rgb(gallery[queries[i].reference]),
             gallery=lambda g: decode_rgb(gallery[g]),
         ),
+        coverage=coverage,
     )
 
 
@@ -250,7 +260,9 @@ def cirr(
     # the credit rule before any embedding; read_cirr checks the gallery choice itself
     check_choice("cirr_subset_credit", s.cirr_subset_credit, CIRR_SUBSET_CREDITS)
     queries, gallery = read_cirr(root, split, image_root, s.cirr_gallery)
-    found = _search_images(model, tokenizer, queries, gallery, s, max(max(ks), 50), True)
+    queries, gallery, coverage, found = _search_images(
+        model, tokenizer, queries, gallery, s, max(max(ks), 50), True
+    )
     ids, query_emb, gallery_emb, scores, top_ids = found
     position = {g: n for n, g in enumerate(ids)}
     members = [[m for m in q.subset if m != q.reference] for q in queries]
@@ -259,7 +271,7 @@ def cirr(
         for i, m in enumerate(members)
     ]
     metrics: dict = {}
-    evaluation = _evaluation("cirr", metrics, queries, found, gallery)
+    evaluation = _evaluation("cirr", metrics, queries, found, gallery, coverage)
     evaluation.conventions = {
         **_search_conventions(s),
         "gallery": f"{CIRR_GALLERIES[s.cirr_gallery]}, reference removed",
@@ -319,10 +331,12 @@ def fashioniq(
     parts = []
     for cat in categories:
         queries, gallery = read_fashioniq(root, cat, split)
-        found = _search_images(model, tokenizer, queries, gallery, s, max(ks), remove)
+        queries, gallery, coverage, found = _search_images(
+            model, tokenizer, queries, gallery, s, max(ks), remove
+        )
         for k, v in _recall_table(found[4], found[3], [q.target for q in queries], ks).items():
             metrics[f"{cat}/{k}"] = v
-        parts.append(_evaluation("fashioniq", {}, queries, found, gallery))
+        parts.append(_evaluation("fashioniq", {}, queries, found, gallery, coverage))
     for k in ks:
         metrics[f"average/R@{k}"] = float(np.mean([metrics[f"{c}/R@{k}"] for c in categories]))
     first = parts[0]
@@ -336,7 +350,7 @@ def fashioniq(
             references=[x for p in parts for x in p.references],
             positives=[x for p in parts for x in p.positives],
             top_ids=[x for p in parts for x in p.top_ids],
-            top_scores=np.concatenate([p.top_scores for p in parts]),
+            top_scores=_stack_ragged([p.top_scores for p in parts]),
             gallery_ids=[x for p in parts for x in p.gallery_ids],
             query_emb=torch.cat([p.query_emb for p in parts]),
             gallery_emb=torch.cat([p.gallery_emb for p in parts]),
@@ -346,6 +360,7 @@ def fashioniq(
                     p.images.gallery(g) for p in parts if g in set(p.gallery_ids)
                 ),
             ),
+            coverage=sum((p.coverage for p in parts[1:]), parts[0].coverage),
         )
     first.metrics = metrics
     first.conventions = {
@@ -370,10 +385,12 @@ def circo(
     s = settings or EvalSettings()
     ks = s.ks or KS["circo"]
     queries, gallery = read_circo(root, split, image_dir)
-    found = _search_images(model, tokenizer, queries, gallery, s, max(max(ks), 50), True)
+    queries, gallery, coverage, found = _search_images(
+        model, tokenizer, queries, gallery, s, max(max(ks), 50), True
+    )
     top_ids = found[4]
     metrics: dict = {}
-    evaluation = _evaluation("circo", metrics, queries, found, gallery)
+    evaluation = _evaluation("circo", metrics, queries, found, gallery, coverage)
     evaluation.conventions = {**_search_conventions(s), "gallery": "reference removed"}
     if all(not q.targets for q in queries):  # test split: the submission file
         out_dir = Path(out_dir or ".")
@@ -475,6 +492,7 @@ def webvid_covr(
             "gallery": "query's own video removed",
             "frames": packed_frames(shards.manifest),
         },
+        coverage=shard_coverage(shards.manifest, len(positives), len(gallery_ids)),
     )
 
 

@@ -17,6 +17,7 @@ import torch
 from data.text import tokenize
 from data.video import to_model_input
 from eval import protocols
+from eval.coverage import DROPPED, write_dropped
 from eval.protocols import (
     CIRR_GALLERIES,
     CIRR_SUBSET_CREDITS,
@@ -46,6 +47,8 @@ class EvalJob:
     cirr_gallery: str = "split"
     # hard: Recall_subset credits target_hard; soft: the best target_soft score (CoVR)
     cirr_subset_credit: str = "hard"
+    # image benchmarks: evaluate the images that exist, reported as a subset (eval.coverage)
+    subset: bool = False
     index: IndexSpec = field(default_factory=IndexSpec)
     batch_size: int = 64
     report: int = 0  # queries in the qualitative report (0: none)
@@ -92,6 +95,7 @@ def run_protocol(job: EvalJob, model, tok, rank: int = 0, world: int = 1) -> Eva
         fashioniq_gallery=job.fashioniq_gallery,
         cirr_gallery=job.cirr_gallery,
         cirr_subset_credit=job.cirr_subset_credit,
+        subset=job.subset,
     )
     if job.protocol == "webvid-covr":
         return protocols.webvid_covr(model, tok, job.data, s)
@@ -169,10 +173,14 @@ def evaluate(job: EvalJob, model, tok, tracker, rank: int = 0, world: int = 1) -
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reduce = job_reduce(job, model)
-    metrics = dict(evaluation.metrics)
+    coverage = evaluation.coverage
+    metrics = {**evaluation.metrics, **coverage.metrics()}
     if job.index.kind != "flat":
         metrics.update(approximate_search_loss(evaluation, job, reduce))
     files = list(evaluation.files)
+    if coverage.subset:
+        files.append(write_dropped(coverage, out))
+        log.warning("%s (dropped ones: %s)", coverage.line(), out / DROPPED)
     if job.report:
         files += protocols_report(job, model, tok, evaluation, out / "report")
     if job.explain:
@@ -187,6 +195,8 @@ def evaluate(job: EvalJob, model, tok, tracker, rank: int = 0, world: int = 1) -
         "split": job.split,
         "checkpoint": str(model_dir),
         "metrics": metrics,
+        "subset": coverage.subset,
+        "coverage": coverage.summary(),
         "gallery_size": len(evaluation.gallery_ids),
         "queries": len(evaluation.query_ids),
         "reduce": reduce,
@@ -207,8 +217,16 @@ def evaluate(job: EvalJob, model, tok, tracker, rank: int = 0, world: int = 1) -
                 "index": job.index.kind,
             }
         )
-    tracker.set_tags({"covr.checkpoint": str(model_dir), "covr.train_run_id": train_run or ""})
-    tracker.log_metrics({f"{job.protocol}/{job.split}/{k}": v for k, v in metrics.items()}, 0)
+    tracker.set_tags(
+        {
+            "covr.checkpoint": str(model_dir),
+            "covr.train_run_id": train_run or "",
+            "covr.subset": str(coverage.subset).lower(),
+        }
+    )
+    # a subset's numbers never share a name with a full split's
+    split = f"{job.split}-subset" if coverage.subset else job.split
+    tracker.log_metrics({f"{job.protocol}/{split}/{k}": v for k, v in metrics.items()}, 0)
     tracker.log_artifact(out / "results.json", f"eval/{job.protocol}")
     for f in files:
         tracker.log_artifact(f, f"eval/{job.protocol}/{Path(f).parent.name}")

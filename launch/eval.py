@@ -61,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
         help="Recall_subset credit: hard: target_hard; soft: best target_soft score (CoVR's)",
     )
     p.add_argument(
+        "--subset",
+        action="store_true",
+        help="image benchmarks: evaluate the images that exist (default: a missing one is an "
+        "error); results carry their coverage, are tagged subset, dropped ones listed",
+    )
+    p.add_argument(
         "--index",
         choices=INDEX_KINDS,
         default="flat",
@@ -106,6 +112,7 @@ def main(argv=None) -> int:
         fashioniq_gallery=a.fashioniq_gallery,
         cirr_gallery=a.cirr_gallery,
         cirr_subset_credit=a.cirr_subset_credit,
+        subset=a.subset,
         index=IndexSpec(a.index, nprobe=a.nprobe, gpu=a.gpu_index),
         batch_size=a.batch_size,
         report=a.report or len(chosen or []),

@@ -36,6 +36,12 @@ def parser() -> argparse.ArgumentParser:
         choices=("train", "val", "test"),
         help="default: from the file name; test loses nothing (a missing video is an error)",
     )
+    p.add_argument(
+        "--subset",
+        action="store_true",
+        help="test: pack the videos that exist; the manifest says subset, evaluation reports "
+        "its coverage and lists what was dropped",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p = sub.add_parser(
         "pack-cirr", help="pack CIRR triplets (images) for fine-tuning; group = image set"
@@ -104,6 +110,7 @@ def main(argv=None) -> int:
         args.address,
         progress=True,
         split=args.split,
+        subset=args.subset,
     )
     print(json.dumps({**manifest["totals"], "seconds": manifest["seconds_this_run"]}, indent=2))
     for item in manifest["skipped"][:10]:

@@ -4,7 +4,10 @@
 Train and val splits skip and count what cannot be packed (a missing, unreadable or refused
 video). A test split keeps every query: one such video is a `MissingVideosError` listing them
 all, before packing for missing and refused files, after it for undecodable ones, and no
-manifest is written."""
+manifest is written, unless `subset=True` says to pack what exists (WebVid's hosting has lost
+many test videos): then it skips and counts like the other splits and the manifest says
+`"subset": true`. Every manifest records `source_counts` (records, triplets and distinct targets
+in the annotations), from which evaluation reports its coverage."""
 
 from __future__ import annotations
 
@@ -22,7 +25,14 @@ from data.paths import UnsafePathError
 from data.webvid_covr import MissingVideosError, read_annotations, split_of
 from sharding.manifest import MANIFEST, packed_manifest, write_manifest
 from sharding.records import build_records, cirr_records
-from sharding.writer import ShardJob, finished_job, media_files, run_local, run_ray
+from sharding.writer import (
+    NO_QUERY_LEFT,
+    ShardJob,
+    finished_job,
+    media_files,
+    run_local,
+    run_ray,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +79,27 @@ def pack(
     ray_address: str | None = None,
     progress: bool = False,
     split: str | None = None,
+    subset: bool = False,
 ) -> dict:
     """Pack (or finish packing) a WebVid-CoVR CSV and its videos; returns the manifest. `split`
     (train / val / test) defaults to the one the file name says (`test.csv`,
-    `webvid8m-covr_test.csv`)."""
+    `webvid8m-covr_test.csv`); `subset`: a test split packs the videos that exist."""
     csv_path = Path(csv_path)
     records = build_records(read_annotations(csv_path), cfg.epoch)
     fp = _fingerprint(csv_path.read_bytes(), cfg)
     split = split_of(csv_path) if split is None else split
     return pack_records(
-        records, fp, csv_path, video_root, out_dir, cfg, backend, ray_address, progress, split=split
+        records,
+        fp,
+        csv_path,
+        video_root,
+        out_dir,
+        cfg,
+        backend,
+        ray_address,
+        progress,
+        split,
+        subset,
     )
 
 
@@ -90,6 +111,7 @@ def pack_cirr(
     image_root: str | Path | None = None,
     backend: str = "local",
     progress: bool = False,
+    subset: bool = False,
 ) -> dict:
     """Pack CIRR triplets (for fine-tuning) in the same record layout; returns the manifest."""
     records = cirr_records(root, split, image_root)
@@ -97,7 +119,7 @@ def pack_cirr(
     source = Path(root) / "captions" / f"cap.rc2.{split}.json"
     media_root = image_root or Path(root) / "img_raw"
     return pack_records(
-        records, fp, source, media_root, out_dir, cfg, backend, None, progress, split
+        records, fp, source, media_root, out_dir, cfg, backend, None, progress, split, subset
     )
 
 
@@ -112,10 +134,18 @@ def pack_records(
     ray_address: str | None = None,
     progress: bool = False,
     split: str = "",
+    subset: bool = False,
 ) -> dict:
     """Pack (or finish packing) records into shards and write the manifest. A `test` split loses
-    nothing (module doc)."""
-    strict = split == "test"
+    nothing unless `subset` (module doc)."""
+    strict = split == "test" and not subset
+    if subset and split == "test" and (absent := unusable_media(records, media_root)):
+        log.warning(
+            "%s: packing a subset: %d media file(s) missing or refused (listed in the "
+            "manifest's skipped)",
+            split,
+            len(absent),
+        )
     if strict and (absent := unusable_media(records, media_root)):
         raise MissingVideosError(split, absent)
     out = Path(out_dir)
@@ -135,10 +165,22 @@ def pack_records(
     for stats in tqdm(runner, total=len(todo), desc=f"pack {out.name}", disable=not progress):
         done[stats.name] = stats
     shards = [done[job.name] for job in jobs]
-    if strict and (lost := sorted({item["reason"] for s in shards for item in s.skipped})):
+    reasons = {item["reason"] for s in shards for item in s.skipped} - {NO_QUERY_LEFT}
+    if strict and (lost := sorted(reasons)):
         raise MissingVideosError(split, lost)
     manifest = packed_manifest(shards, source, media_root, cfg, fp if jobs else "", start, split)
+    manifest["subset"] = subset and split == "test"
+    manifest["source_counts"] = source_counts(records)
     return write_manifest(out, manifest)
+
+
+def source_counts(records: list[dict]) -> dict:
+    """What the annotations hold, before anything was lost (evaluation's coverage totals)."""
+    return {
+        "records": len(records),
+        "triplets": sum(len(r["triplets"]) for r in records),
+        "targets": len({r["target"] for r in records}),
+    }
 
 
 def unusable_media(records: list[dict], media_root: str | Path) -> list[str]:
@@ -159,6 +201,7 @@ def pack_splits(
     cfg: ShardConfig,
     splits=("train", "val", "test"),
     progress: bool = False,
+    subset: bool = False,
 ) -> dict[str, dict]:
     """Pack `<corpus_root>/<split>.csv` (videos under `<corpus_root>/videos`) into
     `<shard_root>/<split>/`; shards already complete are kept (packing resumes)."""
@@ -171,6 +214,7 @@ def pack_splits(
             cfg,
             progress=progress,
             split=split,
+            subset=subset,
         )
         for split in splits
     }

@@ -71,6 +71,9 @@ class ShardStats:
     inputs: str = ""  # the records' media files (path, size, mtime): changed -> packed again
 
 
+NO_QUERY_LEFT = "no query left"  # a record lost because each of its queries was
+
+
 def load_media(path: Path, n: int) -> np.ndarray:
     """(N, H, W, 3) uint8: `n` frames of a video, or an image as a single frame."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -149,7 +152,10 @@ def pack_record(record: dict, job: ShardJob, stats: ShardStats) -> dict | None:
             stats.skipped_triplets += 1
             continue
         kept.append({k: v for k, v in trip.items() if k != "query_file"})
-    if not kept:
+    if not kept:  # its target is lost with it (its queries are listed above)
+        stats.skipped.append(
+            {"key": record["key"], "video": record["target"], "reason": NO_QUERY_LEFT, "rows": []}
+        )
         stats.skipped_records += 1
         return None
     meta = {"target": record["target"], "target_id": record["target_id"], "triplets": kept}

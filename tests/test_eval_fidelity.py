@@ -217,7 +217,7 @@ def test_eval_job_refuses_an_unknown_choice_naming_its_key():
 
 
 def test_circo_val_reports_recall_of_target_img_id_beside_map(monkeypatch, tmp_path):
-    from eval import protocols
+    from eval import coverage, protocols
 
     images = tmp_path / "imgs"
     images.mkdir()
@@ -245,7 +245,8 @@ def test_circo_val_reports_recall_of_target_img_id_beside_map(monkeypatch, tmp_p
     def ranked(model, tok, queries, gallery, s, k, exclude_reference):
         top_ids = [[str(g) for g in c[3]] for c in cases]
         scores = np.tile(np.linspace(0.9, 0.5, 5), (len(cases), 1))
-        return list(gallery), None, None, scores, top_ids
+        found = list(gallery), None, None, scores, top_ids
+        return queries, gallery, coverage.full(len(queries), len(gallery)), found
 
     monkeypatch.setattr(protocols, "_search_images", ranked)
     settings = protocols.EvalSettings(ks=(1, 2, 5))

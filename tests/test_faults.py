@@ -154,7 +154,10 @@ def test_explicit_record_files_outside_the_media_root_are_refused(corpus, tmp_pa
     assert manifest["totals"]["samples"] == 1
     assert manifest["totals"]["skipped_records"] == 2
     assert manifest["totals"]["skipped_triplets"] == 2
-    assert all("outside" in s["reason"] for s in manifest["skipped"])
+    lost = [s for s in manifest["skipped"] if s.get("rows") != []]
+    assert len(lost) == 2 and all("outside" in s["reason"] for s in lost)
+    # the target whose only query was refused is listed too (a gallery item lost with it)
+    assert [s["video"] for s in manifest["skipped"] if s.get("rows") == []] == ["b"]
 
 
 def test_benchmark_images_outside_their_root_are_one_error(tmp_path):
