@@ -189,6 +189,9 @@ class ModelConfig:
     freeze_vision: bool = field(default=True, metadata=EXPORT_OVERRIDE)
     # True: targets re-encoded each step, EMA feeds the queue
     train_target_encoder: bool = field(default=False, metadata=EXPORT_OVERRIDE)
+    # train and evaluate against the reference's released target embeddings (shards made by
+    # `launch/shard.py import-released`); refused with shards embedded by this project
+    released_targets: bool = False
     combiner: Literal["fusion", "avg", "mlp", "text", "image"] = field(
         default="fusion", metadata=EXPORT_OVERRIDE
     )

@@ -3,11 +3,14 @@
   python launch/shard.py pack --annotations CSV --video-root DIR --out DIR [--workers N]
                               [--ray [--address HOST:PORT]] [key=value ...]
   python launch/shard.py pack-cirr --cirr-root DIR --split val --out DIR [--image-root DIR]
+  python launch/shard.py import-released PACKED_SPLIT --embeddings EMB_DIR --out DIR [--captions TXT2_PTH]
   python launch/shard.py verify DIR
   python launch/shard.py groups DIR --k K     (k-means sampler groups of embedded shards)
 
 Targets as the reference does them (frozen, computed once): `launch/embed_targets.py` rewrites
-packed shards with the starting model's target embeddings; train on its output.
+packed shards with the starting model's target embeddings; train on its output. Or
+`import-released` puts the reference's released ones there (one .pth per video, e.g.
+blip2-vid-embs-large-all/); train and evaluate on them with model.released_targets=true.
 
 `pack` is resumable: run it again after a crash and it finishes the missing shards.
 Settings (samples per shard, epoch mode, frames, JPEG quality, seed) are the `shards.*` config.
@@ -53,6 +56,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p = sub.add_parser(
+        "import-released", help="packed shards -> shards holding the reference's released targets"
+    )
+    p.add_argument("src", help="one packed split (its manifest.json)")
+    p.add_argument("--embeddings", required=True, help="folder of <folder>/<video id>.pth files")
+    p.add_argument("--captions", help="the released txt2_<csv stem>.pth caption embeddings")
+    p.add_argument("--out", required=True)
     p = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
     p.add_argument("dir")
     p = sub.add_parser("groups", help="k-means sampler groups of embedded targets (FAISS)")
@@ -72,9 +82,12 @@ def main(argv=None) -> int:
             [f"shards.workers={args.workers}"] if args.workers else []
         )
         cfg = load_config(args.config, overrides)
-    elif not (Path(args.dir) / "manifest.json").is_file():  # said before the heavy imports
+    elif not (
+        Path(getattr(args, "dir", None) or args.src) / "manifest.json"
+    ).is_file():  # said before the heavy imports
         raise FileNotFoundError(
-            f"no manifest.json in {args.dir}: pack the shards first (shard.py pack)"
+            f"no manifest.json in {getattr(args, 'dir', None) or args.src}: pack the shards "
+            "first (shard.py pack)"
         )
     _bootstrap.setup_logging()
 
@@ -85,6 +98,12 @@ def main(argv=None) -> int:
         print(
             f"{len(groups)} targets in {len(set(groups.values()))} clusters -> {args.dir}/groups.json"
         )
+        return 0
+    if args.command == "import-released":
+        from sharding.released import import_released
+
+        manifest = import_released(args.src, args.embeddings, args.out, args.captions)
+        print(json.dumps({**manifest["totals"], "embedded": manifest["embedded"]}, indent=2))
         return 0
     if args.command == "verify":
         from sharding.manifest import verify

@@ -116,18 +116,19 @@ def embed_shard(
     src: Path,
     out_dir: Path,
     name: str,
-    encoder: TargetEncoder,
+    rewrite: Callable[[list[dict], ShardStats, bool], list[dict]],
     fingerprint: str,
     frames_per_batch: int = 256,
     strict: bool = False,
 ) -> ShardStats:
-    """Write `out_dir/NAME.tar` from `src`, atomically, and its stats file last."""
+    """Write `out_dir/NAME.tar` from `src`, chunk by chunk through `rewrite(records, stats,
+    strict)`, atomically, and its stats file last."""
     start = time.perf_counter()
     stats = ShardStats(name=name, fingerprint=fingerprint)
     samples = (
         sample
         for chunk in _chunks(read_shard(str(src)), frames_per_batch)
-        for sample in _embed_chunk(chunk, encoder, stats, strict)
+        for sample in rewrite(chunk, stats, strict)
     )
     return write_shard(out_dir, name, samples, stats, start)
 
@@ -159,10 +160,17 @@ def embed_dir(
     frames_per_batch: int = 256,
     gather: Callable[[list], list[list]] | None = None,
     progress: Callable[[str], None] | None = None,
+    rewrite: Callable[[list[dict], ShardStats, bool], list[dict]] | None = None,
 ) -> dict | None:
     """Embed this rank's shards (i % world == rank) of one packed split; finished shards are
     skipped. `gather(obj)` returns every rank's `obj` (an all-gather; needed when world > 1).
-    Rank 0 then writes and returns the manifest (None on other ranks)."""
+    Rank 0 then writes and returns the manifest (None on other ranks). `rewrite` replaces the
+    model's encoding of a chunk of records (`sharding.released`: stored embeddings)."""
+    if rewrite is None:
+
+        def rewrite(chunk, stats, strict):
+            return _embed_chunk(chunk, encoder, stats, strict)
+
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest = read_manifest(src_dir)
     if "embedded" in manifest:
@@ -180,7 +188,7 @@ def embed_dir(
                 src_dir / f"{name}.tar",
                 out_dir,
                 name,
-                encoder,
+                rewrite,
                 fp,
                 frames_per_batch,
                 strict=manifest.get("split") == "test" and not manifest.get("subset"),
@@ -205,8 +213,19 @@ def embed_dir(
 
 def check_embedded(manifest: dict, shard_dir, model) -> None:
     """Shards holding precomputed targets must come from this model's frozen target path (and
-    targets must not be trained): else one error naming the directory and both fingerprints."""
+    targets must not be trained): else one error naming the directory and both fingerprints.
+    The reference's released embeddings (`sharding.released`) are used exactly when the model
+    says `released_targets`, and must have its target layout (their weights cannot be compared
+    with ours)."""
     embedded = manifest.get("embedded")
+    released = bool(embedded and embedded.get("released"))
+    if model.cfg.released_targets and not released:
+        held = "our own target embeddings" if embedded else "target frames"
+        raise EmbedError(
+            f"{shard_dir}: holds {held}, but model.released_targets=true: released and own "
+            "targets are never mixed (import the released ones with launch/shard.py "
+            "import-released, or set model.released_targets=false)"
+        )
     if embedded is None:
         return
     if model.cfg.train_target_encoder:
@@ -215,6 +234,20 @@ def check_embedded(manifest: dict, shard_dir, model) -> None:
             "model.train_target_encoder=true needs the target frames: train on the "
             f"packed JPEG shards ({embedded['source']})"
         )
+    if released:
+        layout, ours = tuple(embedded["layout"]), tuple(model.target_token_shape())
+        if not model.cfg.released_targets:
+            raise EmbedError(
+                f"{shard_dir}: holds the reference's released target embeddings (from "
+                f"{embedded['dir']}): set model.released_targets=true to use them, or embed "
+                "the packed shards with this model (launch/embed_targets.py)"
+            )
+        if layout != ours:
+            raise EmbedError(
+                f"{shard_dir}: released target embeddings of (tokens, dims) {layout}; this "
+                f"model's targets are {ours} ({model.cfg.arch})"
+            )
+        return
     ours = model.target_fingerprint()
     if embedded["fingerprint"] != ours:
         raise EmbedError(

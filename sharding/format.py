@@ -110,17 +110,18 @@ def encode_record(
     return sample
 
 
-def embedded_record(record: dict, target: np.ndarray, captions: np.ndarray) -> dict:
+def embedded_record(record: dict, target: np.ndarray, captions: np.ndarray | None) -> dict:
     """A read record (field -> bytes) with its target JPEGs replaced by `target` (Ft, Q, D) and
-    the triplets' caption embeddings `captions` (T, D), both stored float16; the query frames and
-    the metadata are kept byte for byte."""
+    the triplets' caption embeddings `captions` (T, D) (None: none stored), both stored float16;
+    the query frames and the metadata are kept byte for byte."""
     frames = _frame_members(record, target_member)
     sample = {k: v for k, v in record.items() if k not in frames and not k.startswith("__")}
     sample["__key__"] = record["__key__"]
     middle = frames[len(frames) // 2]  # what a report shows of the target, in its own format
     sample[THUMB if middle.endswith(".jpg") else THUMB_PNG] = record[middle]
     sample[EMBEDDINGS] = encode_npy(np.asarray(target, dtype=np.float16))
-    sample[CAPTIONS] = encode_npy(np.asarray(captions, dtype=np.float16))
+    if captions is not None:
+        sample[CAPTIONS] = encode_npy(np.asarray(captions, dtype=np.float16))
     return sample
 
 

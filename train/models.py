@@ -211,6 +211,9 @@ class Blip2CoVR(CoVRModel):
     def num_query_tokens(self) -> int:
         return self.hf.query_tokens.shape[1]
 
+    def target_token_shape(self) -> tuple[int, int]:
+        return self.num_query_tokens, self.hf.vision_projection.out_features
+
     def _qformer_queries(self, vision_tokens: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         queries = self._part("query_tokens", frozen).expand(vision_tokens.shape[0], -1, -1)
         return self._part("qformer", frozen)(
@@ -284,6 +287,9 @@ class BlipCoVR(CoVRModel):
 
     def target_head(self, vision_tokens: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         return F.normalize(self._part("vision_proj", frozen)(vision_tokens[:, 0]), dim=-1)[:, None]
+
+    def target_token_shape(self) -> tuple[int, int]:
+        return 1, self.hf.vision_proj.out_features
 
     def encode_target(self, frames_or_embeddings, scores=None, mask=None) -> torch.Tensor:
         """Pooled over frames, then L2-normalised again (the reference's BLIP training and test
