@@ -70,7 +70,11 @@ class EvalJob:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
+    """An exported model directory (itself or a run's export/); a file is a released checkpoint,
+    read onto the recipe's model by `launch/eval.py`."""
     path = Path(path)
+    if path.is_file():
+        return path
     for candidate in (path, path / "export"):
         if (candidate / "covr_config.json").is_file():
             return candidate

@@ -8,7 +8,11 @@
 Protocols: webvid-covr (DATA = a split's shard dir; the split is the dir's name), cirr (DATA =
 root with captions/, image_splits/, img_raw/), fashioniq (root with captions/, image_splits/,
 images/), circo (root with annotations/ and the COCO unlabeled images). Test splits write the
-submission files. CHECKPOINT is an export/ dir or a training run dir holding one.
+submission files. CHECKPOINT is an export/ dir or a training run dir holding one, or a released
+CoVR / CoVR-2 checkpoint file (LAVIS .pth, Lightning / Fabric .ckpt), then read onto the model
+that --config and key=value overrides describe (docs/DATASETS.md has one command per benchmark):
+
+  python launch/eval.py --protocol cirr --checkpoint covr2.ckpt --config configs/covr2_blip2.yaml model.pretrained=BLIP2_DIR --data CIRR_ROOT
 """
 
 import argparse
@@ -81,8 +85,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--experiment", default="covr-eval")
     p.add_argument("--run-id", default=None, help="log into this MLflow run instead of a new one")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p
+    p.add_argument(
+        "--config", default=None, help="a checkpoint file's model: the recipe it was trained with"
+    )
+    return _bootstrap.launched(p)
 
 
 def default_split(protocol: str, data: str) -> str:
@@ -93,6 +99,18 @@ def default_split(protocol: str, data: str) -> str:
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    cfg = None
+    if Path(a.checkpoint).is_file():  # a released checkpoint: the model from the recipe
+        from configs import load_config
+
+        overrides = [*a.overrides, f"model.lavis_checkpoint={Path(a.checkpoint).resolve()}"]
+        cfg = load_config(a.config, overrides)
+        _bootstrap.preflight(cfg, splits=())  # the model's files, before torch is imported
+    elif a.overrides or a.config:
+        raise ValueError(
+            f"--config and key=value overrides describe a checkpoint file's model; "
+            f"{a.checkpoint} is an export, which carries its own"
+        )
     split = a.split or default_split(a.protocol, a.data)
     out = a.out or f"runs/eval/{a.protocol}-{split}"
     _bootstrap.setup_logging()
@@ -122,24 +140,28 @@ def main(argv=None) -> int:
         experiment=a.experiment,
         run_id=a.run_id,
     )
-    result = run(job)
+    result = run(job, cfg)
     if result is not None:
         print(json.dumps(result, indent=1))
     return 0
 
 
-def run(job) -> dict | None:
-    """This rank's part of `job`: processes, the exported model and the MLflow run around
-    `eval.run.evaluate`."""
+def run(job, cfg=None) -> dict | None:
+    """This rank's part of `job`: processes, the model (exported, or built from `cfg` with a
+    released checkpoint) and the MLflow run around `eval.run.evaluate`."""
     from eval.run import evaluate, resolve_checkpoint
     from train.engine import init_distributed, model_device
     from train.export import load_exported
+    from train.loop import build_model_and_tokenizer
     from train.tracking import Tracker, default_uri
 
     rank, world = 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         rank, world, _ = init_distributed(1800)
-    model, tok = load_exported(resolve_checkpoint(job.checkpoint))
+    if cfg is None:
+        model, tok = load_exported(resolve_checkpoint(job.checkpoint))
+    else:
+        model, tok = build_model_and_tokenizer(cfg)
     model.to(model_device())  # this rank's GPU, where there is one
     uri = job.tracking_uri or default_uri(job.out_dir)
     tracker = Tracker(

@@ -202,3 +202,64 @@ def test_training_and_evaluation_run_on_released_targets(release, tmp_path):
     assert result["split"] == "test" and not result["subset"] and "R@1" in result["metrics"]
     mixed = run([*evaluate, str(base / "shards" / "test")])
     assert mixed.returncode == 2 and "never mixed" in mixed.stderr
+
+
+@pytest.mark.parametrize("arch", ["blip2", "blip"])
+def test_launch_eval_reads_a_released_covr_checkpoint_of_exactly_its_keys(
+    small_corpus, tmp_path, arch
+):
+    """A checkpoint file holding exactly the reference model's keys, evaluated by one command
+    with the recipe's config, scores as the same weights exported and evaluated."""
+    from configs import load_config
+    from tests.test_coverage import _fashioniq_root
+    from tests.test_embed_targets import tiny_overrides
+    from tests.test_lavis import _reference_state, _write
+    from train.export import export_model
+    from train.loop import build_model_and_tokenizer
+
+    root, _ = small_corpus
+    overrides = [*tiny_overrides(root / "tokenizer"), f"model.arch={arch}"]
+    cfg = load_config(None, overrides)
+    model, tok = build_model_and_tokenizer(cfg)
+    ckpt = tmp_path / "covr.ckpt"
+    _write("fabric", _reference_state(cfg.model, len(tok), seed=3), ckpt)
+    _fashioniq_root(tmp_path / "fiq")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("{}\n")
+    cmd = ["python", "launch/eval.py", "--protocol", "fashioniq", "--data", str(tmp_path / "fiq")]
+    cmd += ["--categories", "dress,shirt", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+
+    def run(*args):
+        done = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return done
+
+    done = run("--checkpoint", str(ckpt), "--out", str(tmp_path / "a"), "--config", str(cfg_file))
+    # the model is the recipe's: here its overrides name the tokenizer and the tiny sizes
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "model.tokenizer" in done.stderr.strip().splitlines()[-1]
+    done = run(
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(tmp_path / "a"),
+        "--config",
+        str(cfg_file),
+        *overrides,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{ckpt}: not in the checkpoint, unused by CoVR" in done.stderr  # read onto the model
+    from_file = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert from_file["checkpoint"] == str(ckpt)
+    cfg.model.lavis_checkpoint = str(ckpt)
+    loaded, tok = build_model_and_tokenizer(cfg)
+    export_model(loaded.state_dict(), loaded.cfg, tok, tmp_path / "export")
+    done = run("--checkpoint", str(tmp_path / "export"), "--out", str(tmp_path / "b"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert from_file["metrics"] == pytest.approx(exported["metrics"])
+    other = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "d"), "--config", str(cfg_file)]
+    other = run(*other, *overrides, "model.embed_dim=8")  # not the checkpoint's sizes
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "shape" in other.stderr.strip().splitlines()[-1]
+    stray = run("--checkpoint", str(tmp_path / "export"), "--out", str(tmp_path / "c"), "x=1")
+    assert stray.returncode == 2 and "carries its own" in stray.stderr
