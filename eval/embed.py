@@ -128,11 +128,18 @@ def embed_image_queries(
     text_len: int = 64,
 ) -> torch.Tensor:
     """(reference image, edit text) pairs -> query tokens (Q, Tq, D); edits tokenised as the
-    reference's test scripts: at most `text_len` tokens, padded to the batch's longest."""
+    reference's test scripts: cleaned to the model's `edit_words`, at most `text_len` tokens,
+    padded to the batch's longest."""
     size = model.hf.config.vision_config.image_size
 
     def batch(pairs):
-        text = tokenize(tokenizer, [edit for _, edit in pairs], text_len, padding="longest")
+        text = tokenize(
+            tokenizer,
+            [edit for _, edit in pairs],
+            text_len,
+            model.cfg.edit_words,
+            padding="longest",
+        )
         pixels = torch.stack([load_image(path, size) for path, _ in pairs])[:, None]
         inputs = to_device((pixels, text.input_ids, text.attention_mask), device_of(model))
         return model(Task.ENCODE_QUERY, *inputs)

@@ -96,7 +96,7 @@ def explain(
     model, tokenizer, frame: torch.Tensor, edit: str, target: torch.Tensor, reduce: str = "mean"
 ) -> Explanation:
     """`frame` (3, H, W) model input; `target` the target tokens (T, D) to score against."""
-    text = tokenize(tokenizer, [edit], model.cfg.max_text_len)
+    text = tokenize(tokenizer, [edit], model.cfg.max_text_len, model.cfg.edit_words)
     frame, ids, mask, target = to_device(
         (frame, text.input_ids, text.attention_mask, target), device_of(model)
     )

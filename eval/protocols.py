@@ -147,12 +147,25 @@ def check_choice(key: str, value: str, choices: dict) -> None:
         raise ValueError(f"unknown {key} {value!r}; one of {tuple(choices)}")
 
 
-def _search_conventions(s: EvalSettings) -> dict:
+def check_text_len(model, text_len: int) -> None:
+    """Evaluation's edit tokens must fit the model's text position embeddings."""
+    longest = model.cfg.text.max_position_embeddings
+    if not 0 < text_len <= longest:
+        raise ValueError(
+            f"evaluation text tokens {text_len} do not fit the model's {longest} text position "
+            "embeddings (eval.text_tokens / --text-tokens)"
+        )
+
+
+def _search_conventions(s: EvalSettings, model) -> dict:
     exact = s.index.kind == "flat"
     return {
         "reduce": s.reduce,
         "search": "exact" if exact else f"approximate ({s.index.kind})",
-        "text_tokens": f"pre_caption, longest padding, at most {s.text_len}",
+        "text_tokens": (
+            f"pre_caption to {model.cfg.edit_words} words, longest padding, "
+            f"at most {s.text_len} tokens"
+        ),
     }
 
 
@@ -165,6 +178,7 @@ def _search_images(
     k: int,
     exclude_reference: bool,
 ):
+    check_text_len(model, s.text_len)
     absent = sorted({q.reference for q in queries} - set(gallery))
     if absent:
         raise ValueError(
@@ -273,7 +287,7 @@ def cirr(
     metrics: dict = {}
     evaluation = _evaluation("cirr", metrics, queries, found, gallery, coverage)
     evaluation.conventions = {
-        **_search_conventions(s),
+        **_search_conventions(s, model),
         "gallery": f"{CIRR_GALLERIES[s.cirr_gallery]}, reference removed",
     }
     if queries[0].target is None:  # test split: the server's files
@@ -364,7 +378,7 @@ def fashioniq(
         )
     first.metrics = metrics
     first.conventions = {
-        **_search_conventions(s),
+        **_search_conventions(s, model),
         "gallery": FASHIONIQ_GALLERIES[s.fashioniq_gallery],
     }
     return first
@@ -391,7 +405,7 @@ def circo(
     top_ids = found[4]
     metrics: dict = {}
     evaluation = _evaluation("circo", metrics, queries, found, gallery, coverage)
-    evaluation.conventions = {**_search_conventions(s), "gallery": "reference removed"}
+    evaluation.conventions = {**_search_conventions(s, model), "gallery": "reference removed"}
     if all(not q.targets for q in queries):  # test split: the submission file
         out_dir = Path(out_dir or ".")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -453,6 +467,7 @@ def webvid_covr(
     s = settings or EvalSettings()
     ks = s.ks or KS["webvid-covr"]
     shards = shards if isinstance(shards, ShardSet) else open_shards(shards)
+    check_text_len(model, s.text_len)
     check_embedded(shards.manifest, shards.dir, model)  # precomputed targets: from this model's
     urls = shards.urls
     batch_collate = partial(
@@ -461,6 +476,7 @@ def webvid_covr(
         image_size=model.hf.config.vision_config.image_size,
         max_text_len=s.text_len,
         padding="longest",
+        edit_words=model.cfg.edit_words,
     )
     emb = embed_split(
         model, urls, batch_collate, s.batch_size, s.rank, s.world, s.progress, seed=s.seed
@@ -486,7 +502,7 @@ def webvid_covr(
         gallery_emb=emb["gallery"],
         images=_shard_images(urls, emb["query_sources"]),
         conventions={
-            **_search_conventions(s),
+            **_search_conventions(s, model),
             "queries": f"one triplet per target (seed {s.seed})",
             "targets": "pooled tokens re-normalised",
             "gallery": "query's own video removed",

@@ -49,6 +49,7 @@ class EvalJob:
     cirr_subset_credit: str = "hard"
     # image benchmarks: evaluate the images that exist, reported as a subset (eval.coverage)
     subset: bool = False
+    text_len: int = protocols.EVAL_TEXT_LEN  # edit tokens (the reference's test scripts: 64)
     index: IndexSpec = field(default_factory=IndexSpec)
     batch_size: int = 64
     report: int = 0  # queries in the qualitative report (0: none)
@@ -100,6 +101,7 @@ def run_protocol(job: EvalJob, model, tok, rank: int = 0, world: int = 1) -> Eva
         cirr_gallery=job.cirr_gallery,
         cirr_subset_credit=job.cirr_subset_credit,
         subset=job.subset,
+        text_len=job.text_len,
     )
     if job.protocol == "webvid-covr":
         return protocols.webvid_covr(model, tok, job.data, s)
@@ -117,7 +119,7 @@ def combiner_weights(model, tok, evaluation: Evaluation, limit: int = 256) -> np
     size = model.hf.config.vision_config.image_size
     n = min(limit, len(evaluation.edits))
     frames = torch.stack([to_model_input(evaluation.images.query(i)[None], size) for i in range(n)])
-    text = tokenize(tok, evaluation.edits[:n], model.cfg.max_text_len)
+    text = tokenize(tok, evaluation.edits[:n], model.cfg.max_text_len, model.cfg.edit_words)
     inputs = to_device((frames, text.input_ids, text.attention_mask), device_of(model))
     with torch.no_grad():
         weights = model(Task.COMPOSE, *inputs).combiner_weights

@@ -71,6 +71,13 @@ def parser() -> argparse.ArgumentParser:
         "error); results carry their coverage, are tagged subset, dropped ones listed",
     )
     p.add_argument(
+        "--text-tokens",
+        type=int,
+        default=64,
+        help="edit tokens (longest padding; the reference's test scripts: 64); edits are cleaned "
+        "to the model's model.edit_words",
+    )
+    p.add_argument(
         "--index",
         choices=INDEX_KINDS,
         default="flat",
@@ -131,6 +138,7 @@ def main(argv=None) -> int:
         cirr_gallery=a.cirr_gallery,
         cirr_subset_credit=a.cirr_subset_credit,
         subset=a.subset,
+        text_len=a.text_tokens,
         index=IndexSpec(a.index, nprobe=a.nprobe, gpu=a.gpu_index),
         batch_size=a.batch_size,
         report=a.report or len(chosen or []),

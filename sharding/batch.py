@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from data.text import tokenize
+from data.text import MAX_WORDS, tokenize
 from data.video import to_model_input
 
 
@@ -37,12 +37,15 @@ def collate(
     max_text_len: int,
     padding: str = "max_length",
     caption: dict | None = None,
+    edit_words: int = MAX_WORDS,
 ) -> dict:
-    """Model batch; edits at most `max_text_len` tokens, padded to it (training) or to the
-    longest of the batch (`padding="longest"`, evaluation); target captions tokenised by the
-    `caption` arguments of `data.text.tokenize` (`ModelConfig.caption_tokenization`; default:
-    as the edits)."""
-    edits = tokenize(tokenizer, [s["edit"] for s in samples], max_text_len, padding=padding)
+    """Model batch; edits cleaned to `edit_words` words and at most `max_text_len` tokens,
+    padded to it (training) or to the longest of the batch (`padding="longest"`, evaluation);
+    target captions tokenised by the `caption` arguments of `data.text.tokenize`
+    (`ModelConfig.caption_tokenization`; default: as the edits)."""
+    edits = tokenize(
+        tokenizer, [s["edit"] for s in samples], max_text_len, edit_words, padding=padding
+    )
     batch = {
         "query_frames": torch.stack(
             [to_model_input(s["query_frames"], image_size) for s in samples]

@@ -62,6 +62,37 @@ def test_covr2_target_captions_keep_50_words_untruncated(tmp_path):
         validate(Config(model=ModelConfig(caption_tokens=600)))
 
 
+def test_long_edits_keep_the_words_and_tokens_the_recipe_sets(tmp_path):
+    """Dense-WebVid-CoVR's edits are about 31 words: the reference's 30-word cleaning and 32
+    tokens cut them; model.edit_words and model.max_text_len are the recipe's to set."""
+    from configs.schema import Config, ConfigError, ModelConfig, validate
+
+    _, tok = tiny_model(tmp_path)
+    vocab = "a red blue green circle square moving left right".split()  # one token each
+    words = [vocab[i % len(vocab)] for i in range(45)]
+    sample = {
+        "query_frames": np.zeros((1, 8, 8, 3), np.uint8),
+        "target_frames": np.zeros((1, 8, 8, 3), np.uint8),
+        "edit": " ".join(words),
+        "scores": [],
+        "target_id": 0,
+    }
+
+    def edit_of(**kw):
+        batch = collate([sample], tok, 8, padding="longest", **kw)
+        ids = batch["input_ids"][0][batch["attention_mask"][0].bool()]
+        return tok.decode(ids, skip_special_tokens=True)
+
+    assert edit_of(max_text_len=64) == " ".join(words[:30])  # the reference's cleaning
+    assert edit_of(max_text_len=32, edit_words=60) == " ".join(words[:30])  # 32 tokens
+    assert edit_of(max_text_len=64, edit_words=60) == " ".join(words)  # the whole edit
+    for bad, key in ((ModelConfig(edit_words=0), "model.edit_words"),):
+        with pytest.raises(ConfigError, match=key):
+            validate(Config(model=bad))
+    with pytest.raises(ConfigError, match="model.max_text_len.*512 position embeddings"):
+        validate(Config(model=ModelConfig(max_text_len=600)))
+
+
 def _marked_batch(b=16, ft=3, size=16):
     """Each sample's query and target frames: one bright pixel at a per-sample place on zeros."""
     q = torch.zeros(b, 1, 3, size, size)

@@ -187,3 +187,31 @@ def test_launch_eval_subset_on_an_image_benchmark_with_a_missing_image(exported,
     dropped = json.loads((tmp_path / "out" / "dropped.json").read_text())
     assert [d["query"] for d in dropped["queries"]] == ["dress-2", "dress-3"]
     assert [d["item"] for d in dropped["gallery"]] == ["dress3"]
+
+
+def test_evaluation_text_tokens_are_a_setting_checked_against_the_model(exported, tmp_path):
+    import subprocess
+    import sys
+
+    from configs import ConfigError, load_config
+
+    export, model, _ = exported
+    _fashioniq_root(tmp_path / "fiq")
+    cmd = [sys.executable, "launch/eval.py", "--protocol", "fashioniq", "--checkpoint"]
+    cmd += [str(export), "--data", str(tmp_path / "fiq"), "--categories", "dress"]
+    cmd += ["--out", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    repo = Path(__file__).resolve().parents[1]
+    too_long = model.cfg.text.max_position_embeddings + 1
+    done = subprocess.run(
+        [*cmd, "--text-tokens", str(too_long)], cwd=repo, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"evaluation text tokens {too_long} do not fit" in done.stderr.strip().splitlines()[-1]
+    done = subprocess.run([*cmd, "--text-tokens", "16"], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["conventions"]["text_tokens"] == (
+        "pre_caption to 30 words, longest padding, at most 16 tokens"
+    )
+    with pytest.raises(ConfigError, match="eval.text_tokens"):
+        load_config(None, ["eval.text_tokens=0"])

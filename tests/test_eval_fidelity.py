@@ -4,6 +4,7 @@ folder gallery and soft Recall_subset, CIRCO's R@K of target_img_id."""
 
 import json
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -250,7 +251,8 @@ def test_circo_val_reports_recall_of_target_img_id_beside_map(monkeypatch, tmp_p
 
     monkeypatch.setattr(protocols, "_search_images", ranked)
     settings = protocols.EvalSettings(ks=(1, 2, 5))
-    ev = protocols.circo(None, None, tmp_path, image_dir=images, settings=settings)
+    model = SimpleNamespace(cfg=SimpleNamespace(edit_words=30))  # read for the conventions only
+    ev = protocols.circo(model, None, tmp_path, image_dir=images, settings=settings)
     assert ev.metrics == pytest.approx(
         {
             "R@1": 100 / 3,

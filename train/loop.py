@@ -148,6 +148,7 @@ def build_loader(cfg: Config, model, tok, rank: int, world: int, batch_size: int
         image_size=image_size,
         max_text_len=cfg.model.max_text_len,
         caption=cfg.model.caption_tokenization(),
+        edit_words=cfg.model.edit_words,
     )
     train = open_split(cfg, "train", model)  # before ZeRO-3 partitions the weights
     reader = ShardReader(
@@ -374,6 +375,7 @@ def validate(job: Job) -> Evaluation:
         batch_size=c.eval.batch_size,
         rank=job.rank,
         world=job.world,
+        text_len=c.eval.text_tokens,
     )
     return webvid_covr(job.engine.module, job.tok, job.val, settings)
 
