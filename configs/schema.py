@@ -183,6 +183,9 @@ class ModelConfig:
     # 30 and 32 (CoVR-2: 35). Long-edit data (Dense-WebVid-CoVR, about 31 words) needs more
     edit_words: int = 30
     max_text_len: int = 32
+    # a triplet's query-video description (CSV column `description`): ignore | concat (after
+    # the edit, in one text within edit_words / max_text_len)
+    description: Literal["ignore", "concat"] = "ignore"
     # the target caption (CoVR-2's caption term): words kept by the cleaning and tokens kept
     # (0: the whole caption, up to the text position embeddings). CoVR-2's embedding script
     # cleans to 50 words and does not truncate

@@ -18,6 +18,8 @@ from data.paths import UnsafePathError, inside
 log = logging.getLogger(__name__)
 
 COLUMNS = ("pth1", "pth2", "txt1", "txt2", "edit", "scores", "sim_txt")
+REQUIRED = COLUMNS[:6]  # WebVid-CoVR's; CC-CoIR's CSVs are read with `IMAGE_TRIPLET_COLUMNS`
+IMAGE_TRIPLET_COLUMNS = ("pth1", "pth2", "edit")  # CC-CoIR: the rest optional
 
 
 class AnnotationError(ValueError):
@@ -79,6 +81,9 @@ class Triplet:
     edit: str
     scores: list[float] = field(default_factory=list)
     sim_txt: float | None = None
+    # optional `description` column: a description of the query video (ECDE-style long-text
+    # data), joined to the edit when `model.description="concat"`
+    description: str = ""
 
 
 @dataclass
@@ -114,14 +119,19 @@ def _parse_row(row: dict[str, str | None]) -> Triplet:
         edit=row["edit"],
         scores=_parse_scores(row.get("scores") or ""),
         sim_txt=float(sim) if sim else None,
+        description=(row.get("description") or "").strip(),
     )
 
 
 def read_annotations(
-    csv_path: str | Path, lenient: bool = False, report: ReadReport | None = None
+    csv_path: str | Path,
+    lenient: bool = False,
+    report: ReadReport | None = None,
+    required: tuple[str, ...] = REQUIRED,
 ) -> list[Triplet]:
-    """Rows of a WebVid-CoVR CSV. A malformed row raises `AnnotationError` naming file and line;
-    with `lenient=True` it is skipped and listed in `report.malformed` (and logged)."""
+    """Rows of a WebVid-CoVR CSV (or of the same layout with only `required` columns, as
+    CC-CoIR's). A malformed row raises `AnnotationError` naming file and line; with
+    `lenient=True` it is skipped and listed in `report.malformed` (and logged)."""
     csv_path = Path(csv_path)
     report = report if report is not None else ReadReport()
     if not csv_path.is_file():
@@ -129,7 +139,7 @@ def read_annotations(
     rows: list[Triplet] = []
     with csv_path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is accepted
         header, table = csv_table(csv_path, f)
-        absent = [c for c in COLUMNS[:6] if c not in header]
+        absent = [c for c in required if c not in header]
         if absent:
             raise AnnotationError(f"{csv_path}:1: missing column(s) {absent}; header is {header}")
         for line, row in table:

@@ -477,6 +477,7 @@ def webvid_covr(
         max_text_len=s.text_len,
         padding="longest",
         edit_words=model.cfg.edit_words,
+        description=model.cfg.description,
     )
     emb = embed_split(
         model, urls, batch_collate, s.batch_size, s.rank, s.world, s.progress, seed=s.seed

@@ -45,6 +45,11 @@ def parser() -> argparse.ArgumentParser:
         help="test: pack the videos that exist; the manifest says subset, evaluation reports "
         "its coverage and lists what was dropped",
     )
+    p.add_argument(
+        "--images",
+        action="store_true",
+        help="the CSV names images, <video-root>/<pth>.jpg|png (CC-CoIR on CC3M), one frame each",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p = sub.add_parser(
         "pack-cirr", help="pack CIRR triplets (images) for fine-tuning; group = image set"
@@ -130,6 +135,7 @@ def main(argv=None) -> int:
         progress=True,
         split=args.split,
         subset=args.subset,
+        images=args.images,
     )
     print(json.dumps({**manifest["totals"], "seconds": manifest["seconds_this_run"]}, indent=2))
     for item in manifest["skipped"][:10]:

@@ -30,6 +30,17 @@ def _pad_frames(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
+DESCRIPTION_MODES = ("ignore", "concat")
+
+
+def query_text(sample: dict, description: str) -> str:
+    """The query's text: its edit, then (concat) the description of its video."""
+    if description not in DESCRIPTION_MODES:
+        raise ValueError(f"unknown model.description {description!r}; one of {DESCRIPTION_MODES}")
+    extra = sample.get("description", "") if description == "concat" else ""
+    return f"{sample['edit']} {extra}" if extra else sample["edit"]
+
+
 def collate(
     samples: list[dict],
     tokenizer,
@@ -38,13 +49,20 @@ def collate(
     padding: str = "max_length",
     caption: dict | None = None,
     edit_words: int = MAX_WORDS,
+    description: str = "ignore",
 ) -> dict:
     """Model batch; edits cleaned to `edit_words` words and at most `max_text_len` tokens,
     padded to it (training) or to the longest of the batch (`padding="longest"`, evaluation);
     target captions tokenised by the `caption` arguments of `data.text.tokenize`
-    (`ModelConfig.caption_tokenization`; default: as the edits)."""
+    (`ModelConfig.caption_tokenization`; default: as the edits). `description="concat"`: a
+    sample's query-video description follows its edit in the one text (within the same words
+    and tokens)."""
     edits = tokenize(
-        tokenizer, [s["edit"] for s in samples], max_text_len, edit_words, padding=padding
+        tokenizer,
+        [query_text(s, description) for s in samples],
+        max_text_len,
+        edit_words,
+        padding=padding,
     )
     batch = {
         "query_frames": torch.stack(

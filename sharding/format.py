@@ -224,6 +224,7 @@ def raw_triplet(record: dict, j: int, meta: dict | None = None) -> dict:
         "target_id": meta["target_id"],
         "pth1": trip["pth1"],
         "edit": trip["edit"],
+        "description": trip.get("description", ""),
         "scores": trip["scores"],
         "group": trip["group"],
         "caption": trip["txt2"],
@@ -242,6 +243,7 @@ def decode_sample(raw: dict) -> dict:
         k: raw[k]
         for k in ("edit", "scores", "target_id", "group", "caption", "key", "pth1", "target")
     }
+    sample["description"] = raw.get("description", "")
     sample["query_frames"] = decode_frames(raw["query_jpegs"])
     if raw.get("target_npy") is not None:
         sample["target_embeddings"] = decode_npy(raw["target_npy"])

@@ -22,9 +22,14 @@ from tqdm import tqdm
 
 from configs.schema import ShardConfig, marked
 from data.paths import UnsafePathError
-from data.webvid_covr import MissingVideosError, read_annotations, split_of
+from data.webvid_covr import (
+    IMAGE_TRIPLET_COLUMNS,
+    MissingVideosError,
+    read_annotations,
+    split_of,
+)
 from sharding.manifest import MANIFEST, packed_manifest, write_manifest
-from sharding.records import build_records, cirr_records
+from sharding.records import build_records, cirr_records, image_records
 from sharding.writer import (
     NO_QUERY_LEFT,
     ShardJob,
@@ -80,12 +85,18 @@ def pack(
     progress: bool = False,
     split: str | None = None,
     subset: bool = False,
+    images: bool = False,
 ) -> dict:
     """Pack (or finish packing) a WebVid-CoVR CSV and its videos; returns the manifest. `split`
     (train / val / test) defaults to the one the file name says (`test.csv`,
-    `webvid8m-covr_test.csv`); `subset`: a test split packs the videos that exist."""
+    `webvid8m-covr_test.csv`); `subset`: a test split packs the videos that exist. `images`:
+    the CSV names images (CC-CoIR on CC3M: `<root>/<pth>.jpg|png`), each packed as one frame."""
     csv_path = Path(csv_path)
-    records = build_records(read_annotations(csv_path), cfg.epoch)
+    if images:
+        rows = read_annotations(csv_path, required=IMAGE_TRIPLET_COLUMNS)
+        records = image_records(rows, video_root, cfg.epoch)
+    else:
+        records = build_records(read_annotations(csv_path), cfg.epoch)
     fp = _fingerprint(csv_path.read_bytes(), cfg)
     split = split_of(csv_path) if split is None else split
     return pack_records(

@@ -35,6 +35,7 @@ def build_records(rows: list[Triplet], epoch: str) -> list[dict]:
             "edit": t.edit,
             "scores": t.scores,
             "group": masked_caption_group(t.txt1, t.txt2),
+            **({"description": t.description} if t.description else {}),
         }
 
     if epoch == "triplet":
@@ -56,6 +57,27 @@ def build_records(rows: list[Triplet], epoch: str) -> list[dict]:
         {"key": f"v{target_ids[p]:09d}", "target": p, "target_id": target_ids[p], "triplets": trips}
         for p, trips in sorted(by_target.items(), key=lambda kv: target_ids[kv[0]])
     ]
+
+
+def image_file(root: Path, name: str) -> str:
+    """CC-CoIR's `pth` names a CC3M image `<root>/<pth>.jpg` (or `.png`); the `.jpg` path when
+    neither exists (then skipped as missing) or when it would leave the root (then refused)."""
+    for suffix in (".jpg", ".png"):
+        path = root / f"{name}{suffix}"
+        if path.is_file():
+            return str(path)
+    return str(root / f"{name}.jpg")
+
+
+def image_records(rows: list[Triplet], image_root: str | Path, epoch: str) -> list[dict]:
+    """Records of image triplets (CC-CoIR): as `build_records`, each image a one-frame video."""
+    root = Path(image_root)
+    records = build_records(rows, epoch)
+    for record in records:
+        record["target_file"] = image_file(root, record["target"])
+        for t in record["triplets"]:
+            t["query_file"] = image_file(root, t["pth1"])
+    return records
 
 
 def cirr_records(root: str | Path, split: str, image_root: str | Path | None = None) -> list[dict]:

@@ -82,3 +82,54 @@ def test_missing_videos_dropped_in_train_error_in_test(tmp_path):
     assert (
         len(err.value.missing) == 2 and "d/9.mp4" in str(err.value) and "d/8.mp4" in str(err.value)
     )
+
+
+def test_a_description_column_reaches_the_query_text_only_when_asked(tmp_path):
+    """Long-text data gives each query video a description: read, packed with its triplet,
+    joined after the edit by model.description=concat, ignored by default."""
+    from configs import ConfigError, load_config
+    from sharding.batch import query_text
+    from sharding.format import raw_triplet
+    from sharding.records import build_records
+
+    path = tmp_path / "long.csv"
+    path.write_text(
+        HEADER.rstrip("\n")
+        + ",description\n"
+        + ROW.rstrip("\n")
+        + ',"A brown dog, ""Rex"", runs — fast ☀ across a lawn."\n'
+        + ROW.rstrip("\n")
+        + ",\n",
+        encoding="utf-8",
+    )
+    first, second = read_annotations(path)
+    assert first.description == 'A brown dog, "Rex", runs — fast ☀ across a lawn.'
+    assert second.description == ""
+    record = build_records([first], "triplet")[0]
+    meta = {"target": record["target"], "target_id": 0, "triplets": record["triplets"]}
+    packed = {"__key__": "k", "q0_000.jpg": b"", "t_000.jpg": b""}
+    raw = raw_triplet(packed, 0, meta)
+    assert raw["description"] == first.description
+    sample = {"edit": first.edit, "description": raw["description"]}
+    assert query_text(sample, "ignore") == first.edit
+    assert query_text(sample, "concat") == f"{first.edit} {first.description}"
+    assert query_text({"edit": "x", "description": ""}, "concat") == "x"
+    with pytest.raises(ValueError, match="unknown model.description 'both'"):
+        query_text(sample, "both")
+    with pytest.raises(ConfigError, match="model.description"):
+        load_config(None, ["model.description=both"])
+    # the reader's decoded sample carries it into collate, which joins it when asked
+    import numpy as np
+
+    from sharding.batch import collate
+    from tests.tiny import tiny_model
+
+    _, tok = tiny_model(tmp_path)
+    frame = np.zeros((1, 8, 8, 3), np.uint8)
+    decoded = {"edit": raw["edit"], "description": raw["description"], "scores": []}
+    decoded |= {"target_id": 0, "query_frames": frame, "target_frames": frame}
+    lengths = [
+        int(collate([decoded], tok, 8, 64, description=how)["attention_mask"].sum())
+        for how in ("ignore", "concat")
+    ]
+    assert lengths[1] > lengths[0]

@@ -149,6 +149,7 @@ def build_loader(cfg: Config, model, tok, rank: int, world: int, batch_size: int
         max_text_len=cfg.model.max_text_len,
         caption=cfg.model.caption_tokenization(),
         edit_words=cfg.model.edit_words,
+        description=cfg.model.description,
     )
     train = open_split(cfg, "train", model)  # before ZeRO-3 partitions the weights
     reader = ShardReader(
