@@ -113,6 +113,14 @@ class DataConfig:
 
 
 @dataclass
+class MixSource:
+    """One weighted training source of `shards.mix`: a packed (or embedded) train split."""
+
+    dir: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class ShardConfig:
     """WebDataset shards (sharding.pack) and their streaming (sharding.reader)."""
 
@@ -138,9 +146,17 @@ class ShardConfig:
     seed: int = field(default=1234, metadata=PACKING)
     loader_workers: int = field(default=2, metadata=RESUME_FREE)  # DataLoader workers per rank
     allow_pipe: bool = False  # `pipe:` shard URLs run shell commands: refused unless enabled
+    # train on several shard sets with weights (sharding.mix; each dir a train split, e.g.
+    # CC-CoIR beside WebVid-CoVR) instead of <dir>/train; validation stays <dir>/val
+    mix: list[MixSource] = field(default_factory=list)
 
     def check(self) -> None:
         positive(self, "samples_per_shard", "target_frames", "query_frames", "workers")
+        for i, source in enumerate(self.mix):
+            if not source.dir:
+                raise FieldError(f"mix[{i}].dir", "must name a train split's shard directory")
+            if not source.weight > 0:
+                raise FieldError(f"mix[{i}].weight", f"must be > 0, got {source.weight!r}")
         non_negative(self, "loader_workers", "frame_size")
         in_range(self, 1, 100, "jpeg_quality")
 

@@ -81,8 +81,8 @@ class Triplet:
     edit: str
     scores: list[float] = field(default_factory=list)
     sim_txt: float | None = None
-    # optional `description` column: a description of the query video (ECDE-style long-text
-    # data), joined to the edit when `model.description="concat"`
+    # optional `description` (or ECDE's `caption`) column: a description of the query video,
+    # joined to the edit when `model.description="concat"`
     description: str = ""
 
 
@@ -119,7 +119,8 @@ def _parse_row(row: dict[str, str | None]) -> Triplet:
         edit=row["edit"],
         scores=_parse_scores(row.get("scores") or ""),
         sim_txt=float(sim) if sim else None,
-        description=(row.get("description") or "").strip(),
+        # ECDE's CSVs (whose code Dense-WebVid-CoVR's builds on) name it `caption`
+        description=(row.get("description") or row.get("caption") or "").strip(),
     )
 
 

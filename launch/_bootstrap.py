@@ -130,12 +130,17 @@ def preflight(cfg, splits=("train", "val")) -> None:
         value = getattr(getattr(cfg, section), name)
         if value and not Path(value).exists():
             raise PreflightError(f"key '{key}': {value} does not exist")
-    for split in splits:
-        shard_dir = Path(cfg.shards.dir) / split
+    dirs = [(Path(cfg.shards.dir) / split, "shards.dir", split) for split in splits]
+    if "train" in splits and cfg.shards.mix:  # the weighted sources replace <dir>/train
+        dirs = [d for d in dirs if d[2] != "train"]
+        dirs += [
+            (Path(m.dir), f"shards.mix[{i}].dir", "train") for i, m in enumerate(cfg.shards.mix)
+        ]
+    for shard_dir, key, split in dirs:
         manifest = shard_dir / "manifest.json"
         if not manifest.is_file():
             raise PreflightError(
-                f"key 'shards.dir': no {manifest} (pack the {split} split with launch/shard.py pack)"
+                f"key '{key}': no {manifest} (pack the {split} split with launch/shard.py pack)"
             )
         try:
             names = [entry["name"] for entry in json.loads(manifest.read_text())["shards"]]

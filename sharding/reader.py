@@ -48,6 +48,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from configs.schema import SamplerConfig
 from sharding import format as fmt
+from sharding.mix import TARGET_ID_STRIDE, Source, check_sources, epoch_shards
 from sharding.samplers import BatchComposer
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class BatchInfo:
     positions: list[int]
     drawn: list[int]
     stats: dict
+    sources: list[int] = field(default_factory=list)  # each drawn record's source (shards.mix)
 
 
 @dataclass
@@ -226,13 +228,23 @@ class ShardReader(IterableDataset):
         allow_pipe: bool = False,
         groups: dict[int, int] | None = None,
         augment: Callable[[dict, random.Random], dict] | None = None,
+        mix: list[Source] | None = None,
     ):
+        """`mix`: several weighted sources instead of `urls` / `counts` (`sharding.mix`)."""
+        self.mix = mix
+        if mix is not None:
+            check_sources(mix)
+            if groups is not None:
+                raise ValueError("shards.mix: k-means groups belong to one shard set")
+            plan = epoch_shards(mix, 0, seed)
+            urls, counts = plan.urls, plan.counts
         if len(urls) != len(counts):
             raise ValueError("one sample count per shard URL is needed")
         bad = [u for u in urls if u.startswith("pipe:") and not allow_pipe]
         if bad:
             open_shard(bad[0], allow_pipe)  # raises the clear error before any worker starts
         self.urls, self.counts = list(urls), list(counts)
+        self.shard_source = plan.source if mix is not None else []
         self.batch_size, self.collate = batch_size, collate
         self.rank, self.world = rank, world
         self.sampler = sampler or SamplerConfig()
@@ -260,6 +272,9 @@ class ShardReader(IterableDataset):
         epoch's records left out of its layout (consumed before the ranks or workers changed)."""
         self.epoch, self.start_batch, self.num_workers = epoch, start_batch, max(1, num_workers)
         self.excluded = np.unique(np.asarray(excluded, dtype=np.int64))
+        if self.mix is not None:  # the epoch's shards: a function of (seed, epoch)
+            plan = epoch_shards(self.mix, epoch, self.seed)
+            self.urls, self.counts, self.shard_source = plan.urls, plan.counts, plan.source
 
     def batches_per_epoch(self) -> int:
         """Batches this rank yields in the epoch (the same on every rank)."""
@@ -310,6 +325,8 @@ class ShardReader(IterableDataset):
                     if pos > last:
                         break
                     if pos in wanted:
+                        if self.mix is not None:
+                            record["__source__"] = self.shard_source[idx]
                         yield pos, record
             offset += n
 
@@ -352,6 +369,16 @@ class ShardReader(IterableDataset):
             if produced == before:
                 raise RuntimeError(f"no readable record in any of the {len(self.urls)} shards")
 
+    def _from_source(self, sample: dict, record: dict) -> dict:
+        """A mixed source's sample: its target id and group made distinct across sources."""
+        if self.mix is None:
+            return sample
+        source = record["__source__"]
+        sample["source"] = source
+        sample["target_id"] = source * TARGET_ID_STRIDE + int(sample["target_id"])
+        sample["group"] = f"{self.mix[source].name}:{sample['group']}"
+        return sample
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         loader_worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -370,7 +397,7 @@ class ShardReader(IterableDataset):
         counts = ReaderCounts()
         rng = random.Random(f"{self.seed}-{self.epoch}-{slot}-draw")
         drawn = (
-            {**draw_triplet(r, rng, self.groups, meta), "pos": pos}
+            self._from_source({**draw_triplet(r, rng, self.groups, meta), "pos": pos}, r)
             for pos, r, meta in self._records(order, positions, counts)
         )
         buffer = max(self.sampler.buffer, self.batch_size)
@@ -409,5 +436,6 @@ class ShardReader(IterableDataset):
                 positions=[raw["pos"] for raw, _ in rows],
                 drawn=[raw["pos"] for raw in raw_batch],
                 stats={"worker": worker, **counts.as_dict()},
+                sources=[raw.get("source", 0) for raw in raw_batch],
             )
             yield batch, info

@@ -20,6 +20,7 @@ class Reader(IterableDataset):
 
     def __init__(self, n: int):
         self.n, self.start, self.world, self.batch_size, self.counts = n, 0, 1, 1, [n]
+        self.mix = None  # one source
 
     def set_position(self, epoch, start_batch, num_workers, excluded=()):
         self.start = start_batch

@@ -105,6 +105,9 @@ def test_a_description_column_reaches_the_query_text_only_when_asked(tmp_path):
     first, second = read_annotations(path)
     assert first.description == 'A brown dog, "Rex", runs — fast ☀ across a lawn.'
     assert second.description == ""
+    ecde = tmp_path / "ecde.csv"  # ECDE / Dense-WebVid-CoVR name the column `caption`
+    ecde.write_text(HEADER.rstrip("\n") + ",caption\n" + ROW.rstrip("\n") + ",a dog runs\n")
+    assert read_annotations(ecde)[0].description == "a dog runs"
     record = build_records([first], "triplet")[0]
     meta = {"target": record["target"], "target_id": 0, "triplets": record["triplets"]}
     packed = {"__key__": "k", "q0_000.jpg": b"", "t_000.jpg": b""}

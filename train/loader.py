@@ -41,6 +41,7 @@ class TrainLoader:
         self.consumed: list[int] = []  # this rank's since then
         self.moved: tuple[int, int] | None = None  # the saved (ranks, workers), when re-split
         self.stats: dict = {}  # the reader's skip counts, as of the last batch
+        self.source_rows: dict[int, int] = {}  # rows drawn per mixed source this epoch (logged)
         self._place()
 
     @property
@@ -79,11 +80,19 @@ class TrainLoader:
             self.batch_in_epoch += 1
             self.consumed += info.drawn
             self.stats = info.stats
+            for source in info.sources:
+                self.source_rows[source] = self.source_rows.get(source, 0) + 1
             yield batch
 
     def next_epoch(self) -> None:
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self.excluded, self.seen, self.consumed = _positions(), _positions(), []
+        self.source_rows = {}
+
+    def shares(self) -> dict[str, float]:
+        """Each mixed source's share of the rows this rank drew in the epoch so far."""
+        mix, total = self.reader.mix or [], sum(self.source_rows.values())
+        return {s.name: self.source_rows.get(i, 0) / max(1, total) for i, s in enumerate(mix)}
 
     def state_dict(self) -> dict:
         """Every rank calls this (it gathers what each consumed; ranks consume equal counts).

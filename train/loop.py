@@ -22,8 +22,9 @@ from data.tokenizer import load_tokenizer
 from eval.protocols import EvalSettings, Evaluation, webvid_covr
 from eval.report import write_report
 from sharding.batch import augment, collate, pin_memory_for, to_device
-from sharding.embed import check_embedded
+from sharding.embed import EmbedError, check_embedded
 from sharding.groups import read_groups
+from sharding.mix import Source, epoch_shards
 from sharding.reader import ShardReader, ShardSet, open_shards
 from train.checkpointer import Checkpointer
 from train.engine import (
@@ -125,6 +126,25 @@ def open_split(cfg: Config, split: str, model) -> ShardSet:
     return shards
 
 
+def mix_sources(cfg: Config, model) -> list[Source]:
+    """`shards.mix`'s weighted train splits, each checked like a single one; their targets must
+    be of one kind (all frames, or all embedded by the same model or release)."""
+    sources, kinds = [], {}
+    for i, entry in enumerate(cfg.shards.mix):
+        shards = open_shards(entry.dir)
+        check_embedded(shards.manifest, shards.dir, model)
+        kinds[entry.dir] = (shards.manifest.get("embedded") or {}).get("fingerprint", "frames")
+        sources.append(
+            Source(f"{i}-{Path(entry.dir).name}", shards.urls, shards.counts, entry.weight)
+        )
+    if len(set(kinds.values())) > 1:
+        raise EmbedError(
+            "shards.mix: sources hold targets of different kinds (one batch cannot mix them): "
+            + ", ".join(f"{d}: {k}" for d, k in kinds.items())
+        )
+    return sources
+
+
 def build_model_and_tokenizer(cfg: Config):
     if cfg.train.init_from:
         overrides = {k: getattr(cfg.model, k) for k in marked(ModelConfig, "export_override")}
@@ -151,10 +171,12 @@ def build_loader(cfg: Config, model, tok, rank: int, world: int, batch_size: int
         edit_words=cfg.model.edit_words,
         description=cfg.model.description,
     )
-    train = open_split(cfg, "train", model)  # before ZeRO-3 partitions the weights
+    # before ZeRO-3 partitions the weights: the target check reads them
+    mix = mix_sources(cfg, model) if cfg.shards.mix else None
+    train = None if mix else open_split(cfg, "train", model)
     reader = ShardReader(
-        train.urls,
-        train.counts,
+        [] if mix else train.urls,
+        [] if mix else train.counts,
         batch_size=batch_size,
         collate=batch_collate,
         sampler=cfg.sampler,
@@ -162,9 +184,17 @@ def build_loader(cfg: Config, model, tok, rank: int, world: int, batch_size: int
         world=world,
         seed=cfg.train.seed,
         allow_pipe=cfg.shards.allow_pipe,
-        groups=read_groups(Path(cfg.shards.dir) / "train"),
+        groups=None if mix else read_groups(Path(cfg.shards.dir) / "train"),
         augment=partial(augment, **vars(cfg.augment)),
+        mix=mix,
     )
+    if mix and rank == 0:
+        planned = epoch_shards(mix, 0, cfg.train.seed).quotas
+        total = sum(planned)
+        log.info(
+            "shards.mix: records per epoch %s",
+            ", ".join(f"{s.name} {n} ({100 * n / total:.1f}%)" for s, n in zip(mix, planned)),
+        )
     return TrainLoader(reader, cfg.shards.loader_workers, cfg.train.seed, pin_memory_for(device))
 
 
@@ -335,6 +365,7 @@ def log_progress(job: Job, metrics: dict, meter: Meter) -> None:
         "data_wait_s": meter.data_wait_s,
         "epoch": loader.epoch + loader.batch_in_epoch / max(1, loader.batches_per_epoch()),
         **{f"reader_{k}": v for k, v in loader.stats.items() if k != "worker"},
+        **{f"data_share_{name}": share for name, share in loader.shares().items()},
     }
     if "combiner_weights" in metrics:
         weights = metrics["combiner_weights"].mean(0).tolist()
