@@ -34,7 +34,7 @@ from data.video import load_frames  # noqa: E402
 from data.webvid_covr import read_annotations, video_path  # noqa: E402
 from eval.metrics import recall_at_k  # noqa: E402
 from eval.similarity import similarity  # noqa: E402
-from sharding.batch import Task, collate  # noqa: E402
+from sharding.batch import Task, collate, query_inputs  # noqa: E402
 from sharding.records import masked_caption_group  # noqa: E402
 from sharding.samplers import BatchComposer  # noqa: E402
 from train.models import build_model  # noqa: E402
@@ -98,9 +98,7 @@ def evaluate(model, samples, tok, cfg) -> dict:
     queries, targets = [], []
     for i in range(0, len(samples), 64):
         b = collate(samples[i : i + 64], tok, cfg.vision.image_size, cfg.max_text_len)
-        queries.append(
-            model(Task.ENCODE_QUERY, b["query_frames"], b["input_ids"], b["attention_mask"])
-        )
+        queries.append(model(Task.ENCODE_QUERY, *query_inputs(b)))
         targets.append(
             model(Task.ENCODE_TARGET, b["target_frames"], b["target_scores"], b["target_mask"])
         )

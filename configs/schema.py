@@ -199,9 +199,13 @@ class ModelConfig:
     # 30 and 32 (CoVR-2: 35). Long-edit data (Dense-WebVid-CoVR, about 31 words) needs more
     edit_words: int = 30
     max_text_len: int = 32
-    # a triplet's query-video description (CSV column `description`): ignore | concat (after
-    # the edit, in one text within edit_words / max_text_len)
-    description: Literal["ignore", "concat"] = "ignore"
+    # a triplet's query-video description (CSV column `description` or `caption`): ignore |
+    # concat (after the edit, in one text within edit_words / max_text_len) | separate (its own
+    # text of up to description_tokens tokens through the same encoder as the edit, with the
+    # query video; the two mixed (1 - w) edit + w description, then re-normalised; ECDE's w: 0.2)
+    description: Literal["ignore", "concat", "separate"] = "ignore"
+    description_tokens: int = 128
+    description_weight: float = 0.2
     # the target caption (CoVR-2's caption term): words kept by the cleaning and tokens kept
     # (0: the whole caption, up to the text position embeddings). CoVR-2's embedding script
     # cleans to 50 words and does not truncate
@@ -228,11 +232,20 @@ class ModelConfig:
 
     def check(self) -> None:
         positive(
-            self, "num_query_tokens", "embed_dim", "edit_words", "max_text_len", "caption_words"
+            self,
+            "num_query_tokens",
+            "embed_dim",
+            "edit_words",
+            "max_text_len",
+            "caption_words",
+            "description_tokens",
         )
         non_negative(self, "caption_tokens")
         longest = self.text.max_position_embeddings
-        for key in ("max_text_len", "caption_tokens"):
+        checked = ("max_text_len", "caption_tokens")
+        if self.description == "separate":  # else not tokenised
+            checked += ("description_tokens",)
+        for key in checked:
             if getattr(self, key) > longest:
                 raise FieldError(
                     key,
@@ -242,6 +255,7 @@ class ModelConfig:
         for key in ("dropout", "vision_drop_path"):
             if not 0 <= getattr(self, key) < 1:
                 raise FieldError(key, f"must be in [0, 1), got {getattr(self, key)!r}")
+        in_range(self, 0, 1, "description_weight")
 
     def caption_tokenization(self) -> dict:
         """`data.text.tokenize` arguments for target captions."""

@@ -1,7 +1,10 @@
 """WebVid-CoVR annotations in their published CSV format.
 
 Columns: pth1, pth2, txt1, txt2, edit, scores, sim_txt. `pth*` are "<page_dir>/<videoid>"
-without extension; `scores` is a Python list literal of per-target-frame floats.
+without extension; `scores` is a Python list literal of per-target-frame floats. Only pth1,
+pth2 and edit are required (all that Dense-WebVid-CoVR's public test-split code reads, and
+CC-CoIR's); a file without txt1, txt2 or scores is read with one warning saying what follows.
+An optional `description` (or ECDE's `caption`) column describes the query video.
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ from data.paths import UnsafePathError, inside
 log = logging.getLogger(__name__)
 
 COLUMNS = ("pth1", "pth2", "txt1", "txt2", "edit", "scores", "sim_txt")
-REQUIRED = COLUMNS[:6]  # WebVid-CoVR's; CC-CoIR's CSVs are read with `IMAGE_TRIPLET_COLUMNS`
-IMAGE_TRIPLET_COLUMNS = ("pth1", "pth2", "edit")  # CC-CoIR: the rest optional
+REQUIRED = ("pth1", "pth2", "edit")
+WITHOUT = {  # an optional column's absence, and what follows from it
+    "txt1": "no query captions",
+    "txt2": "no target captions (no caption term, no masked-caption groups)",
+    "scores": "uniform pooling of the target frames",
+}
 
 
 class AnnotationError(ValueError):
@@ -82,7 +89,7 @@ class Triplet:
     scores: list[float] = field(default_factory=list)
     sim_txt: float | None = None
     # optional `description` (or ECDE's `caption`) column: a description of the query video,
-    # joined to the edit when `model.description="concat"`
+    # reaching the query as `model.description` says
     description: str = ""
 
 
@@ -128,10 +135,9 @@ def read_annotations(
     csv_path: str | Path,
     lenient: bool = False,
     report: ReadReport | None = None,
-    required: tuple[str, ...] = REQUIRED,
 ) -> list[Triplet]:
-    """Rows of a WebVid-CoVR CSV (or of the same layout with only `required` columns, as
-    CC-CoIR's). A malformed row raises `AnnotationError` naming file and line; with
+    """Rows of a WebVid-CoVR CSV (or of its layout with only the required columns: CC-CoIR,
+    Dense-WebVid-CoVR). A malformed row raises `AnnotationError` naming file and line; with
     `lenient=True` it is skipped and listed in `report.malformed` (and logged)."""
     csv_path = Path(csv_path)
     report = report if report is not None else ReadReport()
@@ -140,9 +146,11 @@ def read_annotations(
     rows: list[Triplet] = []
     with csv_path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is accepted
         header, table = csv_table(csv_path, f)
-        absent = [c for c in required if c not in header]
+        absent = [c for c in REQUIRED if c not in header]
         if absent:
             raise AnnotationError(f"{csv_path}:1: missing column(s) {absent}; header is {header}")
+        if without := [f"{c}: {why}" for c, why in WITHOUT.items() if c not in header]:
+            log.warning("%s has no column %s", csv_path, "; ".join(without))
         for line, row in table:
             try:
                 if None in row:  # more fields than the header

@@ -166,7 +166,18 @@ def _search_conventions(s: EvalSettings, model) -> dict:
             f"pre_caption to {model.cfg.edit_words} words, longest padding, "
             f"at most {s.text_len} tokens"
         ),
+        "description": _description_convention(model.cfg),
     }
+
+
+def _description_convention(cfg) -> str:
+    """How a query-video description reaches the query (shard-based splits that carry one)."""
+    if cfg.description == "separate":
+        return (
+            f"separate text where a query has one (at most {cfg.description_tokens} tokens), "
+            f"weight {cfg.description_weight:g}"
+        )
+    return cfg.description
 
 
 def _search_images(
@@ -478,6 +489,7 @@ def webvid_covr(
         padding="longest",
         edit_words=model.cfg.edit_words,
         description=model.cfg.description,
+        description_tokens=model.cfg.description_tokens,
     )
     emb = embed_split(
         model, urls, batch_collate, s.batch_size, s.rank, s.world, s.progress, seed=s.seed

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from eval.embed import distributed_embed, eval_mode
 from eval.search import IndexSpec, retrieve
 from sharding import format as fmt
-from sharding.batch import Task, device_of, to_device
+from sharding.batch import Task, device_of, query_inputs, to_device
 from sharding.reader import iter_records
 
 
@@ -56,7 +56,7 @@ def embed_split(
     def embed(chunk):
         samples = [fmt.decode_sample(fmt.raw_triplet(r, j, meta)) for r, j, meta in chunk]
         b = to_device(collate(samples), device_of(model))
-        query = model(Task.ENCODE_QUERY, b["query_frames"], b["input_ids"], b["attention_mask"])
+        query = model(Task.ENCODE_QUERY, *query_inputs(b))
         source = b.get("target_embeddings", b.get("target_frames"))
         return query, model(Task.ENCODE_TARGET, source, b["target_scores"], b["target_mask"])
 

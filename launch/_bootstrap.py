@@ -143,9 +143,19 @@ def preflight(cfg, splits=("train", "val")) -> None:
                 f"key '{key}': no {manifest} (pack the {split} split with launch/shard.py pack)"
             )
         try:
-            names = [entry["name"] for entry in json.loads(manifest.read_text())["shards"]]
+            packed = json.loads(manifest.read_text())
+            names = [entry["name"] for entry in packed["shards"]]
         except (ValueError, KeyError, TypeError) as err:
             raise PreflightError(f"{manifest}: not a shard manifest ({err})") from None
+        if (
+            split == "train"
+            and cfg.loss.caption_weight > 0
+            and packed.get("source_counts", {}).get("captions") == 0
+        ):
+            raise PreflightError(
+                f"key 'loss.caption_weight': {cfg.loss.caption_weight} needs target captions, "
+                f"and {manifest} was packed from annotations without any (no txt2)"
+            )
         missing = [n for n in names if not (shard_dir / f"{n}.tar").is_file()]
         if missing:
             raise PreflightError(

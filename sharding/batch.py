@@ -30,7 +30,7 @@ def _pad_frames(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-DESCRIPTION_MODES = ("ignore", "concat")
+DESCRIPTION_MODES = ("ignore", "concat", "separate")
 
 
 def query_text(sample: dict, description: str) -> str:
@@ -39,6 +39,15 @@ def query_text(sample: dict, description: str) -> str:
         raise ValueError(f"unknown model.description {description!r}; one of {DESCRIPTION_MODES}")
     extra = sample.get("description", "") if description == "concat" else ""
     return f"{sample['edit']} {extra}" if extra else sample["edit"]
+
+
+def query_inputs(batch: dict) -> tuple:
+    """The arguments of `model(Task.COMPOSE | Task.ENCODE_QUERY, ...)` in a collated batch:
+    frames, edit ids and mask, then the description's ids and mask where collated."""
+    inputs = (batch["query_frames"], batch["input_ids"], batch["attention_mask"])
+    if "description_input_ids" in batch:
+        inputs += (batch["description_input_ids"], batch["description_attention_mask"])
+    return inputs
 
 
 def collate(
@@ -50,13 +59,16 @@ def collate(
     caption: dict | None = None,
     edit_words: int = MAX_WORDS,
     description: str = "ignore",
+    description_tokens: int = 128,
 ) -> dict:
     """Model batch; edits cleaned to `edit_words` words and at most `max_text_len` tokens,
     padded to it (training) or to the longest of the batch (`padding="longest"`, evaluation);
     target captions tokenised by the `caption` arguments of `data.text.tokenize`
     (`ModelConfig.caption_tokenization`; default: as the edits). `description="concat"`: a
     sample's query-video description follows its edit in the one text (within the same words
-    and tokens)."""
+    and tokens); `"separate"`: it is its own text of at most `description_tokens` tokens
+    (`description_input_ids` / `description_attention_mask`; a sample without one has an
+    all-zero mask row, which the model reads as absent)."""
     edits = tokenize(
         tokenizer,
         [query_text(s, description) for s in samples],
@@ -72,6 +84,12 @@ def collate(
         "attention_mask": edits.attention_mask,
         "target_ids": torch.tensor([int(s["target_id"]) for s in samples], dtype=torch.long),
     }
+    if description == "separate":
+        texts = [s.get("description", "") for s in samples]
+        tokens = tokenize(tokenizer, texts, description_tokens, description_tokens, padding)
+        absent = torch.tensor([not t.strip() for t in texts])
+        batch["description_input_ids"] = tokens.input_ids
+        batch["description_attention_mask"] = tokens.attention_mask.masked_fill(absent[:, None], 0)
     if "target_embeddings" in samples[0]:
         targets = [
             torch.as_tensor(np.asarray(s["target_embeddings"], dtype=np.float32)) for s in samples

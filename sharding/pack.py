@@ -22,12 +22,7 @@ from tqdm import tqdm
 
 from configs.schema import ShardConfig, marked
 from data.paths import UnsafePathError
-from data.webvid_covr import (
-    IMAGE_TRIPLET_COLUMNS,
-    MissingVideosError,
-    read_annotations,
-    split_of,
-)
+from data.webvid_covr import MissingVideosError, read_annotations, split_of
 from sharding.manifest import MANIFEST, packed_manifest, write_manifest
 from sharding.records import build_records, cirr_records, image_records
 from sharding.writer import (
@@ -93,8 +88,7 @@ def pack(
     the CSV names images (CC-CoIR on CC3M: `<root>/<pth>.jpg|png`), each packed as one frame."""
     csv_path = Path(csv_path)
     if images:
-        rows = read_annotations(csv_path, required=IMAGE_TRIPLET_COLUMNS)
-        records = image_records(rows, video_root, cfg.epoch)
+        records = image_records(read_annotations(csv_path), video_root, cfg.epoch)
     else:
         records = build_records(read_annotations(csv_path), cfg.epoch)
     fp = _fingerprint(csv_path.read_bytes(), cfg)
@@ -191,6 +185,7 @@ def source_counts(records: list[dict]) -> dict:
         "records": len(records),
         "triplets": sum(len(r["triplets"]) for r in records),
         "targets": len({r["target"] for r in records}),
+        "captions": sum(bool(t["txt2"]) for r in records for t in r["triplets"]),
     }
 
 

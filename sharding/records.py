@@ -34,7 +34,8 @@ def build_records(rows: list[Triplet], epoch: str) -> list[dict]:
             "txt2": t.txt2,
             "edit": t.edit,
             "scores": t.scores,
-            "group": masked_caption_group(t.txt1, t.txt2),
+            # without captions (Dense-WebVid-CoVR's test file, CC-CoIR): the target alone
+            "group": masked_caption_group(t.txt1, t.txt2) if t.txt2 else t.pth2,
             **({"description": t.description} if t.description else {}),
         }
 

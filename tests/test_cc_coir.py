@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from configs.schema import ShardConfig
-from data.webvid_covr import IMAGE_TRIPLET_COLUMNS, AnnotationError, read_annotations
+from data.webvid_covr import AnnotationError, read_annotations
 from sharding import format as fmt
 from sharding.manifest import read_manifest
 from sharding.pack import pack
@@ -43,21 +43,26 @@ def _corpus(root: Path) -> Path:
     return csv
 
 
-def test_cc_coir_rows_read_with_quoting_and_unicode_and_bad_rows_name_file_and_line(tmp_path):
+def test_cc_coir_rows_read_with_quoting_and_unicode_and_bad_rows_name_file_and_line(
+    tmp_path, caplog
+):
     csv = _corpus(tmp_path)
-    rows = read_annotations(csv, required=IMAGE_TRIPLET_COLUMNS)
+    with caplog.at_level("WARNING"):
+        rows = read_annotations(csv)
     assert rows[0].edit == 'make it red, "very" red' and rows[1].edit == "add a café ☕"
     assert rows[0].pth1 == f"26/{SHA[0]}" and rows[0].scores == []
-    with pytest.raises(AnnotationError, match="missing column"):
-        read_annotations(csv)  # not WebVid-CoVR's full layout: named, not guessed
+    # not WebVid-CoVR's full layout: what is absent, and what follows, said once
+    (warning,) = [r.getMessage() for r in caplog.records if "has no column" in r.getMessage()]
+    assert "scores: uniform pooling of the target frames" in warning and csv.name in warning
+    assert "txt1" not in warning and "txt2" not in warning  # this file has captions
     bad = tmp_path / "bad.csv"
     bad.write_text(f"pth1,pth2,edit\n26/{SHA[0]},26/{SHA[1]},ok\n26/{SHA[0]},,no target\n")
     with pytest.raises(AnnotationError, match=r"bad.csv:3: empty column 'pth2'"):
-        read_annotations(bad, required=IMAGE_TRIPLET_COLUMNS)
+        read_annotations(bad)
     short = tmp_path / "short.csv"
     short.write_text("pth1,edit\na,b\n")
     with pytest.raises(AnnotationError, match=r"short.csv:1: missing column\(s\) \['pth2'\]"):
-        read_annotations(short, required=IMAGE_TRIPLET_COLUMNS)
+        read_annotations(short)
 
 
 def test_cc_coir_packs_images_as_one_frame_videos_missing_ones_counted(tmp_path):

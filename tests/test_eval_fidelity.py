@@ -251,7 +251,9 @@ def test_circo_val_reports_recall_of_target_img_id_beside_map(monkeypatch, tmp_p
 
     monkeypatch.setattr(protocols, "_search_images", ranked)
     settings = protocols.EvalSettings(ks=(1, 2, 5))
-    model = SimpleNamespace(cfg=SimpleNamespace(edit_words=30))  # read for the conventions only
+    model = SimpleNamespace(
+        cfg=SimpleNamespace(edit_words=30, description="ignore")
+    )  # read for the conventions only
     ev = protocols.circo(model, None, tmp_path, image_dir=images, settings=settings)
     assert ev.metrics == pytest.approx(
         {

@@ -170,6 +170,7 @@ def build_loader(cfg: Config, model, tok, rank: int, world: int, batch_size: int
         caption=cfg.model.caption_tokenization(),
         edit_words=cfg.model.edit_words,
         description=cfg.model.description,
+        description_tokens=cfg.model.description_tokens,
     )
     # before ZeRO-3 partitions the weights: the target check reads them
     mix = mix_sources(cfg, model) if cfg.shards.mix else None

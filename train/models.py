@@ -2,7 +2,8 @@
 
 Both expose the same interface (docs/METHOD.md §2), each method also reached through the one
 `forward` as `model(Task.X, ...)`:
-  encode_query(frames (B, Fq, 3, H, W), input_ids, attention_mask) -> (B, Q, D)
+  encode_query(frames (B, Fq, 3, H, W), input_ids, attention_mask[, description ids, mask])
+    -> (B, Q, D); `compose` (same arguments) also gives the mlp combiner's weights
   encode_target_frames(pixels (N, 3, H, W)) -> (N, Q, D), per-token normalised
   encode_target(frames (B, Ft, 3, H, W) or embeddings (B, Ft, Q, D), scores, mask) -> (B, Q, D)
   encode_text(input_ids, attention_mask) -> (B, D);  encode_image(frames) -> (B, D)
@@ -172,20 +173,45 @@ class CoVRModel(nn.Module):
         middle = frames[:, frames.shape[1] // 2]  # the live model: a query-side branch
         return F.normalize(self.target_head(self._vision(middle)).mean(1), dim=-1)
 
-    def compose(self, frames, input_ids, attention_mask) -> Composed:
-        fused = (
-            self.encode_fusion(frames, input_ids, attention_mask)
-            if self.combiner.needs_fusion
-            else None
-        )
+    def encode_fusion(self, frames, input_ids, attention_mask) -> torch.Tensor:
+        """Joint encoding of the query frames and a text: (B, Q, D), normalised per token."""
+        return self.fuse(self._query_vision(frames), input_ids, attention_mask)
+
+    def compose(
+        self, frames, input_ids, attention_mask, description_ids=None, description_mask=None
+    ) -> Composed:
+        """The combiner over the fused and unimodal encodings of the query. With a description
+        (`model.description="separate"`), each text encoding is of the edit and of the
+        description, mixed by `_with_description`; the query frames are encoded once."""
+        described = description_ids is not None
+        fused = None
+        if self.combiner.needs_fusion:
+            vision = self._query_vision(frames)
+            fused = self.fuse(vision, input_ids, attention_mask)
+            if described:
+                fused = self._with_description(
+                    fused, partial(self.fuse, vision), description_ids, description_mask
+                )
         if not self.combiner.needs_unimodal:
             return Composed(*self.combiner(fused))
         image = self.encode_image(frames)
         text = self.encode_text(input_ids, attention_mask)
+        if described:
+            text = self._with_description(text, self.encode_text, description_ids, description_mask)
         return Composed(*self.combiner(fused, image, text))
 
-    def encode_query(self, frames, input_ids, attention_mask) -> torch.Tensor:
-        return self.compose(frames, input_ids, attention_mask).query
+    def _with_description(self, of_edit, encode, description_ids, description_mask):
+        """normalize((1 - w) edit + w description), w = `description_weight` for the rows that
+        have a description (a mask row not all zero), 0 for the others."""
+        present = description_mask.any(1)
+        mask = description_mask.clone()
+        mask[:, 0] = 1  # an absent description reads its first token alone, at weight 0
+        w = self.cfg.description_weight * present.to(of_edit.dtype)
+        w = w.view(-1, *[1] * (of_edit.dim() - 1))
+        return F.normalize((1 - w) * of_edit + w * encode(description_ids, mask), dim=-1)
+
+    def encode_query(self, frames, input_ids, attention_mask, *description) -> torch.Tensor:
+        return self.compose(frames, input_ids, attention_mask, *description).query
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -228,8 +254,7 @@ class Blip2CoVR(CoVRModel):
         hidden = self._qformer_queries(vision_tokens, frozen)
         return F.normalize(self._part("vision_projection", frozen)(hidden), dim=-1)
 
-    def encode_fusion(self, frames, input_ids, attention_mask) -> torch.Tensor:
-        vision_tokens = self._query_vision(frames)
+    def fuse(self, vision_tokens, input_ids, attention_mask) -> torch.Tensor:
         b, q = vision_tokens.shape[0], self.num_query_tokens
         queries = self.hf.query_tokens.expand(b, -1, -1)
         embeds = self.hf.embeddings(input_ids=input_ids, query_embeds=queries)
@@ -296,8 +321,7 @@ class BlipCoVR(CoVRModel):
         both normalise the pooled target feature)."""
         return F.normalize(super().encode_target(frames_or_embeddings, scores, mask), dim=-1)
 
-    def encode_fusion(self, frames, input_ids, attention_mask) -> torch.Tensor:
-        vision_tokens = self._query_vision(frames)
+    def fuse(self, vision_tokens, input_ids, attention_mask) -> torch.Tensor:
         ids = input_ids.clone()
         ids[:, 0] = self.enc_token_id
         hidden = self.hf.text_encoder(

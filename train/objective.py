@@ -16,7 +16,7 @@ import torch
 
 from configs.schema import LossConfig
 from eval.similarity import similarity
-from sharding.batch import Task
+from sharding.batch import Task, query_inputs
 from train.distributed import gather, gather_with_grad
 from train.losses import hn_nce, hn_nce_from_similarity
 from train.models import CoVRModel, pool_frames
@@ -43,9 +43,7 @@ def covr_embed(
     `queue_entries`: the EMA encoder's view of the targets (no gradient). `keys`: compute only
     the target / caption among them (None: all); the query side is always computed."""
     want = lambda key: keys is None or key in keys  # noqa: E731
-    composed = model(
-        Task.COMPOSE, batch["query_frames"], batch["input_ids"], batch["attention_mask"]
-    )
+    composed = model(Task.COMPOSE, *query_inputs(batch))
     query, weights = composed.query, composed.combiner_weights
     out = {"query": query.float()}
     if want("target"):
