@@ -1,12 +1,17 @@
-"""Chaos run: a 2-rank training killed with kill -9 at random moments and resumed each time must
-end with the same weights as an uninterrupted run, and its MLflow history must have every step
-once (with the same loss as the uninterrupted run).
+"""Chaos run: a 2-rank training interrupted at random moments and resumed each time must end
+with the same weights as an uninterrupted run, and its MLflow history must have every step once
+(with the same loss as the uninterrupted run).
 
-  python bench/chaos.py [--out DIR] [--kills 5] [--steps 200] [--seed 0]
+  python bench/chaos.py [--out DIR] [--kills 5] [--steps 200] [--seed 0] [--signal KILL]
+  python bench/chaos.py --signal TERM --eval-every 7 --out runs/chaos-term
 
-A tiny model on a small synthetic corpus; checkpoints every few steps. Each kill happens at a
-random step (read from rank 0's console), after a random extra delay, to the whole job (launcher
-and ranks, as a lost node or a pre-empted allocation does). Writes DIR/chaos.json.
+A tiny model on a small synthetic corpus; checkpoints every few steps. Each interruption happens
+at a random step (read from rank 0's console), after a random extra delay. `--signal KILL`:
+`kill -9` to the whole job (launcher and ranks, as a lost node does). `TERM`: SIGTERM to the
+whole job (scancel, Kubernetes), `USR1`: SIGUSR1 to the ranks (SLURM `--signal=B:USR1` trapped
+by the batch script); both must stop at a step boundary with a checkpoint (`train.stop`), so
+the next launch resumes from the step the signal came at: nothing is computed twice.
+`--eval-every` puts validations among the moments. Writes DIR/chaos.json.
 """
 
 import argparse
@@ -26,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 STEP = re.compile(r" step (\d+)/\d+ ")
 
 
-def prepare(out: Path, steps: int, ckpt_every: int) -> Path:
+def prepare(out: Path, steps: int, ckpt_every: int, eval_every: int) -> Path:
     from configs.schema import MiningConfig, ShardConfig, SynthConfig
     from data.corpus import build_synthetic
     from sharding.pack import pack
@@ -42,7 +47,7 @@ def prepare(out: Path, steps: int, ckpt_every: int) -> Path:
     cfg = ShardConfig(samples_per_shard=5, target_frames=3, workers=2, seed=1)
     for split in ("train", "val"):
         pack(corpus / f"{split}.csv", corpus / "videos", out / "shards" / split, cfg)
-    # configs/tiny.yaml, run for `steps` with no validation: the kills fall on training steps
+    # configs/tiny.yaml, run for `steps`; validations every `eval_every` steps
     return write_tiny_config(
         out / "chaos.yaml",
         out / "shards",
@@ -51,7 +56,7 @@ def prepare(out: Path, steps: int, ckpt_every: int) -> Path:
         f"train.max_steps={steps}",
         f"train.ckpt_every={ckpt_every}",
         "train.keep_checkpoints=2",
-        "train.eval_every=1000000",
+        f"train.eval_every={eval_every}",
         "eval.report_queries=0",
     )
 
@@ -78,10 +83,19 @@ class Job:
             if m:
                 self.step = int(m.group(1))
 
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)  # launcher and ranks, no clean-up
-        self.proc.wait()
+    def interrupt(self, sig: signal.Signals) -> int:
+        """KILL / TERM to the whole job, USR1 to the ranks; waits for the job; its status."""
+        if sig == signal.SIGUSR1:
+            import psutil
+
+            for p in psutil.Process(self.proc.pid).children(recursive=True):
+                if "--local_rank" in " ".join(p.cmdline()):
+                    p.send_signal(sig)
+        else:
+            os.killpg(self.proc.pid, sig)
+        code = self.proc.wait()
         self.reader.join()
+        return code
 
     def wait(self) -> int:
         code = self.proc.wait()
@@ -89,10 +103,17 @@ class Job:
         return code
 
 
-def run(config: Path, out_dir: Path, kill_at: list[tuple[int, float]], rng) -> list[dict]:
-    """Launch, kill at each (step, extra delay), relaunch; until a launch finishes."""
+RESUMED = re.compile(r"resumed from \S*step(\d+)")
+
+
+def run(
+    config: Path, out_dir: Path, kill_at: list[tuple[int, float]], sig=signal.SIGKILL
+) -> list[dict]:
+    """Launch, interrupt with `sig` at each (step, extra delay), relaunch; until a launch
+    finishes."""
     kills = []
-    with (out_dir.parent / f"{out_dir.name}.console.log").open("a") as log:
+    console = out_dir.parent / f"{out_dir.name}.console.log"
+    with console.open("a") as log:
         for target, delay in kill_at:
             started = time.perf_counter()
             job = Job(config, out_dir, log)
@@ -103,20 +124,29 @@ def run(config: Path, out_dir: Path, kill_at: list[tuple[int, float]], rng) -> l
                     f"the job ended before step {target} (exit {job.proc.returncode})"
                 )
             time.sleep(delay)
-            step = job.step
-            job.kill()
+            step, signalled = job.step, time.perf_counter()
+            code = job.interrupt(sig)
+            stopped = out_dir / "stopped.json"
             kills.append(
                 {
                     "target_step": target,
                     "extra_delay_s": round(delay, 2),
                     "step_at_kill": step,
-                    "seconds_into_launch": round(time.perf_counter() - started, 1),
+                    "seconds_into_launch": round(signalled - started, 1),
+                    "exit_status": code,
+                    "seconds_to_exit": round(time.perf_counter() - signalled, 2),
+                    "stopped_at_step": json.loads(stopped.read_text())["step"]
+                    if stopped.exists()
+                    else None,
                 }
             )
-            print(f"killed at step {step} (target {target} + {delay:.2f} s)", flush=True)
+            print(f"{sig.name} at step {step} (target {target} + {delay:.2f} s)", flush=True)
         job = Job(config, out_dir, log)
         if job.wait() != 0:
             raise RuntimeError(f"the last launch failed; see {log.name}")
+    resumed = [int(m.group(1)) for m in RESUMED.finditer(console.read_text())]
+    for kill, step in zip(kills, resumed):
+        kill["resumed_from_step"] = step
     return kills
 
 
@@ -155,22 +185,25 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--ckpt-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--signal", choices=("KILL", "TERM", "USR1"), default="KILL")
+    parser.add_argument("--eval-every", type=int, default=1000000, help="1000000: none")
     args = parser.parse_args(argv)
+    sig = signal.Signals[f"SIG{args.signal}"]
     out = Path(args.out).resolve()
     for d in ("reference", "chaos"):
         if (out / d).exists():
             parser.exit(2, f"{out / d} exists: use a fresh --out\n")
     out.mkdir(parents=True, exist_ok=True)
-    config = prepare(out, args.steps, args.ckpt_every)
+    config = prepare(out, args.steps, args.ckpt_every, args.eval_every)
     rng = random.Random(args.seed)
 
     start = time.perf_counter()
-    run(config, out / "reference", [], rng)
+    run(config, out / "reference", [])
     reference_s = time.perf_counter() - start
     targets = sorted(rng.sample(range(1, args.steps - 1), args.kills))
     kill_at = [(t, rng.uniform(0.0, 1.5)) for t in targets]
     start = time.perf_counter()
-    kills = run(config, out / "chaos", kill_at, rng)
+    kills = run(config, out / "chaos", kill_at, sig)
     chaos_s = time.perf_counter() - start
 
     weights = compare(out / "reference", out / "chaos")
@@ -185,6 +218,8 @@ def main(argv=None) -> int:
     result = {
         "steps": args.steps,
         "ckpt_every": args.ckpt_every,
+        "eval_every": args.eval_every,
+        "signal": sig.name,
         "seed": args.seed,
         "kills": kills,
         "weights": weights,
@@ -197,9 +232,19 @@ def main(argv=None) -> int:
         },
         "seconds": {"reference": round(reference_s, 1), "chaos_with_restarts": round(chaos_s, 1)},
     }
+    ok = weights["max_abs_diff"] <= 1e-5 and result["mlflow_loss_history"]["every_step_once"]
+    if sig != signal.SIGKILL:  # a stop at a step boundary: resumed there, nothing redone
+        # (a signal at the last step is not a stop: that job finishes, validation and export)
+        stopped_right = all(
+            k.get("resumed_from_step") == k["stopped_at_step"] >= k["step_at_kill"]
+            if k["stopped_at_step"] is not None
+            else k.get("resumed_from_step") == args.steps
+            for k in kills
+        )
+        result["every_stop_resumed_at_its_step"] = stopped_right
+        ok = ok and stopped_right
     (out / "chaos.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
-    ok = weights["max_abs_diff"] <= 1e-5 and result["mlflow_loss_history"]["every_step_once"]
     return 0 if ok else 1
 
 

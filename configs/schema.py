@@ -371,10 +371,12 @@ class TrainConfig:
     resume: Literal["auto", "none"] = field(default="auto", metadata=RESUME_FREE)
     init_from: str = ""  # exported model directory to start from (e.g. a pretraining stage)
     stage: Literal["covr", "itc"] = "covr"  # itc: image-text contrastive pretraining on captions
+    # micro-batches whose loss is NaN / Inf skipped (no backward, no step) before the job stops
+    nonfinite_limit: int = field(default=10, metadata=RESUME_FREE)
 
     def check(self) -> None:
         positive(self, "batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints")
-        non_negative(self, "global_batch_size", "chunk_size", "max_steps")
+        non_negative(self, "global_batch_size", "chunk_size", "max_steps", "nonfinite_limit")
         non_negative(self, "eval_every", "ckpt_every")
 
 

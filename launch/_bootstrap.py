@@ -99,6 +99,9 @@ def run(main, also: tuple[type[BaseException], ...] = ()) -> None:
     one line and exit status 2."""
     try:
         code = main()
+    except KeyboardInterrupt:  # a second Ctrl-C (the first stops at a step boundary)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
         if not (expected(err) or isinstance(err, also)) or os.environ.get("COVR_TRACEBACK"):
             raise

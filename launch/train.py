@@ -10,10 +10,15 @@ before anything heavy starts. `train.resume=auto` (default) continues from the n
 checkpoint in train.out_dir, on any number of ranks; settings that change the training must
 match the checkpoint's (else exit 2 naming the keys); `train.resume=none` starts over, moving
 the directory's checkpoints aside (checkpoints.replaced-<time>).
+
+SIGTERM, SIGUSR1 or Ctrl-C (preemption: SLURM `--signal=USR1@120`, Kubernetes' SIGTERM) stop the
+job at the next optimizer step with a checkpoint: every rank exits 75, rank 0 writes
+train.out_dir/stopped.json, and the same command resumes. A second Ctrl-C stops at once.
 """
 
 import argparse
 import json
+import sys
 
 import _bootstrap
 
@@ -36,8 +41,15 @@ def main(argv=None) -> int:
     _bootstrap.setup_logging()
 
     from train.loop import train
+    from train.stop import EXIT_STOPPED, Stopped, StopRequest
 
-    summary = train(cfg)
+    try:  # the signals stay caught to the process's end (a signal after training: exit 0)
+        summary = train(cfg, StopRequest().install())
+    except Stopped as stopped:  # a signal: checkpoint saved at a step boundary
+        if _bootstrap.rank() == 0:
+            print(stopped, file=sys.stderr)
+        _bootstrap.leave_process_group()
+        return EXIT_STOPPED
     if summary is not None and _bootstrap.rank() == 0:  # rank 0 speaks for the job
         print(json.dumps(summary, indent=1))
     return 0

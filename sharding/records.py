@@ -7,6 +7,7 @@ per epoch, the reference recipe); in `triplet` mode one triplet per record."""
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -60,24 +61,30 @@ def build_records(rows: list[Triplet], epoch: str) -> list[dict]:
     ]
 
 
-def image_file(root: Path, name: str) -> str:
+def image_file(root: Path, name: str, listed: dict[Path, set[str]]) -> str:
     """CC-CoIR's `pth` names a CC3M image `<root>/<pth>.jpg` (or `.png`); the `.jpg` path when
-    neither exists (then skipped as missing) or when it would leave the root (then refused)."""
+    neither exists (then skipped as missing) or when it would leave the root (then refused).
+    `listed`: folder -> its file names, filled once per folder (one listing instead of a stat
+    per image: 3M images on a network file system)."""
+    path = root / name
+    if (names := listed.get(path.parent)) is None:
+        names = listed[path.parent] = (
+            set(os.listdir(path.parent)) if path.parent.is_dir() else set()
+        )
     for suffix in (".jpg", ".png"):
-        path = root / f"{name}{suffix}"
-        if path.is_file():
-            return str(path)
-    return str(root / f"{name}.jpg")
+        if f"{path.name}{suffix}" in names:
+            return f"{path}{suffix}"
+    return f"{path}.jpg"
 
 
 def image_records(rows: list[Triplet], image_root: str | Path, epoch: str) -> list[dict]:
     """Records of image triplets (CC-CoIR): as `build_records`, each image a one-frame video."""
-    root = Path(image_root)
+    root, listed = Path(image_root), {}
     records = build_records(rows, epoch)
     for record in records:
-        record["target_file"] = image_file(root, record["target"])
+        record["target_file"] = image_file(root, record["target"], listed)
         for t in record["triplets"]:
-            t["query_file"] = image_file(root, t["pth1"])
+            t["query_file"] = image_file(root, t["pth1"], listed)
     return records
 
 

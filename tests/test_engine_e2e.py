@@ -88,8 +88,23 @@ def test_zero_stages_train_checkpoint_export_and_track(setup, tmp_path, stage):
     assert "checkpoint saved: " in console and "R@1 " in console
 
 
-def test_kill_and_resume_reaches_the_same_weights(setup, tmp_path):
-    full = launch(setup, tmp_path / "full")
+@pytest.fixture(scope="module")
+def full(setup, tmp_path_factory):
+    """The uninterrupted run the interrupted ones are compared with."""
+    out = tmp_path_factory.mktemp("full")
+    return launch(setup, out), out
+
+
+def _same_weights(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(a_dir / "export/model.safetensors")
+    b = load_file(b_dir / "export/model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_kill_and_resume_reaches_the_same_weights(setup, full, tmp_path):
+    full, full_dir = full
     proc = launch(setup, tmp_path / "killed", wait=False)
     deadline = time.time() + 300
     while (
@@ -102,11 +117,13 @@ def test_kill_and_resume_reaches_the_same_weights(setup, tmp_path):
     assert not (tmp_path / "killed/summary.json").exists(), "killed too late"
     resumed = launch(setup, tmp_path / "killed")
     assert resumed["steps"] == full["steps"]
-    a = load_file(tmp_path / "full/export/model.safetensors")
-    b = load_file(tmp_path / "killed/export/model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    # the killed job's lock was left behind: its process is gone, so it was taken over
+    assert (
+        "taking over the lock of a job that is gone"
+        in (tmp_path / "killed/console.log").read_text()
+    )
+    assert not (tmp_path / "killed/LOCK").exists()  # released at the end
+    _same_weights(full_dir, tmp_path / "killed")
     history = MlflowClient(resumed["mlflow_tracking_uri"]).get_metric_history(
         resumed["mlflow_run_id"], "loss"
     )
@@ -154,6 +171,67 @@ def _alive(p) -> bool:
         return False
 
 
+def test_a_second_job_on_the_same_out_dir_is_refused_naming_the_first(setup, tmp_path):
+    out = tmp_path / "shared"
+    first = launch(setup, out, "train.epochs=1000", "train.ckpt_every=0", wait=False)
+    try:
+        _ranks(first)
+        deadline = time.time() + 120
+        while not (out / "LOCK").exists():
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.1)
+        holder = json.loads((out / "LOCK").read_text())
+        second = subprocess.run(
+            [sys.executable, ROOT / "launch/train.py", "--config", setup, f"train.out_dir={out}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert second.returncode == 2, second.stderr[-3000:]
+        (line,) = [x for x in second.stderr.splitlines() if "run dir locked" in x]
+        assert f"in use by pid {holder['pid']} on {holder['host']}" in line
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the first job goes on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+
+def test_a_diverging_run_never_saves_non_finite_weights(setup, tmp_path):
+    """optim.lr=1e6 at ZeRO-0, a checkpoint every step: the job stops with one line, every
+    checkpoint left is finite, no export; the NaN losses are skipped up to the limit."""
+    out = tmp_path / "diverged"
+
+    def train(*overrides):
+        return subprocess.run(
+            [sys.executable, ROOT / "launch/train.py", "--config", setup, f"train.out_dir={out}"]
+            + ["optim.lr=1e6", "deepspeed.zero_stage=0", "train.resume=none", *overrides],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    proc = train("train.ckpt_every=1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # whichever comes first: a checkpoint of non-finite weights, or the NaN losses' limit
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("non finite error: ")]
+    assert "the weights are not finite (parameter " in line or "micro-batches" in line
+    for tag in (out / "checkpoints").glob("step*/COMPLETE"):
+        state = torch.load(
+            next(tag.parent.glob("**/mp_rank_00_model_states.pt")), weights_only=False
+        )
+        assert all(
+            torch.isfinite(v).all() for v in state["module"].values() if v.is_floating_point()
+        )
+    assert not (out / "export").exists()
+    proc = train("train.ckpt_every=0", "train.nonfinite_limit=3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "loss NaN / Inf in 4 micro-batches (train.nonfinite_limit=3)" in proc.stderr
+    assert proc.stderr.count("micro-batch skipped") == 3 and not (out / "export").exists()
+
+
 def test_a_dead_rank_ends_the_job(setup, tmp_path):
     import psutil
 
@@ -172,3 +250,82 @@ def test_a_dead_rank_ends_the_job(setup, tmp_path):
     assert proc.returncode != 0
     assert time.time() - killed_at < 60
     assert not any(_alive(p) for p in ranks)
+
+
+class Console:
+    """A started job's console, read line by line in a thread (to wait for a step)."""
+
+    def __init__(self, proc):
+        import threading
+
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, timeout=300) -> None:
+        deadline = time.time() + timeout
+        while not any(text in line for line in self.lines):
+            assert time.time() < deadline and self.proc.poll() is None, "".join(self.lines)[-3000:]
+            time.sleep(0.05)
+
+    def finish(self, timeout=300) -> str:
+        self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=10)
+        return "".join(self.lines)
+
+
+def _ranks(proc) -> list:
+    import psutil
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if _is_rank(p)]
+        if len(ranks) == 2:
+            return ranks
+        time.sleep(0.1)
+    raise AssertionError("the ranks did not start")
+
+
+def test_preemption_signals_stop_at_a_step_with_a_checkpoint_and_resume_exactly(
+    setup, full, tmp_path
+):
+    """SIGUSR1 to the ranks (SLURM --signal=B:USR1 trapped by the batch script) and SIGTERM to
+    the whole job (launcher included, as scancel or Kubernetes send it), each at a random
+    moment; the job ends where an uninterrupted one does, every MLflow step logged once."""
+    import random
+
+    full, full_dir = full
+    out, rng = tmp_path / "preempted", random.Random(0)
+    stops = []
+    for sig, to_group, after in ((signal.SIGUSR1, False, "step 2/"), (signal.SIGTERM, True, None)):
+        console = Console(launch(setup, out, wait=False))
+        ranks = _ranks(console.proc)
+        console.wait_for(after or f"step {stops[-1] + 1}/")
+        time.sleep(rng.uniform(0, 0.5))
+        if to_group:
+            os.killpg(console.proc.pid, sig)
+        else:
+            for rank in ranks:
+                rank.send_signal(sig)
+        text = console.finish()
+        assert "Traceback" not in text, text[-3000:]
+        stopped = json.loads((out / "stopped.json").read_text())
+        step = stopped["step"]
+        assert stopped["signal"] == sig.name and step < full["steps"]
+        assert f"stopped by {sig.name} at step {step}: checkpoint" in text
+        assert (out / f"checkpoints/step{step:08d}/COMPLETE").exists()
+        assert not (out / "summary.json").exists()
+        if not to_group:  # the ranks' status comes through DeepSpeed's launcher
+            assert console.proc.returncode == 75, text[-3000:]
+        stops.append(step)
+    resumed = launch(setup, out)
+    console = (out / "console.log").read_text()
+    assert f"resumed from {out / 'checkpoints'}/step{stops[-1]:08d}" in console
+    assert not (out / "stopped.json").exists()
+    assert resumed["steps"] == full["steps"] and resumed["mlflow_run_id"]
+    _same_weights(full_dir, out)
+    client = MlflowClient(resumed["mlflow_tracking_uri"])
+    history = client.get_metric_history(resumed["mlflow_run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, full["steps"] + 1))  # each once
+    run = client.get_run(resumed["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["covr.stopped"].startswith("SIGTERM")

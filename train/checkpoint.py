@@ -99,6 +99,10 @@ def _inventory(tag_dir: Path) -> dict:
     }
 
 
+def step_tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
 def save_checkpoint(
     engine,
     ckpt_dir: str | Path,
@@ -110,7 +114,7 @@ def save_checkpoint(
 ) -> str:
     """Every rank calls this with its own part (`own`); rank 0 writes the `shared` one, the
     config and, after every rank is done, the COMPLETE marker. Returns the tag."""
-    tag = f"step{step:08d}"
+    tag = step_tag(step)
     tag_dir = Path(ckpt_dir) / tag
     if _rank() == 0 and tag_dir.exists():  # a damaged one of the same step: no stale files
         shutil.rmtree(tag_dir)

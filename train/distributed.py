@@ -12,6 +12,24 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+_cpu_group = None
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's `value` (collective): a CPU all-reduce over gloo, beside NCCL
+    too, so that agreeing on a flag costs no device sync."""
+    global _cpu_group
+    if world()[1] == 1:
+        return value
+    if _cpu_group is None:  # the default group when it is gloo; every rank creates it at once
+        _cpu_group = (
+            dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        )
+    out = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return int(out.item())
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; the backward multiplies the gradient by `factor`."""
 

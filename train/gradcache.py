@@ -29,10 +29,12 @@ def chunked_backward(
     chunk_size: int,
     queue: TargetQueue | None = None,
     momentum: MomentumEncoder | None = None,
-) -> tuple[torch.Tensor, dict]:
+    finite=None,
+) -> tuple[torch.Tensor, dict | None]:
     """Forward and backward of one micro-batch in chunks of `chunk_size` samples through the
     DeepSpeed `engine`; gradients accumulate for the caller's one `engine.step()`. Returns the
-    (detached) loss and the objective's metrics."""
+    (detached) loss and the objective's metrics; metrics None, and no backward, when
+    `finite(loss)` says the loss is not finite."""
     n = batch["target_ids"].shape[0]
     spans = [slice(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
     device = torch.device(engine.device)
@@ -52,6 +54,8 @@ def chunked_backward(
         if v.is_floating_point() and k != "queue_entries"
     }
     loss, metrics = objective.contrast(emb, batch["target_ids"], loss_cfg, engine.cfg.reduce, queue)
+    if finite is not None and not finite(loss):
+        return loss.detach(), None
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     cached = {k: g for k, g in zip(leaves, grads) if g is not None}
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from configs.schema import Config
 from sharding.reader import ShardReader
 from train.distributed import gather
+from train.stop import ignore_stop_signals
 
 
 def _positions(values=()) -> torch.Tensor:
@@ -75,9 +76,11 @@ class TrainLoader:
             num_workers=self.workers,
             generator=seeded,
             pin_memory=self.pin_memory,
+            worker_init_fn=ignore_stop_signals,  # the stop is the main process's (train.stop)
         )
         for batch, info in loader:
             self.batch_in_epoch += 1
+            self.last_keys = info.keys  # what a warning about this batch names
             self.consumed += info.drawn
             self.stats = info.stats
             for source in info.sources:

@@ -26,6 +26,7 @@ from sharding.embed import EmbedError, check_embedded
 from sharding.groups import read_groups
 from sharding.mix import Source, epoch_shards
 from sharding.reader import ShardReader, ShardSet, open_shards
+from train.checkpoint import step_tag
 from train.checkpointer import Checkpointer
 from train.engine import (
     build_engine,
@@ -38,27 +39,48 @@ from train.export import consolidated_state_dict, export_model, load_exported
 from train.gradcache import chunked_backward
 from train.loader import RunShape, TrainLoader, run_shape
 from train.models import build_model
+from train.nonfinite import check_finite_weights, finite_loss, skip_nonfinite
 from train.objective import COVR, ITC, Objective
 from train.optim import build_optimizer, build_scheduler
 from train.queue import MomentumEncoder, TargetQueue
+from train.run_lock import lock_run_dir
 from train.state import TrainState
+from train.stop import Stopped, StopRequest
 from train.tracking import Tracker, default_uri
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: Config) -> dict | None:
-    """Train, validate and export; returns the summary on rank 0 (None on the other ranks)."""
+def train(cfg: Config, stop: StopRequest | None = None) -> dict | None:
+    """Train, validate and export; returns the summary on rank 0 (None on the other ranks).
+    A stop signal (`train.stop`) ends it at an optimizer-step boundary with a checkpoint, by
+    raising `Stopped`. `stop`: the process's installed request (`launch/train.py` keeps it to
+    the process's end: a signal after training must not kill a job that finished); without
+    one, the signals are caught for the call only."""
     rank, world, _ = init_distributed(cfg.deepspeed.timeout_s)
-    if rank == 0:
-        log.info("building the job: model, data reader, DeepSpeed engine")
-    job = build(cfg, rank, world)
-    meter = Meter()
-    while job.state.step < job.shape.total_steps:
-        train_epoch(job, meter)
-        if job.state.step < job.shape.total_steps:  # the epoch's batches are spent
-            end_epoch(job)
-    return finish(job, meter)
+    lock = lock_run_dir(cfg.train.out_dir, rank)  # one job per out_dir, before it is touched
+    own = stop is None
+    stop = StopRequest().install() if own else stop
+    try:
+        if rank == 0:
+            log.info("building the job: model, data reader, DeepSpeed engine")
+        job = build(cfg, rank, world, stop)
+        meter = Meter()
+        if job.state.validation_due:  # the stopped job's validation at this step
+            log_validation(job, validate(job).metrics)
+            job.state.validation_due = False
+        while job.state.step < job.shape.total_steps and not job.stopped:
+            train_epoch(job, meter)
+            if job.state.step < job.shape.total_steps and not job.stopped:  # the epoch is spent
+                end_epoch(job)
+        if job.stopped:
+            stopped(job)
+        return finish(job, meter)
+    finally:
+        if own:
+            stop.uninstall()
+        if lock is not None:
+            lock.release()
 
 
 @dataclass
@@ -81,6 +103,8 @@ class Job:
     tracker: Tracker
     shape: RunShape
     val: ShardSet  # the validation split, opened once
+    stop: StopRequest  # the signals' flag
+    stopped: str | None = None  # the signal the ranks agreed to stop on, at a step boundary
 
     def say(self, msg: str, *args) -> None:
         if self.rank == 0:
@@ -199,7 +223,7 @@ def build_loader(cfg: Config, model, tok, rank: int, world: int, batch_size: int
     return TrainLoader(reader, cfg.shards.loader_workers, cfg.train.seed, pin_memory_for(device))
 
 
-def build(cfg: Config, rank: int, world: int) -> Job:
+def build(cfg: Config, rank: int, world: int, stop: StopRequest) -> Job:
     """Model, queue and EMA copy, data loader; the stateful parts restored from the newest
     complete checkpoint (`train.resume=auto`); the run's shape; engine; the MLflow run (a
     resumed job continues its run)."""
@@ -260,6 +284,7 @@ def build(cfg: Config, rank: int, world: int) -> Job:
     tracker.log_params(to_dict(cfg))  # a resumed run: compared with the run's, new keys only
     if rank == 0:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        (out / "stopped.json").unlink(missing_ok=True)  # an earlier stop's, now resumed
 
     objective = ITC if cfg.train.stage == "itc" else COVR
     job = Job(
@@ -279,6 +304,7 @@ def build(cfg: Config, rank: int, world: int) -> Job:
         tracker,
         shape,
         val,
+        stop,
     )
     for line in checkpointer.describe():
         job.say(line)
@@ -300,33 +326,54 @@ def build(cfg: Config, rank: int, world: int) -> Job:
 
 
 def train_epoch(job: Job, meter: Meter) -> None:
-    """Micro-steps from the loader's position until the epoch's batches are spent or the last
-    optimizer step is done."""
+    """Micro-steps from the loader's position until the epoch's batches are spent, the last
+    optimizer step is done, or the ranks agreed to stop."""
     state, batches = job.state, iter(job.loader)
-    while state.step < job.shape.total_steps:
+    while state.step < job.shape.total_steps and not job.stopped:
         waited = time.perf_counter()
         batch = next(batches, None)
         meter.data_wait_s += time.perf_counter() - waited
         if batch is None:
             return
         metrics = micro_step(job, batch, meter)
+        if metrics is None:  # a NaN / Inf loss: skipped, counted
+            continue
         if job.engine.global_steps > state.step:  # the optimizer stepped (every grad_accum)
             state.step = job.engine.global_steps
             after_step(job, metrics, meter)
 
 
-def micro_step(job: Job, batch: dict, meter: Meter) -> dict:
+def micro_step(job: Job, batch: dict, meter: Meter) -> dict | None:
     """Forward and backward of one micro-batch; the engine applies the optimizer at the end of
-    each gradient accumulation."""
+    each gradient accumulation. A NaN / Inf loss (on any rank) skips the micro-batch before its
+    backward (`train.nonfinite`): returns None."""
     batch = to_device(batch, job.engine.device)
     engine, cfg = job.engine, job.cfg
     if cfg.train.chunk_size:  # gradient cache: activation memory follows the chunk
-        _, metrics = chunked_backward(
-            engine, batch, job.objective, cfg.loss, cfg.train.chunk_size, job.queue, job.momentum
-        )
+        metrics = chunked_backward(
+            engine,
+            batch,
+            job.objective,
+            cfg.loss,
+            cfg.train.chunk_size,
+            job.queue,
+            job.momentum,
+            finite=finite_loss,
+        )[1]
     else:
         loss, metrics = job.objective.loss(engine, batch, cfg.loss, job.queue, job.momentum)
-        engine.backward(loss)
+        if finite_loss(loss):
+            engine.backward(loss)
+        else:
+            metrics = None
+    if metrics is None:
+        job.state.nonfinite_skipped = skip_nonfinite(
+            job.state.nonfinite_skipped,
+            cfg.train.nonfinite_limit,
+            job.state.step,
+            getattr(job.loader, "last_keys", []),
+        )
+        return None
     engine.step()
     meter.add(metrics["loss"], batch["target_ids"].shape[0] * job.world)
     return metrics
@@ -340,10 +387,20 @@ def after_step(job: Job, metrics: dict, meter: Meter) -> None:
         job.momentum.update()
     if step % cfg.log_every == 0 or step == job.shape.total_steps:
         log_progress(job, metrics, meter)
+    last = step == job.shape.total_steps  # `finish` validates and saves
+    # a stop signal, agreed by every rank here and after a validation or checkpoint, which a
+    # signal may have come during: the stop is at this step, with its checkpoint
+    agreed = lambda: None if last else job.stop.agreed()  # noqa: E731
+    job.stopped = agreed()
     if cfg.eval_every and step % cfg.eval_every == 0:
-        log_validation(job, validate(job).metrics)
-    if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < job.shape.total_steps:
+        if job.stopped:  # saved as due: the resumed job validates first, at this step
+            job.state.validation_due = True
+        else:
+            log_validation(job, validate(job).metrics)
+            job.stopped = agreed()
+    if job.stopped or (cfg.ckpt_every and step % cfg.ckpt_every == 0 and not last):
         save(job)
+        job.stopped = job.stopped or agreed()
 
 
 def end_epoch(job: Job) -> None:
@@ -374,6 +431,8 @@ def log_progress(job: Job, metrics: dict, meter: Meter) -> None:
             logged[f"combiner_weight_{name}"] = w
     if job.queue is not None:
         logged["queue_filled"] = job.queue.filled
+    if state.nonfinite_skipped:
+        logged["nonfinite_skipped"] = state.nonfinite_skipped
     job.tracker.log_metrics(logged, state.step)
     left = meter.seconds_left(state.step, job.shape.total_steps)
     skipped = {k: v for k, v in loader.stats.items() if k != "worker" and v}
@@ -427,6 +486,8 @@ def log_validation(job: Job, metrics: dict) -> None:
 
 
 def save(job: Job) -> str:
+    """A checkpoint at this step (and, through it, the export): never of non-finite weights."""
+    check_finite_weights(job.engine.module, f"checkpoint at step {job.state.step}")
     job.state.run_id = job.tracker.run_id  # created late if the server was away at the start
     tag = job.checkpointer.save(job.state.step)
     job.say("checkpoint saved: %s", job.checkpointer.dir / tag)
@@ -434,6 +495,21 @@ def save(job: Job) -> str:
 
 
 # --- end ---------------------------------------------------------------------------------------
+
+
+def stopped(job: Job) -> None:
+    """After a stop signal: the checkpoint is saved (`after_step`); the MLflow run is marked
+    KILLED with the reason (the resumed job reopens it), rank 0 writes `stopped.json` for a
+    requeue script; raises `Stopped`."""
+    step = job.state.step
+    tag = job.checkpointer.dir / step_tag(step)
+    if job.rank == 0:
+        reason = {"signal": job.stopped, "step": step, "checkpoint": str(tag)}
+        (job.out / "stopped.json").write_text(json.dumps(reason, indent=1))
+        job.tracker.set_tags({"covr.stopped": f"{job.stopped} at step {step}"})
+    job.tracker.finish("KILLED")
+    torch.distributed.barrier()  # every rank's part of the checkpoint is written
+    raise Stopped(job.stopped, step, str(tag))
 
 
 def finish(job: Job, meter: Meter) -> dict | None:

@@ -32,8 +32,14 @@ class TargetQueue:
         if n >= self.size:  # only the newest `size` survive
             features, ids, n = features[-self.size :], ids[-self.size :], self.size
         slots = (self.ptr + torch.arange(n, device=self.ids.device)) % self.size
-        self.features[slots] = features.detach().to(self.features)
-        self.ids[slots] = ids.to(self.ids)
+        features = features.detach().to(self.features)
+        # a non-finite row (a corrupt record) would make every later loss NaN: kept as an
+        # empty slot (id -1, never a negative), on the device, without a sync
+        finite = torch.isfinite(features.flatten(1)).all(1)
+        self.features[slots] = torch.where(
+            finite.view(-1, *[1] * (features.dim() - 1)), features, 0
+        )
+        self.ids[slots] = torch.where(finite.to(self.ids.device), ids.to(self.ids), -1)
         self.ptr = (self.ptr + n) % self.size
         self.filled = min(self.size, self.filled + n)
 
@@ -52,7 +58,8 @@ class TargetQueue:
     def negatives_mask(self, batch_ids: torch.Tensor) -> torch.Tensor:
         """(B, K) bool: queue entry k is a valid negative for batch row b (other target id)."""
         _, ids = self.valid()  # the queue may live on the host while the batch is on a GPU
-        return batch_ids[:, None] != ids.to(batch_ids.device)[None, :]
+        ids = ids.to(batch_ids.device)[None, :]
+        return (batch_ids[:, None] != ids) & (ids >= 0)
 
     def state_dict(self) -> dict:
         return {

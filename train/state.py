@@ -19,12 +19,23 @@ import torch
 class TrainState:
     step: int = 0  # optimizer steps done
     run_id: str | None = None  # the MLflow run a resumed job continues
+    # a validation was due at `step` when a stop signal came: the resumed job runs it first
+    validation_due: bool = False
+    nonfinite_skipped: int = 0  # micro-batches skipped for a NaN / Inf loss (train.nonfinite)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "run_id": self.run_id}
+        return {
+            "step": self.step,
+            "run_id": self.run_id,
+            "validation_due": self.validation_due,
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.run_id = int(state["step"]), state["run_id"]
+        # absent from older checkpoints
+        self.validation_due = bool(state.get("validation_due", False))
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
 
 
 class RNGState:

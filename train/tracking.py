@@ -168,6 +168,8 @@ class Tracker:
             )
             self.run_id = None
             return
+        if run.info.status != "RUNNING":  # stopped by a signal (KILLED), now going on
+            self.client.update_run(self.run_id, "RUNNING")
         self.known_params = dict(run.data.params)
         # the run's latest metrics carry their step (the newest one per key)
         self.last_step = {m.key: m.step for m in run.data._metric_objs}
