@@ -49,11 +49,19 @@ def build_vocab_tokenizer(texts: Iterable[str], out_dir: str | Path) -> PreTrain
     return tok
 
 
+class TokenizerError(ValueError):
+    """A tokenizer directory that cannot be read; names it."""
+
+
 def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:  # no or damaged tokenizer files
+        reason = str(err).splitlines()[0][:200]
+        raise TokenizerError(f"{path}: not a readable tokenizer directory ({reason})") from None
     # as the reference's init_tokenizer: bert-base-uncased + [DEC] (bos) + [ENC], in that order,
     # so a bare BERT vocabulary gives [DEC] 30522 and [ENC] 30523, the ids the weights expect
     if "[DEC]" not in tok.get_vocab():

@@ -18,7 +18,7 @@ import torch
 
 from configs.schema import ModelConfig, TextSize, VisionSize, marked
 from data.tokenizer import load_tokenizer
-from train.models import build_model
+from train.models import build_model, check_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,53 @@ def export_model(state: dict, model_cfg: ModelConfig, tokenizer, out_dir: str | 
         "lavis_checkpoint": None,
         "tokenizer": None,
     }
+    # what a loader checks before it builds anything: every file, with its size
+    saved["files"] = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
+    saved["files"].pop("covr_config.json", None)
     (out / "covr_config.json").write_text(json.dumps(saved, indent=1))
     return out
+
+
+class ExportError(ValueError):
+    """An exported model directory that is incomplete or damaged; names the file."""
+
+
+def check_export(model_dir: Path) -> dict:
+    """The export's `covr_config.json`, after checking that every file it lists is there with
+    its size (exports before the list: the files every export writes), that the safetensors
+    header reads and the `.pt` parts load. Raises `ExportError` naming the file."""
+    path = model_dir / "covr_config.json"
+    if not path.is_file():
+        raise ExportError(f"{model_dir} is not an exported CoVR model (no covr_config.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as err:
+        raise ExportError(f"{path}: not valid JSON ({err})") from None
+    files = raw.pop("files", None) or dict.fromkeys(
+        ["config.json", "model.safetensors", "combiner.pt", "tokenizer_config.json"]
+        + ([] if raw.get("train_target_encoder", False) else ["target_encoder.pt"])
+    )
+    for name, size in files.items():
+        part = model_dir / name
+        if not part.is_file():
+            raise ExportError(f"{part}: missing (the export is incomplete)")
+        if size is not None and part.stat().st_size != size:
+            raise ExportError(
+                f"{part}: {part.stat().st_size} bytes, the export wrote {size} (cut short or "
+                "damaged)"
+            )
+    check_weights_file(model_dir / "model.safetensors")
+    for name in ("combiner.pt", "target_encoder.pt"):
+        if name in files:
+            _load_part(model_dir / name)
+    return raw
+
+
+def _load_part(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # pickle / zip errors of a damaged file
+        raise ExportError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
 
 
 def load_exported(model_dir: str | Path, **overrides):
@@ -79,22 +124,27 @@ def load_exported(model_dir: str | Path, **overrides):
             f"these can: {', '.join(allowed)}"
         )
     model_dir = Path(model_dir)
-    path = model_dir / "covr_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} is not an exported CoVR model (no covr_config.json)")
-    raw = json.loads(path.read_text())
+    raw = check_export(model_dir)
     for dead in ("query_frames", "target_frames"):  # exports before these left the model section
         raw.pop(dead, None)
     raw["vision"], raw["text"] = VisionSize(**raw["vision"]), TextSize(**raw["text"])
     saved_combiner = raw["combiner"]
     raw.update(pretrained=str(model_dir), **overrides)
-    cfg = ModelConfig(**raw)
+    try:
+        cfg = ModelConfig(**raw)
+    except TypeError as err:  # a key this version does not know
+        raise ExportError(f"{model_dir / 'covr_config.json'}: {err}") from None
     tok = load_tokenizer(model_dir)
     model = build_model(cfg, tok)
-    combiner = model_dir / "combiner.pt"
-    if combiner.is_file() and cfg.combiner == saved_combiner:
-        model.combiner.load_state_dict(torch.load(combiner, weights_only=True))
-    target = model_dir / "target_encoder.pt"  # absent: the exported weights are the starting ones
-    if target.is_file() and model.frozen_target is not None:
-        model.frozen_target.load_state_dict(torch.load(target, weights_only=True))
+    if cfg.combiner == saved_combiner:  # another combiner (an override) starts fresh
+        _load_into(model.combiner, model_dir / "combiner.pt")
+    if model.frozen_target is not None:
+        _load_into(model.frozen_target, model_dir / "target_encoder.pt")
     return model, tok
+
+
+def _load_into(module: torch.nn.Module, path: Path) -> None:
+    try:
+        module.load_state_dict(_load_part(path))
+    except RuntimeError as err:  # keys or shapes of another model
+        raise ExportError(f"{path}: does not fit the model ({str(err).splitlines()[0]})") from None

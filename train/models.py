@@ -15,8 +15,10 @@ BLIP is the case Q = 1. Query and target tokens are compared by `eval.similarity
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -454,6 +456,50 @@ def check_pretrained_sizes(cfg: ModelConfig, config) -> None:
         raise ConfigError(f"model.pretrained={cfg.pretrained}: " + "; ".join(bad))
 
 
+class UnreadableWeights(ValueError):
+    """A weights file or model directory that cannot be read; names the file."""
+
+
+def check_weights_file(path: Path) -> None:
+    """A safetensors file whose header reads (a file cut short fails here, not deep inside
+    `from_pretrained`)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise UnreadableWeights(f"{path}: unreadable safetensors ({err})") from None
+
+
+def check_pretrained_dir(path: str | Path) -> None:
+    """`model.pretrained`: a transformers model directory with a readable config and weights."""
+    d = Path(path)
+    config = d / "config.json"
+    if not config.is_file():
+        raise UnreadableWeights(
+            f"model.pretrained={d}: no config.json (not a model directory in the transformers "
+            "format)"
+        )
+    try:
+        json.loads(config.read_text())
+    except ValueError as err:
+        raise UnreadableWeights(f"{config}: not valid JSON ({err})") from None
+    if (d / "model.safetensors").is_file():
+        check_weights_file(d / "model.safetensors")
+    elif not any((d / n).is_file() for n in PRETRAINED_WEIGHTS):
+        raise UnreadableWeights(
+            f"model.pretrained={d}: no weights (model.safetensors, {', '.join(PRETRAINED_WEIGHTS)})"
+        )
+
+
+PRETRAINED_WEIGHTS = (
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
 def build_model(cfg: ModelConfig, tokenizer) -> CoVRModel:
     """From `cfg.pretrained` (local transformers directory, sizes checked against `cfg`) or from
     the sizes in `cfg`; then a LAVIS / CoVR checkpoint on top when `cfg.lavis_checkpoint` is set.
@@ -464,6 +510,7 @@ def build_model(cfg: ModelConfig, tokenizer) -> CoVRModel:
     if cls is None:
         raise ValueError(f"unknown model.arch {cfg.arch!r}; one of {ARCHS}")
     if cfg.pretrained:
+        check_pretrained_dir(cfg.pretrained)
         hf = cls.from_pretrained(cfg.pretrained, local_files_only=True)
         check_pretrained_sizes(cfg, hf.config)
     else:
