@@ -87,10 +87,11 @@ def pack(
     `webvid8m-covr_test.csv`); `subset`: a test split packs the videos that exist. `images`:
     the CSV names images (CC-CoIR on CC3M: `<root>/<pth>.jpg|png`), each packed as one frame."""
     csv_path = Path(csv_path)
+    rows = read_annotations(csv_path)
     if images:
-        records = image_records(read_annotations(csv_path), video_root, cfg.epoch)
+        records = image_records(rows, video_root, cfg.epoch)
     else:
-        records = build_records(read_annotations(csv_path), cfg.epoch)
+        records = build_records(rows, cfg.epoch)
     fp = _fingerprint(csv_path.read_bytes(), cfg)
     split = split_of(csv_path) if split is None else split
     return pack_records(
@@ -105,6 +106,7 @@ def pack(
         progress,
         split,
         subset,
+        len(rows),
     )
 
 
@@ -140,9 +142,10 @@ def pack_records(
     progress: bool = False,
     split: str = "",
     subset: bool = False,
+    rows: int | None = None,
 ) -> dict:
     """Pack (or finish packing) records into shards and write the manifest. A `test` split loses
-    nothing unless `subset` (module doc)."""
+    nothing unless `subset` (module doc). `rows`: the annotation file's (duplicates counted)."""
     strict = split == "test" and not subset
     if subset and split == "test" and (absent := unusable_media(records, media_root)):
         log.warning(
@@ -175,15 +178,18 @@ def pack_records(
         raise MissingVideosError(split, lost)
     manifest = packed_manifest(shards, source, media_root, cfg, fp if jobs else "", start, split)
     manifest["subset"] = subset and split == "test"
-    manifest["source_counts"] = source_counts(records)
+    manifest["source_counts"] = source_counts(records, rows)
     return write_manifest(out, manifest)
 
 
-def source_counts(records: list[dict]) -> dict:
-    """What the annotations hold, before anything was lost (evaluation's coverage totals)."""
+def source_counts(records: list[dict], rows: int | None = None) -> dict:
+    """What the annotations hold, before anything was lost (evaluation's coverage totals);
+    with the file's `rows`, how many of them were duplicates packed once."""
+    triplets = sum(len(r["triplets"]) for r in records)
     return {
+        **({"rows": rows, "duplicate_rows": rows - triplets} if rows is not None else {}),
         "records": len(records),
-        "triplets": sum(len(r["triplets"]) for r in records),
+        "triplets": triplets,
         "targets": len({r["target"] for r in records}),
         "captions": sum(bool(t["txt2"]) for r in records for t in r["triplets"]),
     }

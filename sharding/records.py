@@ -7,11 +7,14 @@ per epoch, the reference recipe); in `triplet` mode one triplet per record."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from pathlib import Path
 
 from data.webvid_covr import Triplet
+
+log = logging.getLogger(__name__)
 
 
 def masked_caption_group(txt1: str, txt2: str) -> str:
@@ -23,9 +26,34 @@ def masked_caption_group(txt1: str, txt2: str) -> str:
     return " ".join("_" if x != y else y for x, y in zip(a, b))
 
 
+def unique_rows(rows: list[Triplet]) -> list[tuple[int, Triplet]]:
+    """(row, triplet) of the first copy of each (pth1, pth2, edit); the copies after it are
+    counted and named in one warning (a duplicate would be a record holding every copy, and a
+    batch of positives of one target)."""
+    seen, kept, copies = set(), [], []
+    for row, t in enumerate(rows):
+        key = (t.pth1, t.pth2, t.edit)
+        if key in seen:
+            copies.append(row)
+            continue
+        seen.add(key)
+        kept.append((row, t))
+    if copies:
+        shown = ", ".join(map(str, copies[:10])) + (" ..." if len(copies) > 10 else "")
+        log.warning(
+            "%d duplicate row(s) (same pth1, pth2 and edit) packed once: rows %s (0-based, as "
+            "the manifest numbers rows)",
+            len(copies),
+            shown,
+        )
+    return kept
+
+
 def build_records(rows: list[Triplet], epoch: str) -> list[dict]:
-    """Deterministic records (sorted by key) from annotation rows."""
-    target_ids = {p: i for i, p in enumerate(sorted({t.pth2 for t in rows}))}
+    """Deterministic records (sorted by key) from annotation rows, each triplet once
+    (`unique_rows`; a triplet's `row` stays its row in the file)."""
+    unique = unique_rows(rows)
+    target_ids = {p: i for i, p in enumerate(sorted({t.pth2 for _, t in unique}))}
 
     def triplet(row: int, t: Triplet) -> dict:
         return {
@@ -48,12 +76,12 @@ def build_records(rows: list[Triplet], epoch: str) -> list[dict]:
                 "target_id": target_ids[t.pth2],
                 "triplets": [triplet(row, t)],
             }
-            for row, t in enumerate(rows)
+            for row, t in unique
         ]
     if epoch != "target":
         raise ValueError(f"unknown shards.epoch {epoch!r} (target or triplet)")
     by_target: dict[str, list[dict]] = defaultdict(list)
-    for row, t in enumerate(rows):
+    for row, t in unique:
         by_target[t.pth2].append(triplet(row, t))
     return [
         {"key": f"v{target_ids[p]:09d}", "target": p, "target_id": target_ids[p], "triplets": trips}

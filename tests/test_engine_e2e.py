@@ -55,6 +55,8 @@ def test_zero_stages_train_checkpoint_export_and_track(setup, tmp_path, stage):
     assert summary["steps"] > 2 and set(summary["val"]) >= {"R@1", "R@5", "R@10", "meanR3"}
     tags = sorted(p.parent.name for p in (out / "checkpoints").glob("*/COMPLETE"))
     assert tags and tags[-1] == f"step{summary['steps']:08d}"
+    # DeepSpeed's zero_to_fp32.py reads `latest`: written by us, after COMPLETE
+    assert (out / "checkpoints/latest").read_text() == tags[-1]
     # export: transformers from_pretrained + our loader, finite embeddings
     from transformers import Blip2ForImageTextRetrieval
 

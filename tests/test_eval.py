@@ -252,6 +252,13 @@ def test_explanations_and_report_are_written_and_differ(cirr_setup, cirr_val, tm
     assert {"retrievals.png", "index.html", "recall.png", "combiner_weights.png"} <= names
     page = (tmp_path / "report" / "index.html").read_text()
     assert page.count("<img") == 3 * (1 + 4 + 1)  # query, top-4, ground truth
+    # an edit is text from the annotations: escaped, never markup
+    from dataclasses import replace
+
+    hostile = replace(ev, edits=['<script>alert("x")</script> & more'] * len(ev.edits))
+    write_report(hostile, tmp_path / "hostile", n=3, k=4)
+    page = (tmp_path / "hostile" / "index.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
 
 
 # --- WebVid-CoVR reports: every row's pictures come from its own record ----------------------

@@ -17,6 +17,7 @@ call `torch.load(weights_only=False)` themselves; every file they will read is f
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -113,30 +114,71 @@ def save_checkpoint(
     config: dict | None = None,
 ) -> str:
     """Every rank calls this with its own part (`own`); rank 0 writes the `shared` one, the
-    config and, after every rank is done, the COMPLETE marker. Returns the tag."""
+    config and, after every rank is done, the COMPLETE marker, then points `latest` at the tag
+    (DeepSpeed's own `latest`, written as soon as its rank 0 is done, could name a checkpoint
+    another rank never finished). A full disk is a `CheckpointError` saying so: the partial tag
+    is removed, the previous checkpoint stays the newest. Returns the tag."""
     tag = step_tag(step)
     tag_dir = Path(ckpt_dir) / tag
     if _rank() == 0 and tag_dir.exists():  # a damaged one of the same step: no stale files
         shutil.rmtree(tag_dir)
     _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag)
-    torch.save(own, rank_file(ckpt_dir, tag))
-    if _rank() == 0:
-        torch.save(shared, tag_dir / STATE_FILE)
-        if config is not None:
-            (tag_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+        torch.save(own, rank_file(ckpt_dir, tag))
+        if _rank() == 0:
+            torch.save(shared, tag_dir / STATE_FILE)
+            if config is not None:
+                (tag_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    except (OSError, RuntimeError) as err:
+        raise _unless_disk_full(err, ckpt_dir, tag_dir) from None
     _barrier()
     if _rank() == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
         marker = {"step": step, "world": world, "files": _inventory(tag_dir)}
-        tmp = tag_dir / f"{COMPLETE}.tmp"
-        tmp.write_text(json.dumps(marker, indent=1))
-        os.replace(tmp, tag_dir / COMPLETE)  # whole or absent, even if killed here
+        try:
+            _write_atomically(tag_dir / COMPLETE, json.dumps(marker, indent=1))
+            _write_atomically(Path(ckpt_dir) / "latest", tag)  # only ever a complete tag
+        except OSError as err:
+            raise _unless_disk_full(err, ckpt_dir, tag_dir) from None
         for old in complete_tags(ckpt_dir)[:-keep] if keep > 0 else []:
             (Path(ckpt_dir) / old / COMPLETE).unlink()  # first: a half-deleted tag is not complete
             shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
     _barrier()
     return tag
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # whole or absent, even if killed here
+
+
+# how a full disk (or quota) reads: the errno, or PyTorch's stream writer's words for it
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+FULL_DISK_WORDS = ("unexpected pos", "file write failed", "No space left")
+
+
+def _unless_disk_full(err: Exception, ckpt_dir, tag_dir: Path) -> Exception:
+    """`err` itself, unless it says the disk is full: then the partial tag is removed (the
+    space it took comes back) and a one-line `CheckpointError` says what is left."""
+    full = isinstance(err, OSError) and err.errno in FULL_DISK_ERRNOS
+    if not (full or any(w in str(err) for w in FULL_DISK_WORDS)):
+        return err
+    (tag_dir / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(tag_dir, ignore_errors=True)
+    previous = complete_tags(ckpt_dir)
+    kept = (
+        f"{Path(ckpt_dir) / previous[-1]} is intact and `latest` names it"
+        if previous
+        else "no earlier checkpoint"
+    )
+    free = shutil.disk_usage(ckpt_dir).free / 2**20
+    said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(
+        f"checkpoint {tag_dir} not written: the disk is full ({free:.0f} MiB free on "
+        f"{ckpt_dir}); {kept} ({said})"
+    )
 
 
 def clear(ckpt_dir: str | Path) -> None:
