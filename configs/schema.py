@@ -392,6 +392,14 @@ class TrackingConfig:
     parent_run_id: str = field(default="", metadata=RESUME_FREE)
     # new experiment's artifacts; "" = <store dir>/mlartifacts (SQLite)
     artifact_location: str = field(default="", metadata=RESUME_FREE)
+    # the export registered as a new version of this MLflow registered model ("" = not)
+    registered_model: str = field(default="covr", metadata=RESUME_FREE)
+    # each node's CPU, memory, GPU, disk and network every this many seconds, under the run as
+    # system/node<i>-<host>/... (0 = off)
+    system_metrics_s: float = field(default=10.0, metadata=RESUME_FREE)
+
+    def check(self) -> None:
+        non_negative(self, "system_metrics_s")
 
 
 @dataclass

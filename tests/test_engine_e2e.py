@@ -50,7 +50,11 @@ def test_zero_stages_train_checkpoint_export_and_track(setup, tmp_path, stage):
     out = tmp_path / f"z{stage}"
     precision = "bf16" if stage == 3 else "fp32"  # bf16 runs on CPU too
     summary = launch(
-        setup, out, f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}"
+        setup,
+        out,
+        f"deepspeed.zero_stage={stage}",
+        f"deepspeed.precision={precision}",
+        "tracking.system_metrics_s=1",
     )
     assert summary["steps"] > 2 and set(summary["val"]) >= {"R@1", "R@5", "R@10", "meanR3"}
     tags = sorted(p.parent.name for p in (out / "checkpoints").glob("*/COMPLETE"))
@@ -74,6 +78,16 @@ def test_zero_stages_train_checkpoint_export_and_track(setup, tmp_path, stage):
     assert len(client.get_metric_history(run.info.run_id, "loss")) == summary["steps"]
     assert client.get_metric_history(run.info.run_id, "recall_at_1")
     assert "samples_per_s" in run.data.metrics and "data_wait_s" in run.data.metrics
+    # each node's system metrics (one node here: the ranks' local rank 0), named by node
+    import socket
+
+    node = f"system/node0-{socket.gethostname()}"
+    assert f"{node}/cpu_utilization_percentage" in run.data.metrics
+    assert f"{node}/system_memory_usage_megabytes" in run.data.metrics
+    # the export, a new version of the registered model, linked to the run, recalls as tags
+    version = client.get_model_version("covr", summary["registered"])
+    assert version.run_id == run.info.run_id and version.source.endswith("/export")
+    assert float(version.tags["recall_at_1"]) == pytest.approx(summary["val"]["R@1"])
     report = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert {"report/retrievals.png", "report/index.html", "report/recall.png"} <= report
     # the console: rank 0 speaks for the job, once

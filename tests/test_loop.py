@@ -63,6 +63,9 @@ class Tracker:
     def log_metrics(self, metrics, step):
         self.records.append((step, metrics))
 
+    def spill(self):  # before a checkpoint
+        pass
+
 
 class Checkpointer:
     """Records the steps saved; `during_save` runs inside a save (a signal, say)."""

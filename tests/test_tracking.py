@@ -114,6 +114,7 @@ def test_resume_logs_each_point_once_and_unknown_run_starts_anew(store, tmp_path
     first.log_params({"optim": {"lr": 1e-4}})
     for step in range(1, 5):
         first.log_metrics({"loss": float(step)}, step)  # killed after step 4, checkpoint at 2
+    first.drain()
     resumed = Tracker(uri, "exp", tmp_path, run_id=first.run_id)
     resumed.log_params({"optim": {"lr": 1e-4}, "train": {"max_steps": 6}})
     for step in range(3, 7):
@@ -155,9 +156,11 @@ def test_truncated_buffer_line_is_skipped_and_later_appends_survive(store, tmp_p
     out = tmp_path / "out"
     away = Tracker(f"http://127.0.0.1:{free_port()}", "exp", out)  # nothing listens there
     away.log_metrics({"loss": 3.0}, 1)
+    away.drain()
     with away.buffer.open("a") as f:
         f.write('{"metrics": [["loss", 2.5, 17')  # the process was killed mid-append
-    away.log_metrics({"loss": 2.0}, 2)  # the failed replay rewrote the buffer without it
+    assert away.flush_buffer() == 0  # the failed replay rewrote the buffer without it
+    away.log_metrics({"loss": 2.0}, 2)
     lines = away.buffer.read_text().splitlines()
     assert away.bad_lines == 1 and [json.loads(line)["metrics"][0][3] for line in lines] == [1, 2]
     with away.buffer.open("a") as f:
@@ -181,6 +184,7 @@ def test_store_away_at_start_buffers_then_creates_the_run_late(store, tmp_path, 
         t = Tracker(uri, "late", tmp_path / "out")
         t.log_metrics({"loss": 3.0}, 1)
         t.log_metrics({"loss": 2.0}, 2)
+        t.drain()
         assert t.run_id is None and len(t.buffer.read_text().splitlines()) == 2
         blocker.unlink()
         blocker.symlink_to(store.dir)  # mounted: the store answers
@@ -189,6 +193,78 @@ def test_store_away_at_start_buffers_then_creates_the_run_late(store, tmp_path, 
     assert not t.buffer.exists() and _history(uri, t.run_id) == [(1, 3.0), (2, 2.0), (3, 1.0)]
     assert len(_messages(caplog, "did not answer")) == 1 and _messages(caplog, "answers again")
     assert MlflowClient(uri).get_run(t.run_id).info.status == "FINISHED"
+
+
+# --- the sender thread: the training thread never waits ------------------------------------------
+def _in_thread(fn, timeout=30.0) -> None:
+    """Run `fn` in a thread; fail if it has not returned after `timeout` (it waited on MLflow)."""
+    import threading
+
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the training thread waited on the tracking server"
+
+
+def test_a_server_that_accepts_and_never_answers_costs_the_training_thread_nothing(
+    tmp_path, monkeypatch
+):
+    import threading
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    connections, stop = [], threading.Event()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(128)
+        server.settimeout(0.1)
+
+        def accept():  # every connection accepted and held, never answered
+            while not stop.is_set():
+                try:
+                    connections.append(server.accept()[0])
+                except TimeoutError:
+                    pass
+                except OSError:  # the socket closed at the test's end
+                    return
+
+        threading.Thread(target=accept, daemon=True).start()
+        t = Tracker(f"http://127.0.0.1:{server.getsockname()[1]}", "exp", tmp_path / "out")
+        at_start = len(connections)  # the start-up's one attempt (its timeout, once)
+        # 200 log lines at 2 s each would be 400 s; handed to the sender they are nothing
+        _in_thread(lambda: [t.log_metrics({"loss": 1.0 / i}, i) for i in range(1, 201)])
+        t.drain()
+        steps = [json.loads(line)["metrics"][0][3] for line in t.buffer.read_text().splitlines()]
+        assert steps == list(range(1, 201))  # all kept, in order, for when it answers
+        assert len(connections) - at_start <= 2  # one attempt per RETRY_S, not one per record
+        stop.set()
+        time.sleep(0.2)  # the accept loop sees it before the socket closes
+        for conn in connections:
+            conn.close()
+
+
+def test_spill_puts_what_is_queued_on_disk_before_a_checkpoint(store, tmp_path, monkeypatch):
+    """The sender is stuck on a record; the checkpoint's spill writes the queue to the buffer;
+    the job is killed; the resumed job's tracker sends all of it."""
+    import threading
+
+    from train import tracking
+
+    out, release = tmp_path / "out", threading.Event()
+    t = Tracker(store.uri, "spill", out)
+    deliver = tracking.Tracker._deliver
+    monkeypatch.setattr(
+        tracking.Tracker, "_deliver", lambda self, r: release.wait() or deliver(self, r)
+    )
+    _in_thread(lambda: [t.log_metrics({"loss": float(i)}, i) for i in range(1, 6)])
+    t.spill()
+    steps = sorted(json.loads(x)["metrics"][0][3] for x in t.buffer.read_text().splitlines())
+    assert steps == [1, 2, 3, 4, 5]  # on disk, though the server has none of them yet
+    # killed here: the sender's record is also in the file (appended before it was sent)
+    monkeypatch.setattr(tracking.Tracker, "_deliver", deliver)
+    resumed = Tracker(store.uri, "spill", out, run_id=t.run_id)
+    resumed.finish()
+    assert _history(store.uri, t.run_id) == [(i, float(i)) for i in range(1, 6)]
+    release.set()
 
 
 # --- a real server, started the way the printed hint says ----------------------------------------

@@ -46,6 +46,7 @@ from train.queue import MomentumEncoder, TargetQueue
 from train.run_lock import lock_run_dir
 from train.state import TrainState
 from train.stop import Stopped, StopRequest
+from train.system_metrics import start_system_metrics
 from train.tracking import Tracker, default_uri
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict | None:
     lock = lock_run_dir(cfg.train.out_dir, rank)  # one job per out_dir, before it is touched
     own = stop is None
     stop = StopRequest().install() if own else stop
+    job = None
     try:
         if rank == 0:
             log.info("building the job: model, data reader, DeepSpeed engine")
@@ -77,6 +79,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict | None:
             stopped(job)
         return finish(job, meter)
     finally:
+        if job is not None and job.system is not None:
+            job.system.finish()
         if own:
             stop.uninstall()
         if lock is not None:
@@ -104,6 +108,7 @@ class Job:
     shape: RunShape
     val: ShardSet  # the validation split, opened once
     stop: StopRequest  # the signals' flag
+    system: object | None = None  # this node's MLflow system-metrics monitor
     stopped: str | None = None  # the signal the ranks agreed to stop on, at a step boundary
 
     def say(self, msg: str, *args) -> None:
@@ -282,6 +287,9 @@ def build(cfg: Config, rank: int, world: int, stop: StopRequest) -> Job:
         artifact_location=cfg.tracking.artifact_location or None,
     )
     tracker.log_params(to_dict(cfg))  # a resumed run: compared with the run's, new keys only
+    system = start_system_metrics(
+        tracker.run_id, tracker.uri, cfg.tracking.system_metrics_s, resumed=restored is not None
+    )
     if rank == 0:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         (out / "stopped.json").unlink(missing_ok=True)  # an earlier stop's, now resumed
@@ -305,6 +313,7 @@ def build(cfg: Config, rank: int, world: int, stop: StopRequest) -> Job:
         shape,
         val,
         stop,
+        system,
     )
     for line in checkpointer.describe():
         job.say(line)
@@ -488,6 +497,7 @@ def log_validation(job: Job, metrics: dict) -> None:
 def save(job: Job) -> str:
     """A checkpoint at this step (and, through it, the export): never of non-finite weights."""
     check_finite_weights(job.engine.module, f"checkpoint at step {job.state.step}")
+    job.tracker.spill()  # the records of the steps before it on disk, whatever happens next
     job.state.run_id = job.tracker.run_id  # created late if the server was away at the start
     tag = job.checkpointer.save(job.state.step)
     job.say("checkpoint saved: %s", job.checkpointer.dir / tag)
@@ -537,6 +547,9 @@ def finish(job: Job, meter: Meter) -> dict | None:
         "train": meter.logged,
     }
     if rank == 0:
+        summary["registered"] = tracker.register_model(
+            cfg.tracking.registered_model, export_dir, {"step": job.state.step, **final}
+        )
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         tracker.log_artifact(out / "summary.json")
         tracker.log_artifact(out / "config.json")

@@ -1,8 +1,14 @@
 """MLflow tracking from rank 0: training never waits on it, and no record is lost silently.
 
-- Params, metrics and tags go out as `log_batch` records. When the server does not answer
-  (connection error, timeout, 5xx), the record is appended to `<out_dir>/mlflow_buffer.jsonl` and
-  replayed, in order, at the next call that reaches the server, at `finish`, or by `flush_buffer`.
+- Params, metrics and tags go out as `log_batch` records, sent by a background thread: the
+  training thread only puts a record on a bounded queue (when it is full, the record goes to the
+  buffer file at once), so a server that hangs or answers slowly costs the step loop nothing.
+- The sender appends each record to `<out_dir>/mlflow_buffer.jsonl` first, then sends the
+  buffer in order; what the server does not take (connection error, timeout, 5xx) stays there
+  and is tried again at the next record, at most every `RETRY_S` during an outage (records in
+  between only join the buffer), at `finish`, or by `flush_buffer`. `spill` (before every
+  checkpoint) moves what is still queued to the buffer, so that a job killed after a checkpoint
+  has every record up to it on disk for the resumed job to send.
 - A record the server answers with a refusal (4xx: a param whose value changed, an invalid key)
   is not an outage: it is retried item by item, each refused key is reported once and dropped,
   and everything else goes on.
@@ -20,7 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shlex
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -38,6 +46,10 @@ NOT_A_REFUSAL = {
     "RESOURCE_EXHAUSTED",
 }
 DATABASES = {"sqlite", "postgresql", "mysql", "mssql"}
+PENDING = 1024  # records queued for the sender; beyond, a record goes to the buffer file at once
+RETRY_S = 10.0  # during an outage, how often the sender tries the server again
+FINISH_WAIT_S = 60.0  # how long `finish` waits for the sender before closing the run
+_STOP = object()
 
 
 def default_uri(out_dir: str | Path) -> str:
@@ -137,8 +149,12 @@ class Tracker:
         self.known_params: dict[str, str] | None = None  # on the run already (resume)
         self.last_step: dict[str, int] = {}  # newest step per metric on the run (resume)
         self.outage = False
+        self.retry_at = 0.0  # during an outage: when the sender tries the server again
         self.client = None  # made at the first call that works (a database store connects then)
         self.to_read = run_id is not None  # a resumed run not read yet
+        self.pending: queue.Queue = queue.Queue(maxsize=PENDING)
+        self.buffer_lock = threading.Lock()  # the buffer file: the sender and `spill` write it
+        self.sender: threading.Thread | None = None
         if not enabled:
             return
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -150,6 +166,8 @@ class Tracker:
             self._ensure_run()
         except Exception as err:  # the store is away: the run is created when it answers
             self._went_away(err)
+        self.sender = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+        self.sender.start()
 
     # --- the run ---------------------------------------------------------------------------
     def _read_resumed_run(self) -> None:
@@ -228,19 +246,24 @@ class Tracker:
         if not self.enabled:
             return
         now = int(time.time() * 1000)
-        items = [(metric_name(k), float(v), now, step) for k, v in metrics.items()]
-        fresh = [m for m in items if step > self.last_step.get(m[0], -(2**62))]
+        self._send({"metrics": [(metric_name(k), float(v), now, step) for k, v in metrics.items()]})
+
+    def _fresh(self, record: dict) -> dict:
+        """Without the metric points the resumed run already has (known once it was read)."""
+        items = record.get("metrics")
+        if not items:
+            return record
+        fresh = [m for m in items if m[3] > self.last_step.get(m[0], -(2**62))]
         if len(fresh) < len(items):
             if not self.skipped_points:
                 log.info(
                     "mlflow: resumed run %s already has step %d of %s; not logged again",
                     self.run_id,
-                    step,
+                    items[0][3],
                     items[0][0],
                 )
             self.skipped_points += len(items) - len(fresh)
-        if fresh:
-            self._send({"metrics": fresh})
+        return {**record, "metrics": fresh}
 
     def set_tags(self, tags: dict) -> None:
         if self.enabled:
@@ -261,19 +284,67 @@ class Tracker:
 
     # --- delivery --------------------------------------------------------------------------
     def _send(self, record: dict) -> None:
+        """The training thread's part: queue the record (never waits). After `finish` or
+        `flush_buffer` stopped the sender, the caller sends itself."""
+        if self.sender is None:
+            self._append(record)
+            self._flush()
+            return
+        try:
+            self.pending.put_nowait(record)
+        except queue.Full:  # the sender is far behind: the buffer keeps it
+            self._append(record)
+
+    def _send_loop(self) -> None:
+        while (record := self.pending.get()) is not _STOP:
+            try:
+                self._append(record)
+                if not self.outage or time.monotonic() >= self.retry_at:
+                    self._flush()
+            except Exception as err:  # never let the sender die: say it, keep the rest going
+                log.warning("mlflow: sender error (%s); records stay in %s", err, self.buffer)
+            finally:
+                self.pending.task_done()
+        self.pending.task_done()
+
+    def _flush(self) -> None:
         try:
             self._replay()
-            self._deliver(record)
         except Exception as err:
             self._went_away(err)
-            self._append(record)
+            self.retry_at = time.monotonic() + RETRY_S
             return
         self._answered()
+
+    def drain(self) -> None:
+        """Wait until the sender has handled every queued record (tests, `finish`)."""
+        if self.sender is not None and self.sender.is_alive():
+            self.pending.join()
+
+    def spill(self) -> None:
+        """Move what is still queued to the buffer file (before a checkpoint: on disk, so a
+        job killed after it loses no record of the steps before it)."""
+        if not self.enabled:
+            return
+        while True:
+            try:
+                record = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            if record is _STOP:  # not ours to take
+                self.pending.put(record)
+                self.pending.task_done()
+                return
+            self._append(record)
+            self.pending.task_done()
 
     def _deliver(self, record: dict) -> None:
         """Post one record; a refused one is split into items and the refused items dropped.
         Raises only when the server did not answer."""
         self._ensure_run()
+        record = self._fresh(record)
+        if not any(record.get(kind) for kind in KINDS):
+            return
         try:
             self.client.log_batch(self.run_id, **_entities(record))
         except Exception as err:
@@ -321,17 +392,18 @@ class Tracker:
 
     # --- the buffer ------------------------------------------------------------------------
     def _append(self, record: dict) -> None:
-        self.buffer.parent.mkdir(parents=True, exist_ok=True)
-        with self.buffer.open("a+b") as f:
-            if f.seek(0, os.SEEK_END):  # a line cut by a kill must not swallow this one
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
-            f.write(json.dumps(record).encode() + b"\n")
+        with self.buffer_lock:
+            self.buffer.parent.mkdir(parents=True, exist_ok=True)
+            with self.buffer.open("a+b") as f:
+                if f.seek(0, os.SEEK_END):  # a line cut by a kill must not swallow this one
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+                f.write(json.dumps(record).encode() + b"\n")
 
-    def _read_buffer(self) -> list[dict]:
+    def _read_buffer(self, data: bytes) -> list[dict]:
         records, bad = [], []
-        for n, line in enumerate(self.buffer.read_bytes().splitlines(), 1):
+        for n, line in enumerate(data.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -351,25 +423,34 @@ class Tracker:
         return records
 
     def _replay(self) -> int:
-        """Send buffered records in order; raises (keeping the unsent ones) if still no answer."""
-        if not self.buffer.is_file():
-            return 0
-        records = self._read_buffer()
-        for i, record in enumerate(records):
-            try:
+        """Send buffered records in order; raises (keeping the unsent ones) if still no answer.
+        Records appended while it sends stay after the unsent ones."""
+        with self.buffer_lock:
+            if not self.buffer.is_file():
+                return 0
+            data = self.buffer.read_bytes()
+        records, sent = self._read_buffer(data), 0
+        try:
+            for record in records:
                 self._deliver(record)
-            except Exception:
-                tmp = self.buffer.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in records[i:]))
-                os.replace(tmp, self.buffer)  # a kill here leaves the old buffer, not half a one
-                raise
-        self.buffer.unlink()
-        return len(records)
+                sent += 1
+        finally:
+            with self.buffer_lock:
+                later = self.buffer.read_bytes()[len(data) :] if self.buffer.is_file() else b""
+                rest = "".join(json.dumps(r) + "\n" for r in records[sent:]).encode() + later
+                if rest.strip():
+                    tmp = self.buffer.with_suffix(".tmp")
+                    tmp.write_bytes(rest)
+                    os.replace(tmp, self.buffer)  # a kill here leaves the old buffer whole
+                else:
+                    self.buffer.unlink(missing_ok=True)
+        return sent
 
     def flush_buffer(self) -> int:
         """Send what is buffered; returns how many records went out (0 if the server is away)."""
         if not self.enabled:
             return 0
+        self._stop_sender()
         try:
             sent = self._replay()
         except Exception as err:
@@ -378,13 +459,57 @@ class Tracker:
         self._answered()
         return sent
 
+    def register_model(self, name: str, export_dir: str | Path, tags: dict) -> str | None:
+        """The export as a new version of the registered model `name` (created if new), linked
+        to this run, `tags` on the version; its number, or None (with a warning) when the
+        registry cannot be reached: registering is a convenience, the export is on disk."""
+        if not self.enabled or not name:
+            return None
+        try:
+            self._ensure_run()
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            version = self.client.create_model_version(
+                name,
+                Path(export_dir).resolve().as_uri(),
+                run_id=self.run_id,
+                tags={metric_name(k): str(v) for k, v in tags.items()},
+            )
+        except Exception as err:
+            reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            log.warning("mlflow: the export was not registered as %r (%s)", name, reason)
+            return None
+        log.info("mlflow: registered %s version %s (%s)", name, version.version, export_dir)
+        return version.version
+
+    def _stop_sender(self) -> None:
+        """The sender's queue handled (or spilled to the buffer after `FINISH_WAIT_S`), the
+        thread ended: from here the caller sends synchronously."""
+        if self.sender is None or not self.sender.is_alive():
+            return
+        self.pending.put(_STOP)
+        self.sender.join(FINISH_WAIT_S)
+        if self.sender.is_alive():
+            log.warning(
+                "mlflow: the sender is still waiting on %s; records stay buffered", self.uri
+            )
+            self.spill()
+        self.sender = None
+
     def finish(self, status: str = "FINISHED") -> None:
         if not self.enabled:
             return
+        self._stop_sender()
         try:
             self._replay()
             self._ensure_run()
             self.client.set_terminated(self.run_id, status)
+            self._answered()
         except Exception as err:
             log.warning(
                 "mlflow: run %s not closed (%s); buffered records stay in %s",
