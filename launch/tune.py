@@ -1,6 +1,7 @@
 """Ray Tune sweep of CoVR trainings, every trial a real deepspeed job and an MLflow child run.
 
   python launch/tune.py --config configs/tune/demo.yaml [--out DIR] [--address RAY] [key=value ...]
+  python launch/tune.py --config configs/tune/demo.yaml --out DIR --resume   (after the driver died)
 
 The sweep file names a base training config, fixed overrides, the search space, the metric
 (validation recall), the scheduler (ASHA) and each trial's resources; it is checked before Ray
@@ -23,6 +24,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: local Ray)")
     p.add_argument("--tracking-uri", default=None, help="MLflow (default: sqlite in --out)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the sweep in --out whose driver died: finished trials kept, the others "
+        "go on from their checkpoints, the same MLflow parent run",
+    )
     p.add_argument("overrides", nargs="*", help="key=value sweep settings (e.g. num_samples=2)")
     return p
 
@@ -52,7 +59,7 @@ def main(argv=None) -> int:
     if not sweep.synthetic:  # the base config's shards exist before Ray starts
         _bootstrap.preflight(load_config(sweep.base, overrides_of(sweep.overrides)))
     _bootstrap.setup_logging()
-    if sweep.synthetic:
+    if sweep.synthetic and not a.resume:  # a resumed sweep has its corpus and shards
         from data.corpus import build_synthetic
         from sharding.pack import pack_splits
 
@@ -64,7 +71,7 @@ def main(argv=None) -> int:
     from train.tracking import where_to_look
     from tune.sweep import run_sweep
 
-    summary = run_sweep(sweep, out, a.address, a.tracking_uri)
+    summary = run_sweep(sweep, out, a.address, a.tracking_uri, resume=a.resume)
     print("\n" + summary["table"])
     print(f"\nbest: {json.dumps(summary['best'])}")
     print(where_to_look("parent run", summary["parent_run_id"], summary["mlflow_tracking_uri"]))

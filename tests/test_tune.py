@@ -184,3 +184,110 @@ def test_a_trial_whose_rank_is_killed_is_retried_from_its_checkpoint(base_config
     assert trial["status"] == "completed" and trial["attempts"] == 2 and trial["steps"] == 12
     log = (tmp_path / "sweep" / "trials" / trial["trial_id"] / "train.log").read_text()
     assert "resumed from" in log
+
+
+def test_the_cause_of_a_failed_training_is_its_one_line_error_or_traceback_end():
+    from tune.trial import failure_cause
+
+    log = "2026 INFO train.loop: step 3/9\n[rank 0] non finite error: loss NaN / Inf in 11\n"
+    assert failure_cause(log) == "[rank 0] non finite error: loss NaN / Inf in 11"
+    assert failure_cause("x\nTraceback (most recent call last):\n  File y\nKeyError: 'z'\n") == (
+        "KeyError: 'z'"
+    )
+    assert failure_cause("config error: key 'optim.lr': must be > 0\n") == (
+        "config error: key 'optim.lr': must be > 0"
+    )
+    assert failure_cause("") == "no output"
+
+
+@pytest.mark.e2e
+def test_a_trial_whose_settings_fail_gets_a_failed_child_run_with_its_cause(base_config, tmp_path):
+    from tune.sweep import run_sweep
+
+    tokenizer = yaml.safe_load(base_config.read_text())["model"]["tokenizer"]
+    sweep = load_sweep(
+        write_sweep(
+            tmp_path / "s.yaml",
+            base_config,
+            space={"model.tokenizer": {"grid": [tokenizer, "/no/such/tokenizer"]}},
+            scheduler={"kind": "fifo"},
+            max_failures=0,
+        )
+    )
+    summary = in_fresh_process(run_sweep, sweep, tmp_path / "sweep")
+    by_status = {t["status"]: t for t in summary["trials"]}
+    assert set(by_status) == {"completed", "error"}
+    failed = by_status["error"]
+    assert "key 'model.tokenizer': /no/such/tokenizer does not exist" in failed["error"]
+    assert failed["log"].endswith("train.log") and Path(failed["log"]).is_file()
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    run = client.get_run(failed["mlflow_run_id"])  # made for it: training never got that far
+    assert run.info.status == "FAILED"
+    assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
+    assert "/no/such/tokenizer does not exist" in run.data.tags["covr.error"]
+    assert run.data.tags["covr.log"] == failed["log"]
+    assert run.data.params["model.tokenizer"] == "/no/such/tokenizer"
+    on_disk = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [t["error"] for t in on_disk["trials"] if t["status"] == "error"] == [failed["error"]]
+
+
+@pytest.mark.e2e
+def test_a_sweep_whose_driver_is_killed_resumes(base_config, tmp_path):
+    """The driver (and the local Ray it started) is killed while the second trial trains;
+    `--resume` keeps the finished trial, continues the other from its checkpoint and reuses
+    the MLflow parent run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    config = write_sweep(
+        tmp_path / "s.yaml",
+        base_config,
+        space={"sampler.kind": {"grid": ["random", "fs"]}},
+        scheduler={"kind": "fifo"},
+    )
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, ROOT / "launch/tune.py", "--config", config, "--out", out]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune's state saved often
+    driver = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 400
+    while time.time() < deadline:  # the first trial done, the second one training
+        done = list(out.glob("trials/*/summary.json"))
+        started = list(out.glob("trials/*/checkpoints/*/COMPLETE"))
+        if done and any(p.parents[2] != done[0].parent for p in started):
+            break
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.2)
+    time.sleep(2)
+    parent_before = json.loads((out / "sweep_state.json").read_text())["parent_run_id"]
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    first = done[0].parent.name
+    time.sleep(5)  # the trial's training stops with its worker (fate-shared with the driver)
+    resumed = subprocess.run(
+        cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["parent_run_id"] == parent_before
+    trials = {t["trial_id"]: t for t in summary["trials"]}
+    assert len(trials) == 2 and all(t["status"] == "completed" for t in trials.values())
+    assert trials[first]["attempts"] == 1  # kept, not run again
+    (other,) = [t for k, t in trials.items() if k != first]
+    assert other["attempts"] == 2 and other["steps"] == 12
+    log = (out / "trials" / other["trial_id"] / "train.log").read_text()
+    assert "resumed from" in log
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    assert client.get_run(parent_before).info.status == "FINISHED"
+    for t in trials.values():
+        assert client.get_run(t["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent_before

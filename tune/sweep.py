@@ -69,6 +69,11 @@ def _trial_rows(results, sweep: Sweep, out: Path) -> list[dict]:
         curve = [(h["step"], h["metrics"].get(_metric_key(sweep.metric))) for h in history]
         values = [v for _, v in curve if v is not None]
         attempts = trial_dir / "attempts.txt"
+        failure = trial_dir / "failure.json"  # why the training failed (`tune.trial`)
+        failure = json.loads(failure.read_text()) if status == "error" and failure.is_file() else {}
+        error = failure.get("cause") or (
+            str(result.error).splitlines()[0] if result.error else None
+        )
         rows.append(
             {
                 "trial_id": trial_dir.name,
@@ -81,7 +86,9 @@ def _trial_rows(results, sweep: Sweep, out: Path) -> list[dict]:
                 "steps": history[-1]["step"] if history else 0,
                 "mlflow_run_id": history[-1]["mlflow_run_id"] if history else None,
                 "resolved": defaults | dict(result.config),
-                "error": str(result.error).splitlines()[0] if result.error else None,
+                "error": error,
+                "log": failure.get("log"),
+                "trial_name": failure.get("trial_name"),
             }
         )
     reverse = sweep.mode == "max"
@@ -160,17 +167,34 @@ def plot_learning_curves(rows: list[dict], metric: str, path: Path) -> Path:
     return path
 
 
+STATE = "sweep_state.json"  # the parent run a `--resume` continues
+
+
 def run_sweep(
-    sweep: Sweep, out_dir: str | Path, address: str | None = None, tracking_uri: str | None = None
+    sweep: Sweep,
+    out_dir: str | Path,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    resume: bool = False,
 ) -> dict:
+    """Run the sweep; `resume`: continue the one in `out_dir` whose driver died (Ray Tune's
+    `Tuner.restore`): finished trials are kept, unfinished ones go on from their checkpoints,
+    the MLflow parent run is the same."""
     from ray import tune
-    from ray.tune.search import BasicVariantGenerator
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri or default_uri(out)
     experiment = load_config(sweep.base, overrides_of(sweep.overrides)).tracking.experiment
-    parent = Tracker(uri, experiment, out, run_name=sweep.name)
+    saved, ray_dir = out / STATE, out / "ray" / sweep.name
+    if resume:
+        if not saved.is_file() or not tune.Tuner.can_restore(str(ray_dir)):
+            raise FileNotFoundError(f"{out}: no sweep to resume (no {STATE} or {ray_dir})")
+        state = json.loads(saved.read_text())
+        uri, parent_id = state["tracking_uri"], state["parent_run_id"]
+    else:
+        uri, parent_id = tracking_uri or default_uri(out), None
+    parent = Tracker(uri, experiment, out, run_name=sweep.name, run_id=parent_id)
+    saved.write_text(json.dumps({"tracking_uri": uri, "parent_run_id": parent.run_id}))
     parent.log_params(
         {
             "sweep": {
@@ -198,27 +222,13 @@ def run_sweep(
         "cpu": sweep.resources.ranks * sweep.resources.cpus_per_rank,
         "gpu": sweep.resources.ranks * sweep.resources.gpus_per_rank,
     }
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
     started = _start_ray(sweep, address)
     try:
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources),
-            param_space=ray_space(sweep),
-            tune_config=tune.TuneConfig(
-                metric=sweep.metric,
-                mode=sweep.mode,
-                scheduler=_scheduler(sweep),
-                num_samples=sweep.num_samples,
-                search_alg=BasicVariantGenerator(
-                    random_state=sweep.seed, max_concurrent=sweep.max_concurrent
-                ),
-                trial_dirname_creator=lambda trial: trial.trial_id,
-            ),
-            run_config=tune.RunConfig(
-                name=sweep.name,
-                storage_path=str(out / "ray"),
-                verbose=1,
-                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-            ),
+        tuner = (
+            tune.Tuner.restore(str(ray_dir), trainable, resume_unfinished=True)
+            if resume
+            else _new_tuner(tune, trainable, sweep, out)
         )
         results = tuner.fit()
         rows = _trial_rows(results, sweep, out)
@@ -230,10 +240,66 @@ def run_sweep(
     return _record(rows, sweep, out, parent)
 
 
+def _new_tuner(tune, trainable, sweep: Sweep, out: Path):
+    from ray.tune.search import BasicVariantGenerator
+
+    return tune.Tuner(
+        trainable,
+        param_space=ray_space(sweep),
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            scheduler=_scheduler(sweep),
+            num_samples=sweep.num_samples,
+            search_alg=BasicVariantGenerator(
+                random_state=sweep.seed, max_concurrent=sweep.max_concurrent
+            ),
+            trial_dirname_creator=lambda trial: trial.trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=str(out / "ray"),
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+        ),
+    )
+
+
+def _failed_trial_run(client, parent_run_id: str, row: dict) -> str | None:
+    """The failed trial's MLflow child run (the one its training made, else a new one), tagged
+    with the cause line and its log's path; its id (None if the store is away)."""
+    try:
+        experiment = client.get_run(parent_run_id).info.experiment_id
+        name = row.get("trial_name") or row["trial_id"]
+        run_id = row["mlflow_run_id"]
+        if run_id is None:
+            found = client.search_runs(
+                [experiment],
+                f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.run_name = '{name}'",
+            )
+            run_id = found[0].info.run_id if found else None
+        if run_id is None:  # failed before training made its run (a setting refused)
+            run_id = client.create_run(
+                experiment, run_name=name, tags={"mlflow.parentRunId": parent_run_id}
+            ).info.run_id
+            for key, value in row["config"].items():
+                client.log_param(run_id, key, value)
+        client.set_tag(run_id, "covr.error", row["error"] or "?")
+        if row.get("log"):
+            client.set_tag(run_id, "covr.log", row["log"])
+        return run_id
+    except Exception as err:
+        log.warning("mlflow: no child run for failed trial %s (%s)", row["trial_id"], err)
+        return row["mlflow_run_id"]
+
+
 def _record(rows: list[dict], sweep: Sweep, out: Path, parent: Tracker) -> dict:
     from mlflow import MlflowClient
 
     client = MlflowClient(parent.uri)
+    for r in rows:  # a failed trial: a child run that says why, though training made none
+        if r["status"] == "error":
+            r["mlflow_run_id"] = _failed_trial_run(client, parent.run_id, r)
     for r in rows:  # a trial ASHA stopped (or that failed) leaves its run open: close it
         if r["mlflow_run_id"] and r["status"] != "completed":
             client.set_tag(r["mlflow_run_id"], "covr.status", r["status"])
@@ -263,6 +329,7 @@ def _record(rows: list[dict], sweep: Sweep, out: Path, parent: Tracker) -> dict:
                     "steps",
                     "mlflow_run_id",
                     "error",
+                    "log",
                 )
             }
             for r in rows

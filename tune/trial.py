@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,22 @@ def read_validations(path: Path, after_step: int) -> list[dict]:
     return out
 
 
+# our launchers' one-line errors (`launch/_bootstrap.fail`), a stop, or a traceback's last line
+ONE_LINE = re.compile(r"^(\[rank \d+\] )?([a-z]+ )*error: |^stopped by |^interrupted$")
+TRACEBACK_END = re.compile(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*")
+
+
+def failure_cause(log_tail: str) -> str:
+    """The line of a failed training's log that says why: its one-line error if it printed one,
+    else the last line of a traceback, else the last line."""
+    lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
+    for pattern in (ONE_LINE, TRACEBACK_END):
+        found = [line for line in lines if pattern.match(line)]
+        if found:
+            return found[-1][:500]
+    return lines[-1][:500] if lines else "no output"
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
@@ -127,8 +144,16 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
                 break
             time.sleep(settings.poll_s)
         if proc.returncode != 0:
-            tail = (trial_dir / "train.log").read_bytes()[-2000:].decode(errors="replace")
-            raise RuntimeError(f"trial training exited with {proc.returncode}; log tail:\n{tail}")
+            log_path = trial_dir / "train.log"
+            cause = failure_cause(log_path.read_bytes()[-20000:].decode(errors="replace"))
+            failure = {
+                "cause": cause,
+                "exit_status": proc.returncode,
+                "log": str(log_path),
+                "trial_name": context.get_trial_name(),
+            }
+            (trial_dir / "failure.json").write_text(json.dumps(failure, indent=1))
+            raise RuntimeError(f"{cause} (exit {proc.returncode}; log {log_path})")
     finally:
         _stop(proc)
         log.close()
