@@ -17,7 +17,9 @@ Training (`ShardReader`, an IterableDataset yielding ready batches):
   that does not decode, keys or frames missing) is skipped (`malformed`), the shard named in the
   log. The slot then reads on from the start of its range, round the whole epoch sequence, to
   keep its count (`resampled`). A sample whose JPEG does not decode is replaced by a copy of
-  another sample of the same batch, drawn per batch (`undecodable`). Counts travel with each
+  another sample of the same batch, drawn per batch (`undecodable`). A shard read to its end
+  whose bytes are not those the manifest's sha256 recorded is named and counted
+  (`checksum_mismatch`: hashed as it streams, under 1% of decoding it). Counts travel with each
   batch (`BatchInfo.stats`) and are logged at a bounded rate.
 - `shard_urls` checks that every shard of the manifest is present with its recorded size
   before anything starts: one error lists those that are not.
@@ -32,6 +34,7 @@ Evaluation (`iter_records`): shards in manifest order, every record exactly once
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import subprocess
@@ -85,11 +88,37 @@ def open_shard(url: str, allow_pipe: bool = False):
     return open(url.removeprefix("file://"), "rb")
 
 
+class _Hashing:
+    """A read-only stream that hashes what is read through it."""
+
+    def __init__(self, stream):
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.digest.update(data)
+        return data
+
+    def rest(self) -> str:
+        while self.read(1 << 20):  # tar's end blocks and padding, unread by tarfile
+            pass
+        return self.digest.hexdigest()
+
+    def close(self) -> None:
+        self.stream.close()
+
+
 def read_shard(
-    url: str, allow_pipe: bool = False, on_error: Callable[[str, Exception], None] | None = None
+    url: str,
+    allow_pipe: bool = False,
+    on_error: Callable[[str, Exception], None] | None = None,
+    sha256: str | None = None,
+    on_mismatch: Callable[[str], None] | None = None,
 ):
     """Records (dicts of field -> bytes, plus `__key__`) of one shard; an open or read error
-    ends the shard (a truncated tar has nothing after the break) and is reported to `on_error`."""
+    ends the shard (a truncated tar has nothing after the break) and is reported to `on_error`.
+    `sha256`: the manifest's checksum; a shard read to its end whose bytes differ is reported to
+    `on_mismatch` (its records were read: the warning says the shard changed since packing)."""
     try:
         stream = open_shard(url, allow_pipe)
     except ShardURLError:
@@ -99,9 +128,13 @@ def read_shard(
             raise
         on_error(url, err)
         return
+    if sha256:
+        stream = _Hashing(stream)
     try:
         files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
         yield from group_by_keys(files)
+        if sha256 and stream.rest() != sha256 and on_mismatch is not None:
+            on_mismatch(url)
     except Exception as err:  # tarfile.ReadError, EOFError, OSError, ...
         if on_error is None:
             raise
@@ -147,6 +180,10 @@ class ShardSet:
     urls: list[str]
     counts: list[int]
 
+    @property
+    def checksums(self) -> list[str | None]:
+        return [s.get("sha256") for s in self.manifest["shards"]]
+
 
 def open_shards(shard_dir: str | Path) -> ShardSet:
     from sharding.manifest import read_manifest
@@ -187,6 +224,7 @@ class ReaderCounts:
     malformed: int = 0
     resampled: int = 0
     undecodable: int = 0
+    checksum_mismatch: int = 0  # shards read whole whose bytes are not the manifest's
     _last_log: float = 0.0
     _named: set = field(default_factory=set)  # shards already named for a malformed record
 
@@ -208,6 +246,7 @@ class ReaderCounts:
             "malformed": self.malformed,
             "resampled": self.resampled,
             "undecodable": self.undecodable,
+            "checksum_mismatch": self.checksum_mismatch,
         }
 
 
@@ -229,8 +268,10 @@ class ShardReader(IterableDataset):
         groups: dict[int, int] | None = None,
         augment: Callable[[dict, random.Random], dict] | None = None,
         mix: list[Source] | None = None,
+        checksums: list[str] | None = None,
     ):
-        """`mix`: several weighted sources instead of `urls` / `counts` (`sharding.mix`)."""
+        """`mix`: several weighted sources instead of `urls` / `counts` (`sharding.mix`).
+        `checksums`: each shard's manifest sha256, checked as shards are read whole."""
         self.mix = mix
         if mix is not None:
             check_sources(mix)
@@ -244,6 +285,7 @@ class ShardReader(IterableDataset):
         if bad:
             open_shard(bad[0], allow_pipe)  # raises the clear error before any worker starts
         self.urls, self.counts = list(urls), list(counts)
+        self.checksums = None if mix is not None else checksums
         self.shard_source = plan.source if mix is not None else []
         self.batch_size, self.collate = batch_size, collate
         self.rank, self.world = rank, world
@@ -311,17 +353,20 @@ class ShardReader(IterableDataset):
         rest = np.setdiff1d(np.arange(sum(self.counts)), self.excluded, assume_unique=True)
         return order, rest[start:stop].tolist()
 
-    def _range(self, order: list[int], positions: Sequence[int], on_error) -> Iterator[tuple]:
-        """(position, record) at `positions` (sorted) of the epoch's concatenated shard sequence."""
+    def _range(
+        self, order: list[int], positions: Sequence[int], on_error, on_mismatch=None
+    ) -> Iterator[tuple]:
+        """(position, record) at `positions` (sorted) of the epoch's concatenated shard sequence;
+        a shard read to its end is checked against its manifest checksum, when known."""
         offset = 0
         for idx in order:
             n = self.counts[idx]
             lo, hi = bisect_left(positions, offset), bisect_left(positions, offset + n)
             if lo < hi:
                 wanted, last = set(positions[lo:hi]), positions[hi - 1]
-                for pos, record in enumerate(
-                    read_shard(self.urls[idx], self.allow_pipe, on_error), offset
-                ):
+                sha = self.checksums[idx] if self.checksums else None
+                shard = read_shard(self.urls[idx], self.allow_pipe, on_error, sha, on_mismatch)
+                for pos, record in enumerate(shard, offset):
                     if pos > last:
                         break
                     if pos in wanted:
@@ -341,6 +386,14 @@ class ShardReader(IterableDataset):
             counts.corrupt_shards += 1
             counts.report("corrupt shard", f"{url}: {err}", every_s=0.0)
 
+        def on_mismatch(url):
+            counts.checksum_mismatch += 1
+            counts.report(
+                "shard changed since packing",
+                f"{url}: its sha256 is not the manifest's (`launch/shard.py verify` checks all)",
+                every_s=0.0,
+            )
+
         def valid(records):
             for pos, record in records:
                 try:
@@ -349,7 +402,7 @@ class ShardReader(IterableDataset):
                     counts.malformed_record(record.get("__url__", "?"), err)
 
         length, produced = len(positions), 0
-        for triple in valid(self._range(order, positions, on_error)):
+        for triple in valid(self._range(order, positions, on_error, on_mismatch)):
             yield triple
             produced += 1
         total, first = sum(self.counts), positions[0] if length else 0
@@ -357,8 +410,8 @@ class ShardReader(IterableDataset):
             counts.report("resampling", f"{length - produced} records short")
             before = produced
             around = chain(
-                self._range(order, range(first, total), on_error),
-                self._range(order, range(0, first), on_error),
+                self._range(order, range(first, total), on_error, on_mismatch),
+                self._range(order, range(0, first), on_error, on_mismatch),
             )
             for triple in valid(around):
                 counts.resampled += 1

@@ -382,6 +382,36 @@ def test_bad_records_are_skipped_counted_and_named_with_equal_batches(
             fmt.record_meta(record)
 
 
+def test_a_shard_whose_bytes_changed_since_packing_is_named_and_counted(
+    train_shards, tok, tmp_path, caplog
+):
+    """Same size (the start-up check passes), other bytes: read, then named and counted; an
+    intact shard read whole is not."""
+    src, manifest = train_shards
+    shard_dir = tmp_path / "shards"
+    shutil.copytree(src, shard_dir)
+    changed = shard_dir / f"{manifest['shards'][0]['name']}.tar"
+    data = bytearray(changed.read_bytes())
+    data[-700] ^= 0xFF  # in the tar's end padding: every record still reads
+    changed.write_bytes(bytes(data))
+    urls, counts = shard_urls(shard_dir, read_manifest(shard_dir))
+    fn = partial(collate, tokenizer=tok, image_size=32, max_text_len=8)
+    checksums = [s["sha256"] for s in read_manifest(shard_dir)["shards"]]
+    whole = sum(counts)  # one rank and a batch of 1: every shard is read to its end
+
+    def read(checks):
+        reader = ShardReader(urls, counts, batch_size=1, collate=fn, seed=5, checksums=checks)
+        reader.set_position(0, 0, 1)
+        return list(reader)
+
+    with caplog.at_level(logging.WARNING, logger="sharding.reader"):
+        batches = read(checksums)
+    assert len(batches) == whole and batches[-1][1].stats["checksum_mismatch"] == 1
+    assert f"{changed}: its sha256 is not the manifest's" in caplog.text
+    (shard_dir / changed.name).write_bytes((src / changed.name).read_bytes())
+    assert read(checksums)[-1][1].stats["checksum_mismatch"] == 0  # intact: nothing said
+
+
 def test_a_shard_deleted_after_the_start_is_skipped_with_equal_batches(
     train_shards, tok, tmp_path, caplog
 ):

@@ -217,6 +217,7 @@ def build_loader(cfg: Config, model, tok, rank: int, world: int, batch_size: int
         groups=None if mix else read_groups(Path(cfg.shards.dir) / "train"),
         augment=partial(augment, **vars(cfg.augment)),
         mix=mix,
+        checksums=None if mix else train.checksums,
     )
     if mix and rank == 0:
         planned = epoch_shards(mix, 0, cfg.train.seed).quotas
