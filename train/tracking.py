@@ -478,7 +478,10 @@ class Tracker:
                 name,
                 Path(export_dir).resolve().as_uri(),
                 run_id=self.run_id,
-                tags={metric_name(k): str(v) for k, v in tags.items()},
+                tags={
+                    metric_name(k): str(round(v, 2) if isinstance(v, float) else v)
+                    for k, v in tags.items()
+                },
             )
         except Exception as err:
             reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
