@@ -138,7 +138,8 @@ def load_exported(model_dir: str | Path, **overrides):
     model = build_model(cfg, tok)
     if cfg.combiner == saved_combiner:  # another combiner (an override) starts fresh
         _load_into(model.combiner, model_dir / "combiner.pt")
-    if model.frozen_target is not None:
+    # absent (an export trained with its target encoder): the exported weights are the start
+    if model.frozen_target is not None and (model_dir / "target_encoder.pt").is_file():
         _load_into(model.frozen_target, model_dir / "target_encoder.pt")
     return model, tok
 

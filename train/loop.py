@@ -427,7 +427,7 @@ def log_progress(job: Job, metrics: dict, meter: Meter) -> None:
     state, loader = job.state, job.loader
     elapsed = time.perf_counter() - meter.start
     logged = {
-        "loss": (meter.loss / meter.micro_steps).item(),  # the one device sync of the window
+        "loss": (meter.loss / meter.micro_steps).item(),  # (the non-finite check reads each)
         "lr": job.scheduler.get_last_lr()[0],
         "samples_per_s": meter.samples / elapsed,
         "data_wait_s": meter.data_wait_s,
@@ -528,6 +528,11 @@ def finish(job: Job, meter: Meter) -> dict | None:
     retrieval report (rank 0)."""
     cfg, out, rank = job.cfg, job.out, job.rank
     tag = save(job)
+    # a signal at the last step: the final checkpoint is saved; validation and export (minutes
+    # on a real model) are the resumed job's, which finds the run at its end
+    job.stopped = job.stop.agreed()
+    if job.stopped:
+        stopped(job)
     evaluation = validate(job)
     final = evaluation.metrics
     log_validation(job, final)

@@ -90,8 +90,22 @@ class RunLock:
             )
         if not holder and age < STALE_S:
             raise RunDirLocked(f"{self.path}: being written by another job; try again")
+        # two jobs may both judge it dead: only one renames it away, and only if it is still
+        # the lock judged (not one a quicker job has just made)
+        aside = self.path.with_name(f"{LOCK}.dead-{os.getpid()}-{time.time_ns()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another job took it first: try again
+        try:
+            same = json.loads(aside.read_text() or "{}") == holder
+        except ValueError:
+            same = not holder
+        if not same:
+            os.rename(aside, self.path)  # a live job's new lock: give it back
+            raise RunDirLocked(f"{self.path}: taken over by another job just now; try again")
         log.warning("%s: taking over the lock of a job that is gone (%s)", self.path, holder)
-        self.path.unlink(missing_ok=True)
+        aside.unlink(missing_ok=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -116,8 +130,8 @@ def lock_run_dir(out_dir: str | Path, rank: int) -> RunLock | None:
     if lock is not None:
         try:
             lock.acquire()
-        except RunDirLocked as err:
-            refusal = str(err)
+        except Exception as err:  # refused, or the directory cannot be written: every rank stops
+            refusal = str(err) if isinstance(err, RunDirLocked) else f"{lock.path}: {err}"
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         said = [refusal]

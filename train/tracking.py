@@ -155,6 +155,7 @@ class Tracker:
         self.pending: queue.Queue = queue.Queue(maxsize=PENDING)
         self.buffer_lock = threading.Lock()  # the buffer file: the sender and `spill` write it
         self.sender: threading.Thread | None = None
+        self.stuck = False  # the sender outlived `finish`'s wait: nothing more is sent here
         if not enabled:
             return
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -288,7 +289,8 @@ class Tracker:
         `flush_buffer` stopped the sender, the caller sends itself."""
         if self.sender is None:
             self._append(record)
-            self._flush()
+            if not self.stuck:
+                self._flush()
             return
         try:
             self.pending.put_nowait(record)
@@ -451,6 +453,8 @@ class Tracker:
         if not self.enabled:
             return 0
         self._stop_sender()
+        if self.stuck:
+            return 0
         try:
             sent = self._replay()
         except Exception as err:
@@ -495,19 +499,25 @@ class Tracker:
         thread ended: from here the caller sends synchronously."""
         if self.sender is None or not self.sender.is_alive():
             return
-        self.pending.put(_STOP)
-        self.sender.join(FINISH_WAIT_S)
-        if self.sender.is_alive():
+        try:
+            self.pending.put(_STOP, timeout=FINISH_WAIT_S)
+            self.sender.join(FINISH_WAIT_S)
+        except queue.Full:
+            pass
+        if self.sender.is_alive():  # still inside a request: the buffer stays its, for the next job
             log.warning(
                 "mlflow: the sender is still waiting on %s; records stay buffered", self.uri
             )
             self.spill()
+            self.stuck = True
         self.sender = None
 
     def finish(self, status: str = "FINISHED") -> None:
         if not self.enabled:
             return
         self._stop_sender()
+        if self.stuck:  # a second sender of the same buffer would send records twice
+            return
         try:
             self._replay()
             self._ensure_run()

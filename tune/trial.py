@@ -89,19 +89,49 @@ def failure_cause(log_tail: str) -> str:
     return lines[-1][:500] if lines else "no output"
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _runs_in(pgid: int, trial_dir: Path) -> bool:
+    """Whether process group `pgid` still has a process of this trial (a pid, and so a group id,
+    may since belong to something else)."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
         try:
-            os.killpg(proc.pid, sig)
+            if os.getpgid(p.pid) == pgid and str(trial_dir) in " ".join(p.info["cmdline"] or []):
+                return True
+        except (ProcessLookupError, PermissionError):
+            continue
+    return False
+
+
+def _stop_group(pgid: int) -> None:
+    """SIGTERM to the launcher's whole group (its ranks stop at a step boundary with a
+    checkpoint: `train.stop`), SIGKILL after 60 s; returns when no process of it is left."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(pgid, sig)
         except ProcessLookupError:
             return
-        try:
-            proc.wait(wait)
+        deadline = time.time() + wait
+        while time.time() < deadline and _group_alive(pgid):
+            time.sleep(0.2)
+        if not _group_alive(pgid):
             return
-        except subprocess.TimeoutExpired:
-            continue
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.poll()
+    _stop_group(proc.pid)  # the runner may be gone while its launcher and ranks are not
+    proc.poll()
 
 
 def run_trial(config: dict, settings: TrialSettings) -> None:
@@ -116,6 +146,12 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     trial_dir.mkdir(parents=True, exist_ok=True)
     with (trial_dir / "attempts.txt").open("a") as f:  # one line per start (retries add lines)
         f.write(f"{time.time():.0f}\n")
+    # an earlier attempt's job outlived its worker (the sweep's driver died): stop it first,
+    # or this attempt would find its run directory locked
+    pgid_file = trial_dir / "launcher.pgid"
+    if pgid_file.is_file() and _runs_in(int(pgid_file.read_text()), trial_dir):
+        _stop_group(int(pgid_file.read_text()))
+    (trial_dir / "failure.json").unlink(missing_ok=True)
     overrides = [
         *settings.fixed,
         *[f"{k}={v}" for k, v in config.items()],
@@ -132,6 +168,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
     )
+    pgid_file.write_text(str(proc.pid))  # its own session: the group id is its pid
     last_step = -1
     try:
         while True:
