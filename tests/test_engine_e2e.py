@@ -303,22 +303,24 @@ def _ranks(proc) -> list:
     raise AssertionError("the ranks did not start")
 
 
-def test_preemption_signals_stop_at_a_step_with_a_checkpoint_and_resume_exactly(
-    setup, full, tmp_path
-):
+LONGER = ("train.epochs=8",)
+
+
+def test_preemption_signals_stop_at_a_step_with_a_checkpoint_and_resume_exactly(setup, tmp_path):
     """SIGUSR1 to the ranks (SLURM --signal=B:USR1 trapped by the batch script) and SIGTERM to
     the whole job (launcher included, as scancel or Kubernetes send it), each at a random
     moment; the job ends where an uninterrupted one does, every MLflow step logged once."""
     import random
 
-    full, full_dir = full
+    full_dir = tmp_path / "full"  # long enough that each signal lands inside training
+    full = launch(setup, full_dir, *LONGER)
     out, rng = tmp_path / "preempted", random.Random(0)
     stops = []
     for sig, to_group, after in ((signal.SIGUSR1, False, "step 2/"), (signal.SIGTERM, True, None)):
-        console = Console(launch(setup, out, wait=False))
+        console = Console(launch(setup, out, *LONGER, wait=False))
         ranks = _ranks(console.proc)
         console.wait_for(after or f"step {stops[-1] + 1}/")
-        time.sleep(rng.uniform(0, 0.5))
+        time.sleep(rng.uniform(0, 0.2))
         if to_group:
             os.killpg(console.proc.pid, sig)
         else:
@@ -335,7 +337,7 @@ def test_preemption_signals_stop_at_a_step_with_a_checkpoint_and_resume_exactly(
         if not to_group:  # the ranks' status comes through DeepSpeed's launcher
             assert console.proc.returncode == 75, text[-3000:]
         stops.append(step)
-    resumed = launch(setup, out)
+    resumed = launch(setup, out, *LONGER)
     console = (out / "console.log").read_text()
     assert f"resumed from {out / 'checkpoints'}/step{stops[-1]:08d}" in console
     assert not (out / "stopped.json").exists()

@@ -103,3 +103,13 @@ def test_a_broken_pretrained_or_tokenizer_directory_is_named(export, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenizerError, match=r"empty: not a readable tokenizer directory"):
         load_tokenizer(tmp_path / "empty")
+
+
+def test_an_export_trained_with_its_target_encoder_loads_with_a_frozen_target(tmp_path):
+    """No target_encoder.pt (the export's weights encode targets); a next stage that freezes
+    its target path starts it from those weights."""
+    model, tok = tiny_model(tmp_path / "tok", train_target_encoder=True)
+    out = export_model(model.state_dict(), model.cfg, tok, tmp_path / "export")
+    assert not (out / "target_encoder.pt").exists()
+    loaded, _ = load_exported(out, train_target_encoder=False)
+    assert loaded.frozen_target is not None

@@ -356,6 +356,7 @@ def test_server_refusals_on_resume_do_not_block(ui, tmp_path, caplog):
     first = Tracker(ui.http, "resume", out)
     first.log_params({"optim": {"lr": 1e-4}, "seed": 1})
     first.log_metrics({"loss": 3.0}, 1)  # then killed: no finish
+    first.drain()  # (it reached the server before the kill)
     with caplog.at_level(logging.WARNING, "train.tracking"):
         resumed = Tracker(ui.http, "resume", out, run_id=first.run_id)
         resumed.log_params(
@@ -363,6 +364,7 @@ def test_server_refusals_on_resume_do_not_block(ui, tmp_path, caplog):
         )  # compared, not re-sent
         resumed.log_metrics({"loss": 9.0}, 1)  # recomputed after the resume: already there
         resumed.log_metrics({"loss": 2.0}, 2)
+        resumed.drain()
         # what an outage before a kill leaves: a params record the server will refuse, a metric
         out.mkdir(parents=True, exist_ok=True)
         with resumed.buffer.open("a") as f:
