@@ -149,15 +149,23 @@ class ShardConfig:
     # train on several shard sets with weights (sharding.mix; each dir a train split, e.g.
     # CC-CoIR beside WebVid-CoVR) instead of <dir>/train; validation stays <dir>/val
     mix: list[MixSource] = field(default_factory=list)
+    # dir (or a mix dir) may be an http(s):// or object-store URL (sharding.remote): each ranged
+    # read is tried `retries` times, waiting retry_wait_s, doubling, before the shard is skipped
+    retries: int = field(default=5, metadata=RESUME_FREE)
+    retry_wait_s: float = field(default=1.0, metadata=RESUME_FREE)
+    # keep remote shards read once on local disk (per node; bounded, least recently read out)
+    cache_dir: str = field(default="", metadata=RESUME_FREE)
+    cache_gb: float = field(default=100.0, metadata=RESUME_FREE)
 
     def check(self) -> None:
         positive(self, "samples_per_shard", "target_frames", "query_frames", "workers")
+        positive(self, "retries", "cache_gb")
         for i, source in enumerate(self.mix):
             if not source.dir:
                 raise FieldError(f"mix[{i}].dir", "must name a train split's shard directory")
             if not source.weight > 0:
                 raise FieldError(f"mix[{i}].weight", f"must be > 0, got {source.weight!r}")
-        non_negative(self, "loader_workers", "frame_size")
+        non_negative(self, "loader_workers", "frame_size", "retry_wait_s")
         in_range(self, 1, 100, "jpeg_quality")
 
 

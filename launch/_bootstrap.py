@@ -11,7 +11,6 @@
 """
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -127,29 +126,36 @@ class PreflightError(ValueError):
 
 def preflight(cfg, splits=("train", "val")) -> None:
     """Check what a training run reads before it starts: every split's manifest and every
-    shard it lists, and the model / tokenizer / init paths the config names."""
+    shard it lists (remote shards: the manifest), and the model / tokenizer / init paths the
+    config names."""
+    from sharding.remote import Fetch, is_remote, join, read_json
+
     for key in ("model.pretrained", "model.lavis_checkpoint", "model.tokenizer", "train.init_from"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value and not Path(value).exists():
             raise PreflightError(f"key '{key}': {value} does not exist")
-    dirs = [(Path(cfg.shards.dir) / split, "shards.dir", split) for split in splits]
+    dirs = [(join(cfg.shards.dir, split), "shards.dir", split) for split in splits]
     if "train" in splits and cfg.shards.mix:  # the weighted sources replace <dir>/train
         dirs = [d for d in dirs if d[2] != "train"]
         dirs += [
-            (Path(m.dir), f"shards.mix[{i}].dir", "train") for i, m in enumerate(cfg.shards.mix)
+            (join(m.dir), f"shards.mix[{i}].dir", "train") for i, m in enumerate(cfg.shards.mix)
         ]
     for shard_dir, key, split in dirs:
-        manifest = shard_dir / "manifest.json"
-        if not manifest.is_file():
+        manifest = join(shard_dir, "manifest.json")
+        try:
+            packed = read_json(manifest, Fetch.from_config(cfg.shards))
+            names = [entry["name"] for entry in packed["shards"]]
+        except FileNotFoundError:
             raise PreflightError(
                 f"key '{key}': no {manifest} (pack the {split} split with launch/shard.py pack)"
-            )
-        try:
-            packed = json.loads(manifest.read_text())
-            names = [entry["name"] for entry in packed["shards"]]
-        except (ValueError, KeyError, TypeError) as err:
-            raise PreflightError(f"{manifest}: not a shard manifest ({err})") from None
+            ) from None
+        except OSError as err:  # a remote manifest that could not be fetched
+            raise PreflightError(f"key '{key}': {err}") from None
+        except ValueError as err:  # not JSON: names the file
+            raise PreflightError(f"{err}: not a shard manifest") from None
+        except (KeyError, TypeError) as err:
+            raise PreflightError(f"{manifest}: not a shard manifest ({err!r})") from None
         if (
             split == "train"
             and cfg.loss.caption_weight > 0
@@ -159,7 +165,11 @@ def preflight(cfg, splits=("train", "val")) -> None:
                 f"key 'loss.caption_weight': {cfg.loss.caption_weight} needs target captions, "
                 f"and {manifest} was packed from annotations without any (no txt2)"
             )
-        missing = [n for n in names if not (shard_dir / f"{n}.tar").is_file()]
+        missing = (
+            []
+            if is_remote(shard_dir)
+            else [n for n in names if not (shard_dir / f"{n}.tar").is_file()]
+        )
         if missing:
             raise PreflightError(
                 f"{manifest}: {len(missing)} of {len(names)} shards missing: "

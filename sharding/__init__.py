@@ -7,7 +7,8 @@
   (`pack`, `pack_cirr`, `pack_splits`), resumable; `embed`: shards with precomputed targets.
 - `reader`: `ShardReader`, the training stream (equal batches on every rank, deterministic,
   resumable mid-epoch, tolerant of corrupt shards and samples), `open_shards` (a split's manifest
-  read once) and `iter_records` for evaluation.
+  read once) and `iter_records` for evaluation; `remote`: shards at an http(s) or object-store
+  URL (retried ranged reads, the manifest fetched once, an optional bounded local cache).
 - `batch`: the data-model contract: `collate`, `augment`, `to_device`, `Task`, `Composed`.
 - `groups`: k-means sampler groups from packed target embeddings.
 """

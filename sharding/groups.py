@@ -12,6 +12,7 @@ import numpy as np
 
 from sharding import format as fmt
 from sharding.reader import iter_records, open_shards
+from sharding.remote import fetch_bytes, is_remote, join
 
 GROUPS = "groups.json"
 
@@ -46,7 +47,10 @@ def kmeans_groups(
 
 
 def read_groups(shard_dir: str | Path) -> dict[int, int] | None:
-    path = Path(shard_dir) / GROUPS
-    if not path.is_file():
+    """The k-means groups beside the shards (local or remote), or None where there are none."""
+    path = join(shard_dir, GROUPS)
+    try:
+        text = fetch_bytes(path) if is_remote(path) else path.read_bytes()
+    except FileNotFoundError:
         return None
-    return {int(k): v for k, v in json.loads(path.read_text()).items()}
+    return {int(k): v for k, v in json.loads(text).items()}

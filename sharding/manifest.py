@@ -13,6 +13,7 @@ from pathlib import Path
 
 from configs.schema import ShardConfig
 from sharding import format as fmt
+from sharding.remote import Fetch, join, read_json
 from sharding.writer import ShardStats
 
 MANIFEST = "manifest.json"
@@ -73,13 +74,14 @@ def write_manifest(out_dir: str | Path, manifest: dict) -> dict:
     return manifest
 
 
-def read_manifest(shard_dir: str | Path) -> dict:
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
+def read_manifest(shard_dir: str | Path, fetch: Fetch | None = None) -> dict:
+    """The manifest of a local or remote (`sharding.remote`) shard directory."""
+    try:
+        return read_json(join(shard_dir, MANIFEST), fetch)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise FileNotFoundError(
             f"no {MANIFEST} in {shard_dir}: pack the shards first (launch/shard.py pack)"
-        )
-    return json.loads(path.read_text())
+        ) from None
 
 
 def verify(shard_dir: str | Path) -> dict:

@@ -53,6 +53,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from configs.schema import SamplerConfig
 from sharding import format as fmt
 from sharding.mix import TARGET_ID_STRIDE, Source, check_sources, epoch_shards
+from sharding.remote import Fetch, ShardCache, is_remote, join, open_remote
 from sharding.samplers import BatchComposer
 
 log = logging.getLogger(__name__)
@@ -74,18 +75,24 @@ class MissingShardsError(FileNotFoundError):
         )
 
 
-def open_shard(url: str, allow_pipe: bool = False):
-    """Local path, `pipe:COMMAND` (only when allowed), or any URL fsspec opens."""
+def open_shard(
+    url: str,
+    allow_pipe: bool = False,
+    fetch: Fetch | None = None,
+    size: int | None = None,
+    sha256: str | None = None,
+):
+    """Local path, `pipe:COMMAND` (only when allowed), or any URL fsspec opens: read in retried
+    ranged chunks, or through the local cache (`sharding.remote`; `size` and `sha256` from the
+    manifest where known)."""
     if url.startswith("pipe:"):
         if not allow_pipe:
             raise ShardURLError(
                 f"refusing shard URL {url!r}: `pipe:` runs a shell command; set shards.allow_pipe=true"
             )
         return subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE).stdout
-    if "://" in url and not url.startswith("file://"):
-        import fsspec
-
-        return fsspec.open(url, "rb").open()
+    if is_remote(url):
+        return open_remote(url, size, sha256, fetch or Fetch())
     return open(url.removeprefix("file://"), "rb")
 
 
@@ -115,13 +122,16 @@ def read_shard(
     on_error: Callable[[str, Exception], None] | None = None,
     sha256: str | None = None,
     on_mismatch: Callable[[str], None] | None = None,
+    size: int | None = None,
+    fetch: Fetch | None = None,
 ):
     """Records (dicts of field -> bytes, plus `__key__`) of one shard; an open or read error
     ends the shard (a truncated tar has nothing after the break) and is reported to `on_error`.
     `sha256`: the manifest's checksum; a shard read to its end whose bytes differ is reported to
-    `on_mismatch` (its records were read: the warning says the shard changed since packing)."""
+    `on_mismatch` (its records were read: the warning says the shard changed since packing),
+    and a cached copy of it is dropped. `size`, `fetch`: for remote shards (`open_shard`)."""
     try:
-        stream = open_shard(url, allow_pipe)
+        stream = open_shard(url, allow_pipe, fetch, size, sha256)
     except ShardURLError:
         raise
     except Exception as err:  # FileNotFoundError (deleted after the start), fsspec errors, ...
@@ -134,8 +144,11 @@ def read_shard(
     try:
         files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
         yield from group_by_keys(files)
-        if sha256 and stream.rest() != sha256 and on_mismatch is not None:
-            on_mismatch(url)
+        if sha256 and stream.rest() != sha256:
+            if fetch is not None and fetch.cache_dir and is_remote(url):
+                ShardCache(fetch.cache_dir, fetch.cache_bytes).forget(url, sha256)
+            if on_mismatch is not None:
+                on_mismatch(url)
     except Exception as err:  # tarfile.ReadError, EOFError, OSError, ...
         if on_error is None:
             raise
@@ -144,18 +157,22 @@ def read_shard(
         stream.close()
 
 
-def iter_records(urls: list[str], allow_pipe: bool = False) -> Iterator[dict]:
-    """Evaluation order: shards as listed, records as stored, each exactly once."""
+def iter_records(
+    urls: list[str], allow_pipe: bool = False, fetch: Fetch | None = None
+) -> Iterator[dict]:
+    """Evaluation order: shards as listed, records as stored, each exactly once (a remote read
+    that fails on every attempt raises: an evaluation never leaves records out)."""
     for url in urls:
-        yield from read_shard(url, allow_pipe)
+        yield from read_shard(url, allow_pipe, fetch=fetch)
 
 
 def shard_urls(shard_dir: str | Path, manifest: dict) -> tuple[list[str], list[int]]:
     """The manifest's shard paths and record counts; `MissingShardsError` listing every shard
-    that is absent or not the size the manifest recorded."""
+    that is absent or not the size the manifest recorded (remote: where the store lists its
+    directory, see `remote_problems`)."""
     base = str(shard_dir).rstrip("/")
-    problems = []
-    for s in manifest["shards"]:
+    problems = remote_problems(base, manifest) if is_remote(base) else []
+    for s in manifest["shards"] if not is_remote(base) else []:
         path = Path(base) / f"{s['name']}.tar"
         try:
             size = path.stat().st_size
@@ -171,12 +188,41 @@ def shard_urls(shard_dir: str | Path, manifest: dict) -> tuple[list[str], list[i
     ]
 
 
+def remote_problems(base: str, manifest: dict) -> list[str]:
+    """Shards a remote directory's listing lacks (or holds at another size). Only a listing that
+    names `manifest.json` is trusted (a web server's index page may list anything else); where
+    there is none, missing shards show when read (skipped and counted)."""
+    from sharding.remote import _fs
+
+    try:
+        fs, path = _fs(base)
+        listed = {
+            e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size")
+            for e in fs.ls(path, detail=True)
+        }
+    except Exception as err:  # no listing on this server or store
+        log.info("%s: not listed (%r): shards are checked as they are read", base, err)
+        return []
+    if "manifest.json" not in listed:
+        log.info("%s: its listing does not name manifest.json: not used to check shards", base)
+        return []
+    problems = []
+    for s in manifest["shards"]:
+        name = f"{s['name']}.tar"
+        if name not in listed:
+            problems.append(f"{name} missing")
+        elif listed[name] is not None and listed[name] != s["bytes"]:
+            problems.append(f"{name} has {listed[name]} bytes, the manifest {s['bytes']}")
+    return problems
+
+
 @dataclass(frozen=True)
 class ShardSet:
     """One split's shards as a run reads them: its manifest, read once, and the shard paths and
-    record counts it lists (checked present and of the recorded size when opened)."""
+    record counts it lists (checked present and of the recorded size when opened). `dir` is a
+    Path, or a URL string for remote shards."""
 
-    dir: Path
+    dir: Path | str
     manifest: dict
     urls: list[str]
     counts: list[int]
@@ -185,13 +231,17 @@ class ShardSet:
     def checksums(self) -> list[str | None]:
         return [s.get("sha256") for s in self.manifest["shards"]]
 
+    @property
+    def sizes(self) -> list[int]:
+        return [s["bytes"] for s in self.manifest["shards"]]
 
-def open_shards(shard_dir: str | Path) -> ShardSet:
+
+def open_shards(shard_dir: str | Path, fetch: Fetch | None = None) -> ShardSet:
     from sharding.manifest import read_manifest
 
-    manifest = read_manifest(shard_dir)
+    manifest = read_manifest(shard_dir, fetch)
     urls, counts = shard_urls(shard_dir, manifest)
-    return ShardSet(Path(shard_dir), manifest, urls, counts)
+    return ShardSet(join(shard_dir), manifest, urls, counts)
 
 
 def draw_triplet(
@@ -270,9 +320,12 @@ class ShardReader(IterableDataset):
         augment: Callable[[dict, random.Random], dict] | None = None,
         mix: list[Source] | None = None,
         checksums: list[str] | None = None,
+        sizes: list[int] | None = None,
+        fetch: Fetch | None = None,
     ):
         """`mix`: several weighted sources instead of `urls` / `counts` (`sharding.mix`).
-        `checksums`: each shard's manifest sha256, checked as shards are read whole."""
+        `checksums`: each shard's manifest sha256, checked as shards are read whole; `sizes`
+        (the manifest's bytes) and `fetch` (retries, cache): for remote shards."""
         self.mix = mix
         if mix is not None:
             check_sources(mix)
@@ -287,6 +340,8 @@ class ShardReader(IterableDataset):
             open_shard(bad[0], allow_pipe)  # raises the clear error before any worker starts
         self.urls, self.counts = list(urls), list(counts)
         self.checksums = None if mix is not None else checksums
+        self.sizes = None if mix is not None else sizes
+        self.fetch = fetch or Fetch()
         self.shard_source = plan.source if mix is not None else []
         self.batch_size, self.collate = batch_size, collate
         self.rank, self.world = rank, world
@@ -366,7 +421,10 @@ class ShardReader(IterableDataset):
             if lo < hi:
                 wanted, last = set(positions[lo:hi]), positions[hi - 1]
                 sha = self.checksums[idx] if self.checksums else None
-                shard = read_shard(self.urls[idx], self.allow_pipe, on_error, sha, on_mismatch)
+                size = self.sizes[idx] if self.sizes else None
+                shard = read_shard(
+                    self.urls[idx], self.allow_pipe, on_error, sha, on_mismatch, size, self.fetch
+                )
                 for pos, record in enumerate(shard, offset):
                     if pos > last:
                         break

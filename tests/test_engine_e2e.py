@@ -151,6 +151,31 @@ def test_kill_and_resume_reaches_the_same_weights(setup, full, tmp_path):
     assert sorted(m.step for m in history) == list(range(1, full["steps"] + 1))  # each step once
 
 
+def test_remote_shards_over_a_flaky_server_kill_and_resume_reach_the_same_weights(
+    setup, full, tmp_path
+):
+    """shards.dir an http:// URL on a server that fails and drops connections: killed with
+    SIGKILL mid-run, resumed (with the shard cache on), the weights are the local run's."""
+    from tests.flaky_http import Faults, serve
+
+    full, full_dir = full
+    out = tmp_path / "remote"
+    with serve(setup.parent / "shards", Faults(error=0.05, drop=0.05, seed=9)) as (url, faults):
+        remote = (f"shards.dir={url}", "shards.retry_wait_s=0.05")
+        proc = launch(setup, out, *remote, wait=False)
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "checkpoints/step00000004/COMPLETE").exists():
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (out / "summary.json").exists(), "killed too late"
+        resumed = launch(setup, out, *remote, f"shards.cache_dir={tmp_path / 'cache'}")
+        assert faults.injected["error"] + faults.injected["drop"] > 0
+    assert resumed["steps"] == full["steps"]
+    _same_weights(full_dir, out)
+    assert list((tmp_path / "cache").glob("*.tar"))  # the resumed job kept what it read
+
+
 def test_bad_config_value_fails_before_training(setup, tmp_path):
     proc = subprocess.run(
         [

@@ -26,6 +26,7 @@ from sharding.embed import EmbedError, check_embedded
 from sharding.groups import read_groups
 from sharding.mix import Source, epoch_shards
 from sharding.reader import ShardReader, ShardSet, open_shards
+from sharding.remote import Fetch, join
 from train.checkpoint import step_tag
 from train.checkpointer import Checkpointer
 from train.engine import (
@@ -150,7 +151,7 @@ class Meter:
 def open_split(cfg: Config, split: str, model) -> ShardSet:
     """The split's shards, their manifest read once for the run; shards holding precomputed
     targets are checked to come from the model's frozen target path."""
-    shards = open_shards(Path(cfg.shards.dir) / split)
+    shards = open_shards(join(cfg.shards.dir, split), Fetch.from_config(cfg.shards))
     check_embedded(shards.manifest, shards.dir, model)
     return shards
 
@@ -160,7 +161,7 @@ def mix_sources(cfg: Config, model) -> list[Source]:
     be of one kind (all frames, or all embedded by the same model or release)."""
     sources, kinds = [], {}
     for i, entry in enumerate(cfg.shards.mix):
-        shards = open_shards(entry.dir)
+        shards = open_shards(entry.dir, Fetch.from_config(cfg.shards))
         check_embedded(shards.manifest, shards.dir, model)
         kinds[entry.dir] = (shards.manifest.get("embedded") or {}).get("fingerprint", "frames")
         sources.append(
@@ -214,10 +215,12 @@ def build_loader(cfg: Config, model, tok, rank: int, world: int, batch_size: int
         world=world,
         seed=cfg.train.seed,
         allow_pipe=cfg.shards.allow_pipe,
-        groups=None if mix else read_groups(Path(cfg.shards.dir) / "train"),
+        groups=None if mix else read_groups(join(cfg.shards.dir, "train")),
         augment=partial(augment, **vars(cfg.augment)),
         mix=mix,
         checksums=None if mix else train.checksums,
+        sizes=None if mix else train.sizes,
+        fetch=Fetch.from_config(cfg.shards),
     )
     if mix and rank == 0:
         planned = epoch_shards(mix, 0, cfg.train.seed).quotas
