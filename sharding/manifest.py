@@ -13,7 +13,7 @@ from pathlib import Path
 
 from configs.schema import ShardConfig
 from sharding import format as fmt
-from sharding.remote import Fetch, join, read_json
+from sharding.remote import Fetch, join, read_bytes, read_json
 from sharding.writer import ShardStats
 
 MANIFEST = "manifest.json"
@@ -84,17 +84,20 @@ def read_manifest(shard_dir: str | Path, fetch: Fetch | None = None) -> dict:
         ) from None
 
 
-def verify(shard_dir: str | Path) -> dict:
-    """Re-read every shard: checksum, readable tar, record count against the manifest."""
-    manifest = read_manifest(shard_dir)
+def verify(shard_dir: str | Path, fetch: Fetch | None = None) -> dict:
+    """Re-read every shard (local or remote): checksum, readable tar, record count against the
+    manifest."""
+    manifest = read_manifest(shard_dir, fetch)
     report = {"shards": len(manifest["shards"]), "ok": 0, "corrupt": []}
     for entry in manifest["shards"]:
-        path = Path(shard_dir) / f"{entry['name']}.tar"
         problem = None
-        if not path.is_file():
+        try:
+            data = read_bytes(join(shard_dir, f"{entry['name']}.tar"), fetch)
+        except FileNotFoundError:
             problem = "missing"
+        except OSError as err:  # a remote read that failed on every attempt
+            problem = f"unreadable: {err}"
         else:
-            data = path.read_bytes()
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 problem = f"checksum mismatch ({len(data)} bytes, manifest {entry['bytes']})"
             else:

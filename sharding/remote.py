@@ -123,13 +123,18 @@ def fetch_bytes(url: str, fetch: Fetch | None = None) -> bytes:
     return with_retries(url, lambda: fs.cat_file(path), fetch or Fetch())
 
 
+def read_bytes(location: str | Path, fetch: Fetch | None = None) -> bytes:
+    """A whole file, local or remote (in retried ranged chunks): `FileNotFoundError` when
+    absent, `RemoteReadError` when every attempt failed."""
+    if is_remote(location):
+        return RemoteStream(str(location), None, fetch or Fetch()).read()
+    return Path(str(location).removeprefix("file://")).read_bytes()
+
+
 def read_json(location: str | Path, fetch: Fetch | None = None):
     """A JSON file, local or remote: `FileNotFoundError` when absent, `ValueError` naming the
     file when it is not JSON, `RemoteReadError` when every attempt failed."""
-    if is_remote(location):
-        text = fetch_bytes(str(location), fetch)
-    else:
-        text = Path(str(location).removeprefix("file://")).read_bytes()
+    text = fetch_bytes(str(location), fetch) if is_remote(location) else read_bytes(location)
     try:
         return json.loads(text)
     except ValueError as err:

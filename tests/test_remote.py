@@ -259,3 +259,43 @@ def test_remote_settings_are_checked():
         with pytest.raises(ConfigError, match=f"key 'shards.{bad.split('=')[0]}'"):
             load_config(None, [f"shards.{bad}"])
     assert Fetch.from_config(ShardConfig(cache_dir="/c", cache_gb=0.5)).cache_bytes == 1 << 29
+
+
+def test_evaluation_over_a_flaky_server_equals_the_local_one(packed, small_chunks, tmp_path):
+    import torch
+
+    from eval.protocols import EvalSettings, webvid_covr
+    from tests.tiny import tiny_model
+
+    base, _ = packed
+    torch.manual_seed(0)
+    model, tok = tiny_model(tmp_path)
+    model.eval()
+    local = webvid_covr(model, tok, base / "train", EvalSettings(batch_size=4))
+    with serve(base, Faults(error=0.05, drop=0.05, seed=5)) as (url, faults):
+        with pytest.MonkeyPatch.context() as mp:  # the default retries, without the waits
+            mp.setattr(remote.time, "sleep", lambda s: None)
+            served = webvid_covr(model, tok, f"{url}/train", EvalSettings(batch_size=4))
+        assert sum(faults.injected.values()) > 3
+    assert served.metrics == local.metrics and served.top_ids == local.top_ids
+    assert served.query_ids == local.query_ids
+
+
+def test_verify_reads_a_remote_directory_and_names_each_bad_shard(packed, tmp_path, small_chunks):
+    import shutil
+
+    from sharding.manifest import verify
+
+    base, _ = packed
+    shutil.copytree(base / "train", tmp_path / "train")
+    tars = sorted((tmp_path / "train").glob("*.tar"))
+    tars[0].unlink()
+    data = bytearray(tars[1].read_bytes())
+    data[100] ^= 0xFF
+    tars[1].write_bytes(bytes(data))
+    with serve(tmp_path, Faults(drop=0.2, seed=6)) as (url, _):
+        report = verify(f"{url}/train", FAST)
+    assert report["ok"] == len(tars) - 2
+    problems = {c["shard"]: c["problem"] for c in report["corrupt"]}
+    assert problems[tars[0].stem] == "missing"
+    assert problems[tars[1].stem].startswith("checksum mismatch")
