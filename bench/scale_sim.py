@@ -14,7 +14,11 @@ layout every worker reads).
    (the layout of one worker) and its memory, the manifest's size and load time, the
    checkpoint's loader state (consumed positions) half-way through an epoch, the preflight's
    shard checks, and a flat FAISS search of 1,000 queries over a gallery of the corpus's size
-   (up to 1M, 256-d, the validation's search)."""
+   (up to 1M, 256-d, the validation's search).
+4. What validation holds after embedding a gallery of that size (`eval.embed.distributed_embed`
+   with `eval.retrieval.compared_rows`, BLIP-2's 32 target tokens of 256): token means (the
+   `mean` rule, the default) against every token (`max`), measured where it fits in memory;
+   the model's own time per item is the GPU's and is not simulated."""
 
 import argparse
 import io
@@ -30,7 +34,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "launch"))
+sys.path.append(str(ROOT / "launch"))  # for _bootstrap; after the root (launch/eval.py)
 
 PER_SHARD = 160
 
@@ -175,7 +179,32 @@ def growth(triplets: int, tmp: Path) -> dict:
     index.search(xb[:1000], 50)
     out["gallery"] = gallery
     out["flat_search_1000_queries_s"] = round(time.perf_counter() - start, 3)
+    for reduce in ("mean", "max"):
+        if reduce == "max" and gallery * 32 * 256 * 4 > 8 << 30:
+            continue  # over 8 GiB: not on this machine (the mean rule is the default)
+        out[f"gallery_rows_{reduce}"] = gallery_rows_held(gallery, reduce)
     return out
+
+
+def gallery_rows_held(items: int, reduce: str, batch: int = 512) -> dict:
+    """Embed `items` gallery rows of BLIP-2's target layout (one random batch, reused: the
+    model is not what is measured) the way validation does; the bytes it then holds."""
+    import torch
+
+    from eval.embed import distributed_embed
+    from eval.retrieval import compared_rows
+
+    tokens = torch.randn(batch, 32, 256)
+    query = torch.randn(batch, 1, 256)
+
+    def embed(chunk):
+        q, t = compared_rows(query[: len(chunk)], tokens[: len(chunk)], reduce)
+        return q, t
+
+    start = time.perf_counter()
+    q, g = distributed_embed(range(items), embed, batch)
+    held = q.numel() * q.element_size() + g.numel() * g.element_size()
+    return {"s": round(time.perf_counter() - start, 2), "held_mib": round(held / 2**20, 1)}
 
 
 def main(argv=None) -> int:

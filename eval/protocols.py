@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data.benchmarks import (
     FASHIONIQ_CATEGORIES,
@@ -492,10 +491,17 @@ def webvid_covr(
         description_tokens=model.cfg.description_tokens,
     )
     emb = embed_split(
-        model, urls, batch_collate, s.batch_size, s.rank, s.world, s.progress, seed=s.seed
+        model,
+        urls,
+        batch_collate,
+        s.batch_size,
+        s.rank,
+        s.world,
+        s.progress,
+        seed=s.seed,
+        reduce=s.reduce,
     )
-    scores, top = webvid_topk(emb, max(ks), s.reduce, s.index)  # targets re-normalised there
-    emb["gallery"] = F.normalize(emb["gallery"], dim=-1)  # what was compared (explanations)
+    scores, top = webvid_topk(emb, max(ks), s.reduce, s.index)
     gallery_ids = emb["gallery_ids"]
     top_ids = [[gallery_ids[j] for j in row] for row in top]
     positives = [gallery_ids[p] for p in emb["positives"]]

@@ -64,22 +64,21 @@ def test_max_retrieval_is_exact_over_the_whole_gallery():
     np.testing.assert_allclose(s, top.values.numpy(), atol=1e-6)
 
 
-def test_webvid_targets_are_renormalised_before_scoring():
-    from eval.retrieval import webvid_topk
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_webvid_targets_are_renormalised_before_scoring(reduce):
+    from eval.retrieval import compared_rows, webvid_topk
 
-    # pooled (not re-normalised) target tokens; query token (1, 0)
-    a = torch.tensor([[0.6, 0.0], [0.0, 0.6]])  # mean . q = .3; re-normalised: .5
+    # target tokens as the model gives them (not unit); query token (1, 0)
+    a = torch.tensor([[0.6, 0.0], [0.0, 0.6]])  # mean . q = .3; re-normalised: .5 (max: 1)
     b = torch.tensor([[0.4, 0.9165], [0.4, -0.9165]])  # unit tokens: .4 either way
-    emb = {
-        "query": torch.tensor([[[1.0, 0.0]]]),
-        "gallery": torch.stack([a, b]),
-        "gallery_ids": ["a", "b"],
-        "query_refs": ["x"],
-    }
-    scores, ids = webvid_topk(emb, 2)
-    assert ids[0].tolist() == [0, 1] and scores[0] == pytest.approx([0.5, 0.4], abs=1e-4)
+    query, gallery = compared_rows(torch.tensor([[[1.0, 0.0]]]), torch.stack([a, b]), reduce)
+    assert gallery.shape == ((2, 1, 2) if reduce == "mean" else (2, 2, 2))  # means only
+    emb = {"query": query, "gallery": gallery, "gallery_ids": ["a", "b"], "query_refs": ["x"]}
+    scores, ids = webvid_topk(emb, 2, reduce)
+    want = [0.5, 0.4] if reduce == "mean" else [1.0, 0.4]
+    assert ids[0].tolist() == [0, 1] and scores[0] == pytest.approx(want, abs=1e-4)
     emb["query_refs"] = ["a"]  # the query's own video is never an answer
-    assert webvid_topk(emb, 2)[1][0].tolist() == [1]
+    assert webvid_topk(emb, 2, reduce)[1][0].tolist() == [1]
 
 
 def test_webvid_queries_one_seeded_triplet_per_target_64_tokens_longest(small_corpus, tmp_path):
@@ -120,13 +119,13 @@ def test_webvid_queries_one_seeded_triplet_per_target_64_tokens_longest(small_co
 
         def query(length, padding):
             text = tokenize(tok, [ev.edits[n]], length, padding=padding)
-            return model(Task.ENCODE_QUERY, frames, text.input_ids, text.attention_mask)[0]
+            tokens = model(Task.ENCODE_QUERY, frames, text.input_ids, text.attention_mask)[0]
+            return tokens.mean(0, keepdim=True)  # `mean`: only the token mean is kept
 
         assert torch.allclose(ev.query_emb[n], query(64, "longest"), atol=1e-5)
         assert not torch.allclose(ev.query_emb[n], query(3, "max_length"), atol=1e-3)
-    assert torch.allclose(
-        ev.gallery_emb.norm(dim=-1), torch.ones(ev.gallery_emb.shape[:2]), atol=1e-5
-    )
+    # the mean of unit (re-normalised) tokens: one row per target, never longer than 1
+    assert ev.gallery_emb.shape[1] == 1 and (ev.gallery_emb.norm(dim=-1) <= 1 + 1e-5).all()
     assert ev.conventions["targets"] == "pooled tokens re-normalised"
     assert ev.conventions["frames"] == "jpeg q90, targets rgb"  # the shards' packing settings
     from eval.protocols import packed_frames
