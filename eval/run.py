@@ -16,7 +16,8 @@ import torch
 
 from data.text import tokenize
 from data.video import to_model_input
-from eval import protocols
+from data.video_benchmarks import EGOCVR_TEXTS
+from eval import protocols, video_protocols
 from eval.coverage import DROPPED, write_dropped
 from eval.protocols import (
     CIRR_GALLERIES,
@@ -27,6 +28,7 @@ from eval.protocols import (
     Evaluation,
 )
 from eval.search import IndexSpec, retrieve, topk_agreement
+from eval.video_protocols import TFCOVR_GALLERIES
 from sharding.batch import Task, device_of, to_device
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,8 @@ class EvalJob:
     data: str  # shard dir (webvid-covr) or the benchmark's root directory
     out_dir: str = "eval_out"
     split: str = "val"
-    image_root: str | None = None  # CIRR images / CIRCO image directory when not under data
+    # CIRR images / CIRCO image directory / TF-CoVR and EgoCVR clips, when not under data
+    image_root: str | None = None
     categories: tuple = protocols.FASHIONIQ_CATEGORIES
     reduce: str | None = None  # default: the model's own setting (CIRR: max)
     fashioniq_gallery: str = "covr"  # covr: the candidate removed from its ranking; clip4cir: kept
@@ -49,7 +52,11 @@ class EvalJob:
     cirr_subset_credit: str = "hard"
     # image benchmarks: evaluate the images that exist, reported as a subset (eval.coverage)
     subset: bool = False
-    text_len: int = protocols.EVAL_TEXT_LEN  # edit tokens (the reference's test scripts: 64)
+    # edit tokens: None = the protocol's (the reference's test scripts: 64; dense-webvid-covr 128)
+    text_len: int | None = None
+    circo_text: str = "relative"  # protocols.CIRCO_TEXTS
+    tfcovr_gallery: str = "rows"  # video_protocols.TFCOVR_GALLERIES
+    egocvr_text: str = "instruction"  # data.video_benchmarks.EGOCVR_TEXTS
     index: IndexSpec = field(default_factory=IndexSpec)
     batch_size: int = 64
     report: int = 0  # queries in the qualitative report (0: none)
@@ -68,6 +75,12 @@ class EvalJob:
         protocols.check_choice("fashioniq_gallery", self.fashioniq_gallery, FASHIONIQ_GALLERIES)
         protocols.check_choice("cirr_gallery", self.cirr_gallery, CIRR_GALLERIES)
         protocols.check_choice("cirr_subset_credit", self.cirr_subset_credit, CIRR_SUBSET_CREDITS)
+        protocols.check_choice("circo_text", self.circo_text, protocols.CIRCO_TEXTS)
+        protocols.check_choice("tfcovr_gallery", self.tfcovr_gallery, TFCOVR_GALLERIES)
+        if self.egocvr_text not in EGOCVR_TEXTS:
+            raise ValueError(f"unknown egocvr_text {self.egocvr_text!r}; one of {EGOCVR_TEXTS}")
+        if self.text_len is None:
+            self.text_len = protocols.TEXT_LEN.get(self.protocol, protocols.EVAL_TEXT_LEN)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -102,9 +115,18 @@ def run_protocol(job: EvalJob, model, tok, rank: int = 0, world: int = 1) -> Eva
         cirr_subset_credit=job.cirr_subset_credit,
         subset=job.subset,
         text_len=job.text_len,
+        circo_text=job.circo_text,
     )
-    if job.protocol == "webvid-covr":
-        return protocols.webvid_covr(model, tok, job.data, s)
+    if job.protocol in ("webvid-covr", "dense-webvid-covr"):
+        evaluation = protocols.webvid_covr(model, tok, job.data, s)
+        evaluation.protocol = job.protocol
+        return evaluation
+    if job.protocol == "tfcovr":
+        return video_protocols.tfcovr(
+            model, tok, job.data, job.split, job.image_root, s, job.tfcovr_gallery
+        )
+    if job.protocol == "egocvr":
+        return video_protocols.egocvr(model, tok, job.data, job.image_root, s, job.egocvr_text)
     if job.protocol == "cirr":
         return protocols.cirr(model, tok, job.data, job.split, job.image_root, job.out_dir, s)
     if job.protocol == "fashioniq":
@@ -213,14 +235,19 @@ def evaluate(job: EvalJob, model, tok, tracker, rank: int = 0, world: int = 1) -
         "mlflow_run_id": tracker.run_id,
     }
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    if job.run_id is None:
+    if job.run_id is None:  # keyed by protocol: one run may hold several (--protocol all)
         tracker.log_params(
             {
-                "protocol": job.protocol,
-                "split": job.split,
                 "checkpoint": str(model_dir),
-                "reduce": reduce,
                 "index": job.index.kind,
+                **{
+                    f"eval.{job.protocol}.{k}": v
+                    for k, v in {
+                        "split": job.split,
+                        "reduce": reduce,
+                        **evaluation.conventions,
+                    }.items()
+                },
             }
         )
     tracker.set_tags(
@@ -246,3 +273,35 @@ def protocols_report(job: EvalJob, model, tok, evaluation: Evaluation, out_dir: 
     return write_report(
         evaluation, out_dir, job.report, job.report_k, job.report_queries, combiner_weights=weights
     )
+
+
+# what `--protocol all`'s table shows of each protocol (all metrics are in its results.json)
+HEADLINE = {
+    "webvid-covr": ("R@1", "R@5", "R@10", "R@50"),
+    "dense-webvid-covr": ("R@1", "R@5", "R@10", "R@50"),
+    "cirr": ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"),
+    "fashioniq": ("average/R@10", "average/R@50"),
+    "circo": ("mAP@5", "mAP@10", "mAP@25", "mAP@50"),
+    "tfcovr": ("mAP@5", "mAP@10", "mAP@25", "mAP@50"),
+    "egocvr": ("global_R@1", "global_R@5", "global_R@10", "local_R@1", "local_R@2", "local_R@3"),
+}
+
+
+def write_table(results: list[dict], out_dir: str | Path) -> Path:
+    """One Markdown table of every protocol's headline numbers (`results.md`), beside a JSON
+    list of the full results (`results.json`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    lines = ["| protocol | split | queries | gallery | metrics |", "|---|---|---|---|---|"]
+    for r in results:
+        shown = [k for k in HEADLINE.get(r["protocol"], ()) if k in r["metrics"]]
+        cells = ", ".join(f"{k} {r['metrics'][k]:.2f}" for k in shown) or "(submission files)"
+        subset = " (subset)" if r["subset"] else ""
+        lines.append(
+            f"| {r['protocol']} | {r['split']}{subset} | {r['queries']} | {r['gallery_size']} "
+            f"| {cells} |"
+        )
+    path = out / "results.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -22,13 +22,31 @@ from pathlib import Path
 
 import _bootstrap
 
-PROTOCOLS = ("webvid-covr", "cirr", "fashioniq", "circo")  # eval.protocols.PROTOCOLS (tested)
+# eval.protocols.PROTOCOLS (tested)
+PROTOCOLS = ("webvid-covr", "dense-webvid-covr", "cirr", "fashioniq", "circo", "tfcovr", "egocvr")
+# --protocol all: where each benchmark sits under --data, and the split it is evaluated on
+ALL = {
+    "webvid-covr": ("webvid-covr/test", "test"),
+    "dense-webvid-covr": ("dense-webvid-covr/test", "test"),
+    "cirr": ("cirr", "val"),
+    "fashioniq": ("fashioniq", "val"),
+    "circo": ("circo", "val"),
+    "tfcovr": ("tfcovr", "test"),
+    "egocvr": ("egocvr", "test"),
+}
 INDEX_KINDS = ("flat", "ivf", "hnsw")  # eval.search.INDEX_KINDS (tested)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--protocol", required=True, choices=PROTOCOLS)
+    p.add_argument(
+        "--protocol",
+        required=True,
+        choices=(*PROTOCOLS, "all"),
+        help="all: every benchmark found under --data (DATA/webvid-covr/test, "
+        "DATA/dense-webvid-covr/test, DATA/cirr, DATA/fashioniq, DATA/circo, DATA/tfcovr, "
+        "DATA/egocvr), one table",
+    )
     p.add_argument(
         "--checkpoint", required=True, help="exported model dir (or a run dir with export/)"
     )
@@ -43,7 +61,9 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="directory for results.json, reports, submissions (default runs/eval/PROTOCOL-SPLIT)",
     )
-    p.add_argument("--image-root", default=None, help="images when not in the benchmark's layout")
+    p.add_argument(
+        "--image-root", default=None, help="images or clips when not in the benchmark's layout"
+    )
     p.add_argument("--categories", default="dress,shirt,toptee", help="FashionIQ categories")
     p.add_argument("--reduce", choices=("mean", "max"), default=None)
     p.add_argument(
@@ -65,6 +85,25 @@ def parser() -> argparse.ArgumentParser:
         help="Recall_subset credit: hard: target_hard; soft: best target_soft score (CoVR's)",
     )
     p.add_argument(
+        "--circo-text",
+        choices=("relative", "concept"),
+        default="relative",
+        help="CIRCO query text: relative: the relative caption (CoVR); concept: 'find "
+        "{shared_concept} but {relative_caption}' (MagicLens)",
+    )
+    p.add_argument(
+        "--tfcovr-gallery",
+        choices=("rows", "unique"),
+        default="rows",
+        help="TF-CoVR gallery: rows: one item per test row, repeats kept (official); unique",
+    )
+    p.add_argument(
+        "--egocvr-text",
+        choices=("instruction", "modified_captions"),
+        default="instruction",
+        help="EgoCVR query text column",
+    )
+    p.add_argument(
         "--subset",
         action="store_true",
         help="image benchmarks: evaluate the images that exist (default: a missing one is an "
@@ -73,9 +112,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--text-tokens",
         type=int,
-        default=64,
-        help="edit tokens (longest padding; the reference's test scripts: 64); edits are cleaned "
-        "to the model's model.edit_words",
+        default=None,
+        help="edit tokens (longest padding; default the protocol's: the reference's test "
+        "scripts' 64, dense-webvid-covr 128); edits are cleaned to the model's model.edit_words",
     )
     p.add_argument(
         "--index",
@@ -99,9 +138,29 @@ def parser() -> argparse.ArgumentParser:
 
 
 def default_split(protocol: str, data: str) -> str:
-    """A webvid-covr shard dir is named after its split (shards/test): label results by it."""
+    """A webvid-covr shard dir is named after its split (shards/test): label results by it.
+    TF-CoVR and EgoCVR: test."""
     name = Path(data).name
-    return name if protocol == "webvid-covr" and name in ("train", "val", "test") else "val"
+    if protocol in ("webvid-covr", "dense-webvid-covr") and name in ("train", "val", "test"):
+        return name
+    return "test" if protocol in ("tfcovr", "egocvr") else "val"
+
+
+def present_benchmarks(root: str) -> dict[str, tuple[str, str]]:
+    """`--protocol all`: {protocol: (data, split)} for each benchmark found under `root`."""
+    found = {}
+    for protocol, (sub, split) in ALL.items():
+        data = Path(root) / sub
+        shards = protocol.endswith("webvid-covr")
+        if (data / "manifest.json").is_file() if shards else data.is_dir():
+            found[protocol] = (str(data), split)
+    if not found:
+        raise FileNotFoundError(
+            f"--protocol all: no benchmark under {root} (looked for "
+            + ", ".join(sub for sub, _ in ALL.values())
+            + ")"
+        )
+    return found
 
 
 def main(argv=None) -> int:
@@ -118,74 +177,94 @@ def main(argv=None) -> int:
             f"--config and key=value overrides describe a checkpoint file's model; "
             f"{a.checkpoint} is an export, which carries its own"
         )
-    split = a.split or default_split(a.protocol, a.data)
-    out = a.out or f"runs/eval/{a.protocol}-{split}"
     _bootstrap.setup_logging()
     from eval.run import EvalJob
     from eval.search import IndexSpec
 
     chosen = a.report_queries.split(",") if a.report_queries else None
-    job = EvalJob(
-        protocol=a.protocol,
-        checkpoint=a.checkpoint,
-        data=a.data,
-        out_dir=out,
-        split=split,
-        image_root=a.image_root,
-        categories=tuple(a.categories.split(",")),
-        reduce=a.reduce,
-        fashioniq_gallery=a.fashioniq_gallery,
-        cirr_gallery=a.cirr_gallery,
-        cirr_subset_credit=a.cirr_subset_credit,
-        subset=a.subset,
-        text_len=a.text_tokens,
-        index=IndexSpec(a.index, nprobe=a.nprobe, gpu=a.gpu_index),
-        batch_size=a.batch_size,
-        report=a.report or len(chosen or []),
-        report_queries=chosen,
-        explain=a.explain,
-        tracking_uri=a.tracking_uri,
-        experiment=a.experiment,
-        run_id=a.run_id,
-    )
-    result = run(job, cfg)
-    if result is not None:
-        print(json.dumps(result, indent=1))
+    if a.protocol == "all":
+        benchmarks = present_benchmarks(a.data)
+        out = Path(a.out or "runs/eval/all")
+    else:
+        split = a.split or default_split(a.protocol, a.data)
+        benchmarks = {a.protocol: (a.data, split)}
+    jobs = [
+        EvalJob(
+            protocol=protocol,
+            checkpoint=a.checkpoint,
+            data=data,
+            out_dir=str(out / f"{protocol}-{split}")
+            if a.protocol == "all"
+            else a.out or f"runs/eval/{protocol}-{split}",
+            split=split,
+            image_root=a.image_root if a.protocol != "all" else None,
+            categories=tuple(a.categories.split(",")),
+            reduce=a.reduce,
+            fashioniq_gallery=a.fashioniq_gallery,
+            cirr_gallery=a.cirr_gallery,
+            cirr_subset_credit=a.cirr_subset_credit,
+            circo_text=a.circo_text,
+            tfcovr_gallery=a.tfcovr_gallery,
+            egocvr_text=a.egocvr_text,
+            subset=a.subset,
+            text_len=a.text_tokens,
+            index=IndexSpec(a.index, nprobe=a.nprobe, gpu=a.gpu_index),
+            batch_size=a.batch_size,
+            report=a.report or len(chosen or []),
+            report_queries=chosen,
+            explain=a.explain,
+            tracking_uri=a.tracking_uri,
+            experiment=a.experiment,
+            run_id=a.run_id,
+        )
+        for protocol, (data, split) in benchmarks.items()
+    ]
+    results = run(jobs, cfg)
+    if results is None:
+        return 0
+    if a.protocol == "all":
+        from eval.run import write_table
+
+        print(write_table(results, out).read_text())
+    else:
+        print(json.dumps(results[0], indent=1))
     return 0
 
 
-def run(job, cfg=None) -> dict | None:
-    """This rank's part of `job`: processes, the model (exported, or built from `cfg` with a
-    released checkpoint) and the MLflow run around `eval.run.evaluate`."""
+def run(jobs, cfg=None) -> list[dict] | None:
+    """This rank's part of `jobs` (one protocol each): processes, the model (exported, or built
+    from `cfg` with a released checkpoint), loaded once, and one MLflow run around
+    `eval.run.evaluate` for all of them (metric names carry the protocol and split)."""
     from eval.run import evaluate, resolve_checkpoint
     from train.engine import init_distributed, model_device
     from train.export import load_exported
     from train.loop import build_model_and_tokenizer
     from train.tracking import Tracker, default_uri
 
+    first = jobs[0]
     rank, world = 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         rank, world, _ = init_distributed(1800)
     if cfg is None:
-        model, tok = load_exported(resolve_checkpoint(job.checkpoint))
+        model, tok = load_exported(resolve_checkpoint(first.checkpoint))
     else:
         model, tok = build_model_and_tokenizer(cfg)
     model.to(model_device())  # this rank's GPU, where there is one
-    uri = job.tracking_uri or default_uri(job.out_dir)
+    out = first.out_dir if len(jobs) == 1 else str(Path(first.out_dir).parent)
     tracker = Tracker(
-        uri,
-        job.experiment,
-        job.out_dir,
-        f"eval-{job.protocol}-{job.split}",
-        run_id=job.run_id,
+        first.tracking_uri or default_uri(out),
+        first.experiment,
+        out,
+        f"eval-{first.protocol}-{first.split}" if len(jobs) == 1 else "eval-all",
+        run_id=first.run_id,
         enabled=rank == 0,
     )
-    result = evaluate(job, model, tok, tracker, rank, world)
-    if job.run_id is None:
+    results = [evaluate(job, model, tok, tracker, rank, world) for job in jobs]
+    if first.run_id is None:
         tracker.finish()
     else:
         tracker.flush_buffer()
-    return result
+    return results if rank == 0 else None
 
 
 if __name__ == "__main__":
