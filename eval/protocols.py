@@ -72,8 +72,8 @@ KS = {
     "fashioniq": (10, 50),
     "circo": (5, 10, 25, 50),
 }
-# edit tokens per protocol; Dense-WebVid-CoVR's edits run to about 80 words: 64 tokens would cut
-# most of them (the official test code is not public)
+# edit tokens per protocol; Dense-WebVid-CoVR's edits are dense descriptions, far longer than
+# WebVid-CoVR's: 64 tokens would cut them (its official test code is not public)
 TEXT_LEN = {"dense-webvid-covr": 128}
 
 

@@ -288,7 +288,7 @@ HEADLINE = {
 
 
 def write_table(results: list[dict], out_dir: str | Path) -> Path:
-    """One Markdown table of every protocol's headline numbers (`results.md`), beside a JSON
+    """One Markdown table of every protocol's headline numbers ("results.md"), beside a JSON
     list of the full results (`results.json`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
