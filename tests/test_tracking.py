@@ -267,6 +267,36 @@ def test_spill_puts_what_is_queued_on_disk_before_a_checkpoint(store, tmp_path, 
     release.set()
 
 
+def test_spill_waits_for_the_record_the_sender_has_taken(store, tmp_path, monkeypatch):
+    """A sender slow between taking a record off the queue and writing it to the buffer (a
+    busy disk): `spill` still leaves every record on disk (it once read the queue in that gap,
+    and the taken record was on neither)."""
+    import threading
+
+    from train import tracking
+
+    out, release = tmp_path / "out", threading.Event()
+    t = Tracker(store.uri, "gap", out)
+    append, deliver = tracking.Tracker._append, tracking.Tracker._deliver
+
+    def slow_append(self, record):
+        if threading.current_thread().name == "mlflow-sender":
+            time.sleep(0.5)
+        append(self, record)
+
+    monkeypatch.setattr(tracking.Tracker, "_append", slow_append)
+    monkeypatch.setattr(
+        tracking.Tracker, "_deliver", lambda self, r: release.wait() or deliver(self, r)
+    )
+    for i in range(1, 4):
+        t.log_metrics({"loss": float(i)}, i)
+    time.sleep(0.1)  # the sender has taken step 1 and is writing it
+    t.spill()
+    steps = sorted(json.loads(x)["metrics"][0][3] for x in t.buffer.read_text().splitlines())
+    assert steps == [1, 2, 3]
+    release.set()
+
+
 # --- a real server, started the way the printed hint says ----------------------------------------
 def _wait_port(port, timeout=90):
     deadline = time.time() + timeout

@@ -50,6 +50,7 @@ PENDING = 1024  # records queued for the sender; beyond, a record goes to the bu
 RETRY_S = 10.0  # during an outage, how often the sender tries the server again
 FINISH_WAIT_S = 60.0  # how long `finish` waits for the sender before closing the run
 _STOP = object()
+HANDOFF_POLL_S = 0.1  # the sender's wait for a record; `spill` waits at most this for it
 
 
 def default_uri(out_dir: str | Path) -> str:
@@ -154,6 +155,9 @@ class Tracker:
         self.to_read = run_id is not None  # a resumed run not read yet
         self.pending: queue.Queue = queue.Queue(maxsize=PENDING)
         self.buffer_lock = threading.Lock()  # the buffer file: the sender and `spill` write it
+        # held by the sender from taking a record off the queue until it is in the buffer file,
+        # and by `spill`: a record is always either queued or on disk when `spill` looks
+        self.handoff = threading.Lock()
         self.sender: threading.Thread | None = None
         self.stuck = False  # the sender outlived `finish`'s wait: nothing more is sent here
         if not enabled:
@@ -297,10 +301,24 @@ class Tracker:
         except queue.Full:  # the sender is far behind: the buffer keeps it
             self._append(record)
 
+    def _take(self):
+        """The next record, already in the buffer file (`handoff`); _STOP at the end."""
+        while True:
+            with self.handoff:
+                try:
+                    record = self.pending.get(timeout=HANDOFF_POLL_S)
+                except queue.Empty:
+                    continue
+                if record is not _STOP:
+                    try:
+                        self._append(record)
+                    except Exception as err:  # a full disk, say: the record is still sent
+                        log.warning("mlflow: could not buffer a record (%s)", err)
+                return record
+
     def _send_loop(self) -> None:
-        while (record := self.pending.get()) is not _STOP:
+        while self._take() is not _STOP:
             try:
-                self._append(record)
                 if not self.outage or time.monotonic() >= self.retry_at:
                     self._flush()
             except Exception as err:  # never let the sender die: say it, keep the rest going
@@ -328,17 +346,18 @@ class Tracker:
         job killed after it loses no record of the steps before it)."""
         if not self.enabled:
             return
-        while True:
-            try:
-                record = self.pending.get_nowait()
-            except queue.Empty:
-                return
-            if record is _STOP:  # not ours to take
-                self.pending.put(record)
+        with self.handoff:  # the record the sender has taken is on disk already
+            while True:
+                try:
+                    record = self.pending.get_nowait()
+                except queue.Empty:
+                    return
+                if record is _STOP:  # not ours to take
+                    self.pending.put(record)
+                    self.pending.task_done()
+                    return
+                self._append(record)
                 self.pending.task_done()
-                return
-            self._append(record)
-            self.pending.task_done()
 
     def _deliver(self, record: dict) -> None:
         """Post one record; a refused one is split into items and the refused items dropped.
