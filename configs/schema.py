@@ -283,10 +283,16 @@ class LossConfig:
     # corrected: the published formula, detached weights; reference: the reference code's
     # value and gradient (train/losses.py), to compare with its runs
     hn_nce: Literal["corrected", "reference"] = "corrected"
+    # one: a query's own target is its positive, every other target a negative (the reference);
+    # all: every valid target of the query (the shards' `targets`: triplets sharing its query
+    # video and edit, as TF-CoVR's several targets) is a positive, never a negative
+    positives: Literal["one", "all"] = "one"
 
     def check(self) -> None:
         positive(self, "temperature")
         non_negative(self, "beta", "alpha")
+        if self.positives == "all" and self.hn_nce == "reference":
+            raise FieldError("positives", "'all' needs hn_nce=corrected (the reference has one)")
 
 
 @dataclass

@@ -5,7 +5,11 @@ moved to where the model is (`to_device`), and what the model is asked (`Task`) 
 A sample is a dict: `query_frames` uint8 (Fq, H, W, 3); `target_frames` uint8 (Ft, H, W, 3) or
 `target_embeddings` float (Ft, Q, D); `edit` str; `scores` list of floats (one per target
 frame, else ignored); `target_id` int; `group` any hashable; optionally `caption` (target
-caption, for the caption term) and `caption_embedding` float (D,) (its precomputed embedding).
+caption, for the caption term), `caption_embedding` float (D,) (its precomputed embedding) and
+`targets` (every valid target id of the query, for `loss.positives=all`).
+
+The batch's `target_positives` (B, MAX_POSITIVES) long holds each row's own target id first,
+then its other valid targets, -1 padded (a fixed width, so every rank's batch gathers).
 """
 
 from __future__ import annotations
@@ -31,6 +35,16 @@ def _pad_frames(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 DESCRIPTION_MODES = ("ignore", "concat", "separate")
+MAX_POSITIVES = 16  # valid targets kept per query (TF-CoVR: up to 10); more are negatives
+
+
+def target_positives(samples: list[dict]) -> torch.Tensor:
+    out = torch.full((len(samples), MAX_POSITIVES), -1, dtype=torch.long)
+    for i, s in enumerate(samples):
+        own = int(s["target_id"])
+        ids = [own, *(int(t) for t in s.get("targets", ()) if int(t) != own)]
+        out[i, : min(len(ids), MAX_POSITIVES)] = torch.tensor(ids[:MAX_POSITIVES])
+    return out
 
 
 def query_text(sample: dict, description: str) -> str:
@@ -83,6 +97,7 @@ def collate(
         "input_ids": edits.input_ids,
         "attention_mask": edits.attention_mask,
         "target_ids": torch.tensor([int(s["target_id"]) for s in samples], dtype=torch.long),
+        "target_positives": target_positives(samples),
     }
     if description == "separate":
         texts = [s.get("description", "") for s in samples]

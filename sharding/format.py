@@ -227,6 +227,7 @@ def raw_triplet(record: dict, j: int, meta: dict | None = None) -> dict:
         "description": trip.get("description", ""),
         "scores": trip["scores"],
         "group": trip["group"],
+        "targets": trip.get("targets", []),
         "caption": trip["txt2"],
         "query_jpegs": query_jpegs(record, j),
         "target_jpegs": target_jpegs(record),
@@ -241,7 +242,17 @@ def decode_sample(raw: dict) -> dict:
     `ImageDecodeError` when a frame does not decode, `RecordError` when embeddings do not load."""
     sample = {
         k: raw[k]
-        for k in ("edit", "scores", "target_id", "group", "caption", "key", "pth1", "target")
+        for k in (
+            "edit",
+            "scores",
+            "target_id",
+            "targets",
+            "group",
+            "caption",
+            "key",
+            "pth1",
+            "target",
+        )
     }
     sample["description"] = raw.get("description", "")
     sample["query_frames"] = decode_frames(raw["query_jpegs"])

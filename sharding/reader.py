@@ -488,6 +488,7 @@ class ShardReader(IterableDataset):
         source = record["__source__"]
         sample["source"] = source
         sample["target_id"] = source * TARGET_ID_STRIDE + int(sample["target_id"])
+        sample["targets"] = [source * TARGET_ID_STRIDE + int(t) for t in sample["targets"]]
         sample["group"] = f"{self.mix[source].name}:{sample['group']}"
         return sample
 

@@ -1,7 +1,7 @@
 """Records to pack, from annotation sources: WebVid-CoVR triplets (one record per target video,
 or per triplet) and CIRR triplets (images as single frames). A record is a plain dict:
 {"key", "target", "target_id", "triplets": [{"row", "pth1", "txt1", "txt2", "edit", "scores",
-"group"}, ...]}, plus "target_file" / "query_file" where a media path is not derived from a name.
+"group", optional "targets": every valid target id when the query has several}, ...]}, plus "target_file" / "query_file" where a media path is not derived from a name.
 In `target` epoch mode a record holds every triplet of one target video (the reader draws one
 per epoch, the reference recipe); in `triplet` mode one triplet per record."""
 
@@ -54,6 +54,10 @@ def build_records(rows: list[Triplet], epoch: str) -> list[dict]:
     (`unique_rows`; a triplet's `row` stays its row in the file)."""
     unique = unique_rows(rows)
     target_ids = {p: i for i, p in enumerate(sorted({t.pth2 for _, t in unique}))}
+    # every valid target of a query: the targets of all triplets sharing its video and edit
+    valid = defaultdict(set)
+    for _, t in unique:
+        valid[(t.pth1, t.edit)].add(target_ids[t.pth2])
 
     def triplet(row: int, t: Triplet) -> dict:
         return {
@@ -66,6 +70,8 @@ def build_records(rows: list[Triplet], epoch: str) -> list[dict]:
             # without captions (Dense-WebVid-CoVR's test file, CC-CoIR): the target alone
             "group": masked_caption_group(t.txt1, t.txt2) if t.txt2 else t.pth2,
             **({"description": t.description} if t.description else {}),
+            # only where there are several (records of single-target data stay as they were)
+            **({"targets": sorted(v)} if len(v := valid[(t.pth1, t.edit)]) > 1 else {}),
         }
 
     if epoch == "triplet":

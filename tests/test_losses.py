@@ -127,3 +127,90 @@ def test_reference_variant_refuses_a_queue_and_unknown_variants():
         hn_nce_from_similarity(q @ t.t(), extra_negatives=q @ extra.t(), variant="reference")
     with pytest.raises(ValueError, match="variant"):
         hn_nce(q, t, variant="lavis")
+
+
+# --- several positives per query (loss.positives=all) -------------------------------------------
+
+
+def multi_formula(sim, pos, tau=0.07, alpha=1.0, beta=0.5, neg=None):
+    """The module's multi-positive formula loop by loop (float64): rows of `sim` (B, N >= B),
+    `pos[i][j]` its positives; `neg[i][j]` valid negatives (default: every non-positive)."""
+    s = sim.double() / tau
+    b, n = s.shape
+    neg = neg or [[not pos[i][j] for j in range(n)] for i in range(b)]
+
+    def direction(s, pos, neg):
+        total = 0.0
+        for i in range(s.shape[0]):
+            ps = [j for j in range(s.shape[1]) if pos[i][j]]
+            ns = [j for j in range(s.shape[1]) if neg[i][j] and not pos[i][j]]
+            den = sum(math.exp(beta * s[i, k]) for k in ns)
+            acc = sum(alpha * math.exp(s[i, p]) for p in ps)
+            acc += sum(len(ns) * math.exp(beta * s[i, j]) / den * math.exp(s[i, j]) for j in ns)
+            total += math.log(acc) - math.log(sum(math.exp(s[i, p]) for p in ps))
+        return total / s.shape[0]
+
+    square = [[pos[j][i] for j in range(b)] for i in range(b)]  # target -> query
+    return direction(s, pos, neg) + direction(
+        s[:, :b].t(), square, [[not x for x in r] for r in square]
+    )
+
+
+def test_one_positive_each_is_todays_hn_nce_exactly():
+    sim = unit(6, 8, seed=3) @ unit(6, 8, seed=4).t()
+    extra, mask = unit(6, 8, seed=5) @ unit(9, 8, seed=6).t(), torch.rand(6, 9) > 0.3
+    eye = torch.eye(6, dtype=torch.bool)
+    for args in ((), (extra, mask)):
+        plain = hn_nce_from_similarity(sim, 0.1, 0.8, 0.5, *args)
+        one = hn_nce_from_similarity(
+            sim,
+            0.1,
+            0.8,
+            0.5,
+            *(args or (None, None)),
+            "corrected",
+            eye,
+            torch.zeros(6, 9).bool() if args else None,
+        )
+        assert torch.equal(plain, one)
+
+
+def test_several_positives_match_the_formula_with_the_queue():
+    b, k = 5, 4
+    sim = unit(b, 8, seed=7) @ unit(b, 8, seed=8).t()
+    extra = unit(b, 8, seed=7) @ unit(k, 8, seed=9).t()
+    pos = torch.eye(b, dtype=torch.bool)
+    pos[0, 1] = pos[1, 0] = pos[3, 4] = True  # 0 and 1 share targets; 4's target valid for 3
+    extra_pos = torch.zeros(b, k, dtype=torch.bool)
+    extra_pos[2, 0] = True  # a queued copy of a valid target of row 2
+    mask = torch.ones(b, k, dtype=torch.bool)
+    mask[4, 3] = False  # not a valid negative (its own target id)
+    got = hn_nce_from_similarity(
+        sim, 0.1, 0.9, 0.7, extra, mask, "corrected", pos, extra_pos
+    ).item()
+    full_pos = torch.cat([pos, extra_pos], 1).tolist()
+    full_neg = torch.cat([~pos, mask & ~extra_pos], 1).tolist()
+    want = multi_formula(torch.cat([sim, extra], 1), full_pos, 0.1, 0.9, 0.7, full_neg)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_a_valid_target_stops_being_a_negative():
+    # rows 0 and 1 have the same valid targets: as negatives they are pushed apart
+    q = unit(4, 8, seed=10)
+    t = unit(4, 8, seed=11)
+    t.data[1] = q.data[0]  # row 0's query is closest to row 1's target
+    pos = torch.eye(4, dtype=torch.bool)
+    pos[0, 1] = pos[1, 0] = True
+    one = hn_nce_from_similarity(q @ t.t(), 0.1)
+    both = hn_nce_from_similarity(q @ t.t(), 0.1, positives=pos)
+    assert both < one  # the close valid target now helps instead of hurting
+
+
+def test_several_positives_need_the_corrected_variant():
+    sim = torch.eye(3)
+    with pytest.raises(ValueError, match="one positive"):
+        hn_nce_from_similarity(sim, variant="reference", positives=torch.eye(3).bool())
+    from configs.schema import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="loss.positives"):
+        load_config(None, ["loss.positives=all", "loss.hn_nce=reference"])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from configs.schema import LossConfig
-from train.objective import Objective
+from train.objective import Objective, contrast_ids
 from train.queue import MomentumEncoder, TargetQueue
 
 
@@ -53,7 +53,9 @@ def chunked_backward(
         for k, v in emb.items()
         if v.is_floating_point() and k != "queue_entries"
     }
-    loss, metrics = objective.contrast(emb, batch["target_ids"], loss_cfg, engine.cfg.reduce, queue)
+    loss, metrics = objective.contrast(
+        emb, contrast_ids(batch, loss_cfg), loss_cfg, engine.cfg.reduce, queue
+    )
     if finite is not None and not finite(loss):
         return loss.detach(), None
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)

@@ -6,6 +6,12 @@ For row i of S = q t^T / tau (query -> target):
 with N_i the number of valid negatives of row i (B - 1 without a queue), and the same over the
 columns for target -> query. Weights are constants (no gradient). beta = 0 gives InfoNCE.
 
+Several positives per query (`positives`, `loss.positives=all`: every valid target of a query,
+e.g. TF-CoVR's, is a positive and never a negative): with P_i the positive columns of row i,
+    L_i = log (sum_{p in P_i} alpha exp(S_ip) + sum_{n not in P_i} w_in exp(S_in))
+          - log sum_{p in P_i} exp(S_ip),
+the weights w over the negatives only. With P_i = {i} this is the formula above exactly.
+
 `variant="reference"` reproduces the public reference code instead (value and gradient), for
 comparing with its runs: its q->t weight w_ij is normalised by row j's sum (a (B, B) matrix divided
 by a length-B vector broadcasts along the wrong axis) and neither direction's weights are detached.
@@ -18,18 +24,22 @@ import torch
 
 
 def _directional(
-    logits: torch.Tensor, alpha: float, beta: float, negatives: torch.Tensor
+    logits: torch.Tensor,
+    alpha: float,
+    beta: float,
+    negatives: torch.Tensor,
+    positives: torch.Tensor,
 ) -> torch.Tensor:
-    """Mean over rows of the HN-NCE term; positive of row i is column i; `negatives` (bool,
-    same shape) marks the valid negatives of each row."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    positive = logits[rows, rows]
+    """Mean over rows of the HN-NCE term; `negatives` and `positives` (bool, same shape, never
+    both) mark each row's valid negatives and its positives (column i of row i at least)."""
     with torch.no_grad():  # log w_ij, in log space for stability
         count = negatives.sum(1, keepdim=True).clamp_min(1)
         masked = (beta * logits).masked_fill(~negatives, float("-inf"))
         log_w = torch.log_softmax(masked, dim=1) + torch.log(count.to(logits.dtype))
         log_w = torch.where(negatives, log_w, torch.full_like(log_w, float("-inf")))
-        log_w[rows, rows] = torch.log(torch.tensor(alpha, dtype=logits.dtype))
+        log_alpha = torch.log(torch.tensor(alpha, dtype=logits.dtype, device=logits.device))
+        log_w = torch.where(positives, log_alpha, log_w)
+    positive = torch.logsumexp(logits.masked_fill(~positives, float("-inf")), dim=1)
     return (torch.logsumexp(logits + log_w, dim=1) - positive).mean()
 
 
@@ -61,21 +71,29 @@ def hn_nce_from_similarity(
     extra_negatives: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
     variant: str = "corrected",
+    positives: torch.Tensor | None = None,
+    extra_positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Both directions of HN-NCE from a (B, B) similarity matrix (positives on the diagonal).
     `extra_negatives` (B, K): more target columns for the query->target direction only (the
-    queue); `extra_mask` (B, K) bool marks which of them are valid negatives. `variant`: one of
-    `VARIANTS` (module docstring)."""
+    queue); `extra_mask` (B, K) bool marks which of them are valid negatives. `positives`
+    (B, B) / `extra_positives` (B, K) bool: more positives than the diagonal (module doc).
+    `variant`: one of `VARIANTS` (module docstring)."""
     b = sim.shape[0]
     logits = sim / temperature
     if variant == "reference":
         if extra_negatives is not None and extra_negatives.shape[1] > 0:
             raise ValueError("the reference HN-NCE has no queue: extra negatives need 'corrected'")
+        if positives is not None or extra_positives is not None:
+            raise ValueError("the reference HN-NCE has one positive: several need 'corrected'")
         return _reference(logits.float(), alpha, beta)
     if variant != "corrected":
         raise ValueError(f"HN-NCE variant must be one of {VARIANTS}, got {variant!r}")
-    in_batch = ~torch.eye(b, dtype=torch.bool, device=sim.device)
-    q2t_logits, q2t_neg = logits, in_batch
+    pos = torch.eye(b, dtype=torch.bool, device=sim.device)
+    if positives is not None:
+        pos = pos | positives
+    in_batch = ~pos
+    q2t_logits, q2t_neg, q2t_pos = logits, in_batch, pos
     if extra_negatives is not None and extra_negatives.shape[1] > 0:
         q2t_logits = torch.cat([logits, extra_negatives / temperature], dim=1)
         mask = (
@@ -83,9 +101,11 @@ def hn_nce_from_similarity(
             if extra_mask is not None
             else torch.ones_like(extra_negatives, dtype=torch.bool)
         )
-        q2t_neg = torch.cat([in_batch, mask], dim=1)
-    return _directional(q2t_logits, alpha, beta, q2t_neg) + _directional(
-        logits.t(), alpha, beta, in_batch
+        extra_pos = extra_positives if extra_positives is not None else torch.zeros_like(mask)
+        q2t_neg = torch.cat([in_batch, mask & ~extra_pos], dim=1)
+        q2t_pos = torch.cat([pos, extra_pos], dim=1)
+    return _directional(q2t_logits, alpha, beta, q2t_neg, q2t_pos) + _directional(
+        logits.t(), alpha, beta, in_batch.t(), pos.t()
     )
 
 

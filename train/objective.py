@@ -87,23 +87,37 @@ def covr_contrast(
 ) -> tuple[torch.Tensor, dict]:
     """HN-NCE of this rank's embeddings (`covr_embed`) against the global batch (gathered in
     rank order) and the queue; then the global batch enters the queue. `ids`: this rank's
-    target ids."""
+    target ids (B,), or (B, P) every valid target id of each row, its own first, -1 padded
+    (`contrast_ids`): then each is a positive (`train.losses`)."""
     all_query = gather_with_grad(emb["query"])
     target = emb["target"]
     all_target = gather_with_grad(target) if target.requires_grad else gather(target)
-    all_ids = gather(ids)
+    all_valid = gather(ids)
+    all_ids = all_valid if all_valid.dim() == 1 else all_valid[:, 0]
     sim = similarity(all_query, all_target, reduce)
+    positives = valid_targets(all_valid, all_ids) if all_valid.dim() == 2 else None
 
-    extra = extra_mask = None
+    extra = extra_mask = extra_positives = None
     if queue is not None and queue.filled:
-        queued, _ = queue.valid()
+        queued, queued_ids = queue.valid()
         # `max` keeps the queue tensor for backward and the enqueue below overwrites it: copy
         # then; `mean` reduces it first, so the large default queue is not copied every step
         extra = similarity(all_query, queued.to(all_query, copy=reduce == "max"), reduce)
         extra_mask = queue.negatives_mask(all_ids)
+        if positives is not None:  # the other valid targets (a queued copy of a row's own
+            # target stays neither, as with one positive: so the rule reduces to it exactly)
+            extra_positives = valid_targets(all_valid[:, 1:], queued_ids.to(all_valid.device))
     c = loss_cfg
     loss = c.video_weight * hn_nce_from_similarity(
-        sim, c.temperature, c.alpha, c.beta, extra, extra_mask, c.hn_nce
+        sim,
+        c.temperature,
+        c.alpha,
+        c.beta,
+        extra,
+        extra_mask,
+        c.hn_nce,
+        positives,
+        extra_positives,
     )
     metrics = {"loss_video": loss.detach()}
     if c.caption_weight > 0:
@@ -123,6 +137,22 @@ def covr_contrast(
         metrics["combiner_weights"] = emb["combiner_weights"].detach()
     metrics["loss"] = loss.detach()
     return loss, metrics
+
+
+def valid_targets(valid: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: target `ids[n]` is one of row b's valid target ids (`valid` (B, P), -1
+    padded); one (B, N) comparison per column of `valid`, never a (B, N, P) tensor (N is the
+    queue's 65,536)."""
+    out = torch.zeros(valid.shape[0], ids.shape[0], dtype=torch.bool, device=valid.device)
+    for p in range(valid.shape[1]):
+        out |= (valid[:, p : p + 1] == ids[None, :]) & (valid[:, p : p + 1] >= 0)
+    return out
+
+
+def contrast_ids(batch: dict, loss_cfg: LossConfig) -> torch.Tensor:
+    """What `contrast` is given of the batch's targets: their ids, or with `loss.positives=all`
+    every valid target of each row (`sharding.batch.collate`'s `target_positives`)."""
+    return batch["target_positives"] if loss_cfg.positives == "all" else batch["target_ids"]
 
 
 def itc_embed(
@@ -167,7 +197,7 @@ class Objective:
 
     def loss(self, model, batch, loss_cfg, queue=None, momentum=None):
         emb = self.embed(model, batch, loss_cfg, momentum if queue is not None else None)
-        return self.contrast(emb, batch["target_ids"], loss_cfg, model.cfg.reduce, queue)
+        return self.contrast(emb, contrast_ids(batch, loss_cfg), loss_cfg, model.cfg.reduce, queue)
 
 
 COVR = Objective(covr_embed, covr_contrast)
