@@ -155,3 +155,20 @@ def test_the_description_reaches_the_evaluated_queries(small_corpus, tmp_path):
     assert torch.equal(described.gallery_emb, plain.gallery_emb)
     moved = (described.query_emb - plain.query_emb).flatten(1).abs().amax(1)
     assert (moved > 1e-5).all()
+
+
+def test_dense_webvid_covr_is_a_protocol_with_long_edits(small_corpus, tmp_path):
+    from eval.run import EvalJob, run_protocol
+
+    path, _ = _dense_csv(small_corpus, tmp_path)
+    pack(path, small_corpus[0] / "videos", tmp_path / "test", CFG)
+    model, tok = tiny_model(tmp_path / "tok")
+    model.eval()
+    job = EvalJob("dense-webvid-covr", "unused", str(tmp_path / "test"), progress=False)
+    assert job.text_len == 128  # the protocol's own default; webvid-covr keeps 64
+    assert EvalJob("webvid-covr", "unused", "x").text_len == 64
+    with pytest.raises(ValueError, match="text tokens 128 do not fit the model's 64"):
+        run_protocol(job, model, tok)  # the tiny model's 64 positions: one clear line
+    job.text_len = 64
+    evaluation = run_protocol(job, model, tok)
+    assert evaluation.protocol == "dense-webvid-covr" and "R@1" in evaluation.metrics

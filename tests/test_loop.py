@@ -66,6 +66,12 @@ class Tracker:
     def spill(self):  # before a checkpoint
         pass
 
+    def set_tags(self, tags):
+        self.records.append(("tags", tags))
+
+    def finish(self, status="FINISHED"):
+        self.records.append(("finish", status))
+
 
 class Checkpointer:
     """Records the steps saved; `during_save` runs inside a save (a signal, say)."""
@@ -233,6 +239,24 @@ def test_no_stop_at_the_last_step_and_none_without_a_signal(stop):
     job = _job(3, 1, 10, stop=stop, on_batch=lambda i: i == 2 and _signal())
     train_epoch(job, Meter())  # the last step: `finish` saves, validates and exports
     assert job.stopped is None and job.state.step == 3 and job.checkpointer.saved == []
+
+
+def test_a_signal_at_the_last_step_stops_after_the_final_checkpoint(stop, tmp_path, monkeypatch):
+    """The final checkpoint is saved; validation and export are left to the resumed job."""
+    import json
+
+    from train.stop import Stopped
+
+    job = _job(3, 1, 10, out=tmp_path, stop=stop, on_batch=lambda i: i == 2 and _signal())
+    train_epoch(job, Meter())
+    monkeypatch.setattr(loop, "validate", lambda job: pytest.fail("validated after the stop"))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)  # one process here
+    with pytest.raises(Stopped) as stopped:
+        loop.finish(job, Meter())
+    assert stopped.value.step == 3 and job.checkpointer.saved == [3]
+    assert json.loads((tmp_path / "stopped.json").read_text())["step"] == 3
+    assert not (tmp_path / "export").exists()
+    assert ("finish", "KILLED") in job.tracker.records  # the resumed job reopens the run
 
 
 def test_a_second_ctrl_c_interrupts_at_once_a_repeated_sigterm_does_not(stop):
