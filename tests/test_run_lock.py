@@ -51,10 +51,11 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path, caplog):
     lock.release()
 
 
-def test_another_hosts_holder_is_trusted_while_its_heartbeat_is_fresh(tmp_path):
-    holder = {"host": "node-17", "pid": 1, "started": 1.0, "job": "4242"}
+def _refused_while_fresh_taken_when_stale(tmp_path, holder, refusal: str) -> None:
+    """A lock written `holder` refuses another job while young, and is taken over once its
+    heartbeat is older than `run_lock.STALE_S`."""
     _write(tmp_path, holder, age_s=5)
-    with pytest.raises(RunDirLocked, match="pid 1 on node-17 \\(job 4242, heartbeat 5 s ago\\)"):
+    with pytest.raises(RunDirLocked, match=refusal):
         RunLock(tmp_path).acquire()
     _write(tmp_path, holder, age_s=run_lock.STALE_S + 1)
     lock = RunLock(tmp_path)
@@ -62,14 +63,15 @@ def test_another_hosts_holder_is_trusted_while_its_heartbeat_is_fresh(tmp_path):
     lock.release()
 
 
+def test_another_hosts_holder_is_trusted_while_its_heartbeat_is_fresh(tmp_path):
+    holder = {"host": "node-17", "pid": 1, "started": 1.0, "job": "4242"}
+    _refused_while_fresh_taken_when_stale(
+        tmp_path, holder, "pid 1 on node-17 \\(job 4242, heartbeat 5 s ago\\)"
+    )
+
+
 def test_a_lock_file_cut_short_waits_for_its_age(tmp_path):
-    _write(tmp_path, None, age_s=1)
-    with pytest.raises(RunDirLocked, match="being written by another job"):
-        RunLock(tmp_path).acquire()
-    _write(tmp_path, None, age_s=run_lock.STALE_S + 1)
-    lock = RunLock(tmp_path)
-    lock.acquire()
-    lock.release()
+    _refused_while_fresh_taken_when_stale(tmp_path, None, "being written by another job")
 
 
 def test_the_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):

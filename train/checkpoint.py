@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from train.distributed import broadcast_from_rank0
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
@@ -228,19 +230,17 @@ def damaged_files(tag_dir: str | Path) -> list[str]:
 def newest_intact(ckpt_dir: str | Path) -> str | None:
     """The newest complete checkpoint whose files match their checksums. Rank 0 checks (and
     logs a warning naming the bad files of each one it skips); every rank gets its answer."""
-    found = [None]
+    found = None
     if _rank() == 0:
         for tag in reversed(complete_tags(ckpt_dir)):
             bad = damaged_files(Path(ckpt_dir) / tag)
             if not bad:
-                found[0] = tag
+                found = tag
                 break
             log.warning(
                 "checkpoint %s is damaged, skipped: %s", Path(ckpt_dir) / tag, "; ".join(bad)
             )
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(found, src=0)
-    return found[0]
+    return broadcast_from_rank0(found)
 
 
 def read_state(ckpt_dir: str | Path, tag: str) -> dict:

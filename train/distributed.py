@@ -15,6 +15,16 @@ def world() -> tuple[int, int]:
 _cpu_group = None
 
 
+def broadcast_from_rank0(value):
+    """Rank 0's `value` on every rank (collective; any picklable object): what one rank
+    decided (a lock refusal, a checkpoint tag, a run id) becomes every rank's."""
+    if world()[1] == 1:
+        return value
+    said = [value]
+    dist.broadcast_object_list(said, src=0)
+    return said[0]
+
+
 def max_over_ranks(value: int) -> int:
     """The largest of every rank's `value` (collective): a CPU all-reduce over gloo, beside NCCL
     too, so that agreeing on a flag costs no device sync."""

@@ -43,6 +43,7 @@ class TrainLoader:
         self.moved: tuple[int, int] | None = None  # the saved (ranks, workers), when re-split
         self.stats: dict = {}  # the reader's skip counts, as of the last batch
         self.source_rows: dict[int, int] = {}  # rows drawn per mixed source this epoch (logged)
+        self.last_keys: list[str] = []  # the last batch's records (what a warning names)
         self._place()
 
     @property

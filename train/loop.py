@@ -384,7 +384,7 @@ def micro_step(job: Job, batch: dict, meter: Meter) -> dict | None:
             job.state.nonfinite_skipped,
             cfg.train.nonfinite_limit,
             job.state.step,
-            getattr(job.loader, "last_keys", []),
+            job.loader.last_keys,
         )
         return None
     engine.step()

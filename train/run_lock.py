@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import psutil
-import torch
+
+from train.distributed import broadcast_from_rank0
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,7 @@ def lock_run_dir(out_dir: str | Path, rank: int) -> RunLock | None:
             lock.acquire()
         except Exception as err:  # refused, or the directory cannot be written: every rank stops
             refusal = str(err) if isinstance(err, RunDirLocked) else f"{lock.path}: {err}"
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        said = [refusal]
-        dist.broadcast_object_list(said, src=0)
-        refusal = said[0]
+    refusal = broadcast_from_rank0(refusal)
     if refusal:
         raise RunDirLocked(refusal)
     return lock

@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 
-import torch
+from train.distributed import broadcast_from_rank0
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +23,7 @@ def start_system_metrics(run_id: str | None, uri: str, interval_s: float, resume
     """The node's monitor, started, or None (off, not this node's local rank 0, or no run yet:
     the server was away at the start). Collective: every rank calls it (the run id is
     broadcast)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        said = [run_id]
-        dist.broadcast_object_list(said, src=0)
-        run_id = said[0]
+    run_id = broadcast_from_rank0(run_id)
     if not interval_s or run_id is None or int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return None
     try:
