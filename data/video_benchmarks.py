@@ -87,8 +87,10 @@ def read_tfcovr(root: str | Path, split: str = "test", video_dir=None) -> VideoB
     """`<root>/annotations/{split}_finegd.csv` (or `<root>/{split}_finegd.csv`); clips
     `<video_dir>/<id>.mp4` (default `<root>/FineGD_videos`)."""
     root = Path(root)
-    path = root / "annotations" / f"{split}_finegd.csv"
-    path = path if path.is_file() else root / f"{split}_finegd.csv"
+    name = f"{split}_finegd.csv"
+    path = next((p for p in (root / "annotations" / name, root / name) if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"TF-CoVR: no {name} in {root / 'annotations'} or {root}")
     queries, gallery = [], []
     for line, row in _rows(path, TFCOVR_COLUMNS):
         targets = _id_list(row["target_videos_ids"], path, line, "target_videos_ids")
@@ -121,7 +123,14 @@ def read_egocvr(root: str | Path, video_dir=None, text: str = "instruction") -> 
     if text not in EGOCVR_TEXTS:
         raise ValueError(f"EgoCVR query text must be one of {EGOCVR_TEXTS}, got {text!r}")
     root = Path(root)
-    base = root if (root / "egocvr_data.csv").is_file() else root / "annotation" / "egocvr"
+    base = next(
+        (d for d in (root, root / "annotation" / "egocvr") if (d / "egocvr_data.csv").is_file()),
+        None,
+    )
+    if base is None:
+        raise FileNotFoundError(
+            f"EgoCVR: no egocvr_data.csv in {root} or {root / 'annotation' / 'egocvr'}"
+        )
     names = [r["clip_name"] for _, r in _rows(base / "egocvr_data.csv", ("clip_name",))]
     path = base / "egocvr_annotations_gallery.csv"
     if not path.is_file():

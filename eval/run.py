@@ -287,9 +287,9 @@ HEADLINE = {
 }
 
 
-def write_table(results: list[dict], out_dir: str | Path) -> Path:
+def write_table(results: list[dict], out_dir: str | Path, absent: dict | None = None) -> Path:
     """One Markdown table of every protocol's headline numbers ("results.md"), beside a JSON
-    list of the full results (`results.json`)."""
+    list of the full results (`results.json`); `absent`: {protocol: where it was looked for}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -302,6 +302,11 @@ def write_table(results: list[dict], out_dir: str | Path) -> Path:
             f"| {r['protocol']} | {r['split']}{subset} | {r['queries']} | {r['gallery_size']} "
             f"| {cells} |"
         )
+    if absent:
+        lines += [
+            "",
+            "Not evaluated (no data): " + ", ".join(f"{p} ({w})" for p, w in absent.items()),
+        ]
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path

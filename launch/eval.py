@@ -225,7 +225,9 @@ def main(argv=None) -> int:
     if a.protocol == "all":
         from eval.run import write_table
 
-        print(write_table(results, out).read_text())
+        absent = [p for p in ALL if p not in benchmarks]
+        table = write_table(results, out, {p: str(Path(a.data) / ALL[p][0]) for p in absent})
+        print(table.read_text() + f"(written to {table})")
     else:
         print(json.dumps(results[0], indent=1))
     return 0

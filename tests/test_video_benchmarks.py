@@ -123,7 +123,7 @@ def test_tfcovr_files_that_are_not_in_the_format_are_named(tmp_path):
     _write_csv(path, TF_HEADER, [[0, "a", "zz", "x", "['zz']"]])
     with pytest.raises(FileNotFoundError, match=r"1 of 2 clips missing under .*zz.mp4"):
         read_tfcovr(root)
-    with pytest.raises(FileNotFoundError, match="val_finegd.csv"):
+    with pytest.raises(FileNotFoundError, match="no val_finegd.csv in .*annotations or "):
         read_tfcovr(root, "val")
 
 
@@ -151,6 +151,8 @@ def test_egocvr_bad_files_are_named(tmp_path):
         read_egocvr(root)
     with pytest.raises(ValueError, match="query text must be one of"):
         read_egocvr(root, text="caption")
+    with pytest.raises(FileNotFoundError, match="no egocvr_data.csv in .*annotation/egocvr"):
+        read_egocvr(tmp_path / "nowhere")
 
 
 # --- metrics by hand ----------------------------------------------------------------------------
@@ -336,6 +338,7 @@ def test_launch_eval_protocol_all_writes_one_table_and_mlflow_names(small_corpus
     rows = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
     assert rows == ["webvid-covr", "tfcovr", "egocvr"]  # those present, in a fixed order
     assert "mAP@50" in table and "local_R@3" in table
+    assert "Not evaluated (no data): dense-webvid-covr" in table  # what was looked for, named
     results = json.loads((tmp_path / "all" / "results.json").read_text())
     run = MlflowClient(uri).get_run(results[0]["mlflow_run_id"])
     assert {r["mlflow_run_id"] for r in results} == {run.info.run_id}  # one run for all
