@@ -34,7 +34,7 @@ from data.benchmarks import (
 )
 from eval.coverage import Coverage, image_subset, shard_coverage
 from eval.embed import embed_image_queries, embed_images
-from eval.metrics import item_ranks, map_at_k
+from eval.metrics import item_ranks, map_at_k, pessimistic_order
 from eval.search import IndexSpec, recall_from_topk, retrieve
 from eval.similarity import similarity
 from sharding import format as fmt
@@ -445,7 +445,11 @@ def circo(
         )
         evaluation.files = [path]
         return evaluation
-    for k, v in map_at_k(top_ids, [q.targets for q in queries], ks).items():
+    ranked = []  # among equal scores the irrelevant first: a tie earns no credit
+    for row, scores, q in zip(top_ids, found[3], queries):
+        order = pessimistic_order(scores[: len(row)], [g in set(q.targets) for g in row])
+        ranked.append([row[j] for j in order])
+    for k, v in map_at_k(ranked, [q.targets for q in queries], ks).items():
         metrics[f"mAP@{k}"] = v
     metrics.update(_recall_table(top_ids, found[3], [q.target for q in queries], ks))
     evaluation.conventions["metrics"] = "mAP@K of gt_img_ids; R@K of target_img_id (CoVR)"

@@ -293,6 +293,27 @@ def test_circo_query_text_convention(tmp_path, tiny, monkeypatch):
         protocols.circo(*tiny, root, settings=EvalSettings(circo_text="both"))
 
 
+def test_circo_map_gives_a_tie_no_credit(tmp_path, tiny, monkeypatch):
+    import numpy as np
+
+    from data.benchmarks import CompositionQuery
+    from eval import protocols
+    from eval.coverage import full
+
+    queries = [CompositionQuery("0", "r", "x", "t", ["t"])]
+    gallery = {g: tmp_path / f"{g}.jpg" for g in ("a", "t", "b")}
+
+    def fake_search(model, tok, queries, gallery, s, k, exclude):
+        found = (list(gallery), None, None, np.array([[0.5, 0.5, 0.1]]), [["t", "a", "b"]])
+        return queries, gallery, full(1, 3), found
+
+    monkeypatch.setattr(protocols, "read_circo", lambda *a: (queries, gallery))
+    monkeypatch.setattr(protocols, "_search_images", fake_search)
+    ev = protocols.circo(*tiny, tmp_path, settings=EvalSettings(ks=(1, 5)))
+    assert ev.metrics["mAP@1"] == 0.0 and ev.metrics["mAP@5"] == pytest.approx(50.0)
+    assert ev.metrics["R@1"] == 0.0  # R@K: pessimistic as everywhere
+
+
 # --- every benchmark present, through the launcher, on real clips -------------------------------
 
 
