@@ -7,4 +7,5 @@
 - `mining`: one-word-difference triplet mining from any caption table, split into train/val/test.
 - `filtering`: the author / category metadata filter.
 - `benchmarks`: CIRR, FashionIQ and CIRCO annotation readers.
+- `video_benchmarks`: TF-CoVR and EgoCVR annotation readers (clips, several targets per query).
 """
