@@ -254,7 +254,9 @@ def evaluate(job: EvalJob, model, tok, tracker, rank: int = 0, world: int = 1) -
         {
             "covr.checkpoint": str(model_dir),
             "covr.train_run_id": train_run or "",
-            "covr.subset": str(coverage.subset).lower(),
+            f"covr.subset.{job.protocol}": str(coverage.subset).lower(),
+            # the run's tag: true when any protocol in it was scored on a subset
+            **({"covr.subset": "true"} if coverage.subset else {}),
         }
     )
     # a subset's numbers never share a name with a full split's
@@ -287,9 +289,12 @@ HEADLINE = {
 }
 
 
-def write_table(results: list[dict], out_dir: str | Path, absent: dict | None = None) -> Path:
+def write_table(
+    results: list[dict], out_dir: str | Path, absent: dict | None = None, failed: dict | None = None
+) -> Path:
     """One Markdown table of every protocol's headline numbers ("results.md"), beside a JSON
-    list of the full results (`results.json`); `absent`: {protocol: where it was looked for}."""
+    list of the full results (`results.json`); `absent`: {protocol: where it was looked for};
+    `failed`: {protocol: the error's one line}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -307,6 +312,8 @@ def write_table(results: list[dict], out_dir: str | Path, absent: dict | None = 
             "",
             "Not evaluated (no data): " + ", ".join(f"{p} ({w})" for p, w in absent.items()),
         ]
+    for protocol, cause in (failed or {}).items():
+        lines += ["", f"FAILED {protocol}: {cause}"]
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path

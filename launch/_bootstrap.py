@@ -86,10 +86,13 @@ def label(err: BaseException) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", " ", type(err).__name__).lower()
 
 
+def one_line(err: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def fail(err: BaseException) -> int:
     where = f"[rank {rank()}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    print(f"{where}{label(err)}: {message}", file=sys.stderr, flush=True)
+    print(f"{where}{label(err)}: {one_line(err)}", file=sys.stderr, flush=True)
     return 2
 
 

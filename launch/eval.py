@@ -18,6 +18,7 @@ that --config and key=value overrides describe (docs/DATASETS.md has one command
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import _bootstrap
@@ -183,6 +184,11 @@ def main(argv=None) -> int:
 
     chosen = a.report_queries.split(",") if a.report_queries else None
     if a.protocol == "all":
+        if a.split or a.image_root:
+            raise ValueError(
+                "--split and --image-root name one benchmark's data; --protocol all finds "
+                f"each benchmark under --data ({', '.join(sub for sub, _ in ALL.values())})"
+            )
         benchmarks = present_benchmarks(a.data)
         out = Path(a.out or "runs/eval/all")
     else:
@@ -219,24 +225,30 @@ def main(argv=None) -> int:
         )
         for protocol, (data, split) in benchmarks.items()
     ]
-    results = run(jobs, cfg)
-    if results is None:
+    if a.protocol != "all":
+        results, _ = run(jobs, cfg)
+        if results is not None:
+            print(json.dumps(results[0], indent=1))
         return 0
-    if a.protocol == "all":
-        from eval.run import write_table
+    from eval.run import write_table
 
-        absent = [p for p in ALL if p not in benchmarks]
-        table = write_table(results, out, {p: str(Path(a.data) / ALL[p][0]) for p in absent})
-        print(table.read_text() + f"(written to {table})")
-    else:
-        print(json.dumps(results[0], indent=1))
-    return 0
+    results, failed = run(jobs, cfg, keep_going=True)
+    if results is None:
+        return 2 if failed else 0
+    absent = [p for p in ALL if p not in benchmarks]
+    where = {p: str(Path(a.data) / ALL[p][0]) for p in absent}
+    table = write_table(results, out, where, failed)
+    print(table.read_text() + f"(written to {table})")
+    return 2 if failed else 0  # a requeue or CI script sees that a benchmark did not score
 
 
-def run(jobs, cfg=None) -> list[dict] | None:
+def run(jobs, cfg=None, keep_going: bool = False) -> tuple[list[dict] | None, dict[str, str]]:
     """This rank's part of `jobs` (one protocol each): processes, the model (exported, or built
     from `cfg` with a released checkpoint), loaded once, and one MLflow run around
-    `eval.run.evaluate` for all of them (metric names carry the protocol and split)."""
+    `eval.run.evaluate` for all of them (metric names carry the protocol and split). Returns
+    the results (rank 0; else None) and {protocol: error line} for those that failed:
+    `keep_going` scores the other benchmarks when one's data is broken; the error of one job
+    alone is raised."""
     from eval.run import evaluate, resolve_checkpoint
     from train.engine import init_distributed, model_device
     from train.export import load_exported
@@ -261,12 +273,25 @@ def run(jobs, cfg=None) -> list[dict] | None:
         run_id=first.run_id,
         enabled=rank == 0,
     )
-    results = [evaluate(job, model, tok, tracker, rank, world) for job in jobs]
-    if first.run_id is None:
-        tracker.finish()
-    else:
-        tracker.flush_buffer()
-    return results if rank == 0 else None
+    results, failed, status = [], {}, "FAILED"
+    try:
+        for job in jobs:
+            try:
+                results.append(evaluate(job, model, tok, tracker, rank, world))
+            except Exception as err:
+                if not keep_going or not _bootstrap.expected(err):
+                    raise
+                failed[job.protocol] = f"{_bootstrap.label(err)}: {_bootstrap.one_line(err)}"
+                print(f"FAILED {job.protocol}: {failed[job.protocol]}", file=sys.stderr)
+        if failed:
+            tracker.set_tags({f"covr.failed.{p}": cause for p, cause in failed.items()})
+        status = "FAILED" if failed and not results else "FINISHED"
+    finally:
+        if first.run_id is None:
+            tracker.finish(status)
+        else:
+            tracker.flush_buffer()
+    return (results if rank == 0 else None), failed
 
 
 if __name__ == "__main__":

@@ -150,6 +150,8 @@ def read_shard(
             if on_mismatch is not None:
                 on_mismatch(url)
     except Exception as err:  # tarfile.ReadError, EOFError, OSError, ...
+        if sha256 and fetch is not None and fetch.cache_dir and is_remote(url):
+            ShardCache(fetch.cache_dir, fetch.cache_bytes).forget(url, sha256)  # a damaged copy
         if on_error is None:
             raise
         on_error(url, err)
@@ -192,10 +194,10 @@ def remote_problems(base: str, manifest: dict) -> list[str]:
     """Shards a remote directory's listing lacks (or holds at another size). Only a listing that
     names `manifest.json` is trusted (a web server's index page may list anything else); where
     there is none, missing shards show when read (skipped and counted)."""
-    from sharding.remote import _fs
+    from sharding.remote import filesystem
 
     try:
-        fs, path = _fs(base)
+        fs, path = filesystem(base)
         listed = {
             e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size")
             for e in fs.ls(path, detail=True)

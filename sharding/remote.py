@@ -77,6 +77,11 @@ class ShortRead(OSError):
     """A response with fewer bytes than asked for: the connection ended early."""
 
 
+class SizeUnknown(OSError):
+    """A size request that failed for a transient reason (fsspec reports every failed size
+    request as `FileNotFoundError`; its cause says whether the file is really absent)."""
+
+
 def transient(err: BaseException) -> bool:
     """Worth another attempt: network and server-side trouble, not a missing or forbidden file."""
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
@@ -102,7 +107,9 @@ def with_retries(what: str, attempt: Callable[[], bytes], fetch: Fetch):
             return attempt()
         except Exception as err:
             if not transient(err):
-                raise
+                if isinstance(err, OSError):  # FileNotFoundError, PermissionError: callers' own
+                    raise
+                raise RemoteReadError(f"{what}: {err!r}") from err  # e.g. an HTTP 403
             if n >= fetch.retries:
                 raise RemoteReadError(f"{what}: failed {n} times, last: {err!r}") from err
             pause = wait * (0.5 + jitter.random())
@@ -111,7 +118,8 @@ def with_retries(what: str, attempt: Callable[[], bytes], fetch: Fetch):
             wait = min(2 * wait, MAX_WAIT_S)
 
 
-def _fs(url: str):
+def filesystem(url: str):
+    """fsspec's file system for `url` and the path on it."""
     import fsspec
 
     return fsspec.core.url_to_fs(url)
@@ -119,7 +127,7 @@ def _fs(url: str):
 
 def fetch_bytes(url: str, fetch: Fetch | None = None) -> bytes:
     """A whole small file; `FileNotFoundError` when the server has none."""
-    fs, path = _fs(url)
+    fs, path = filesystem(url)
     return with_retries(url, lambda: fs.cat_file(path), fetch or Fetch())
 
 
@@ -142,13 +150,22 @@ def read_json(location: str | Path, fetch: Fetch | None = None):
 
 
 def remote_size(url: str, fetch: Fetch | None = None) -> int:
-    fs, path = _fs(url)
-    return int(with_retries(url, lambda: fs.size(path), fetch or Fetch()))
+    fs, path = filesystem(url)
+
+    def attempt() -> int:
+        try:
+            return fs.size(path)
+        except FileNotFoundError as err:
+            if err.__cause__ is not None and transient(err.__cause__):
+                raise SizeUnknown(f"size of {url}: {err.__cause__!r}") from err
+            raise
+
+    return int(with_retries(f"size of {url}", attempt, fetch or Fetch()))
 
 
 def read_range(url: str, start: int, end: int, size: int, fetch: Fetch) -> bytes:
     """Bytes [start, end) of a file of `size` bytes, retried until they are all there."""
-    fs, path = _fs(url)
+    fs, path = filesystem(url)
 
     def attempt() -> bytes:
         data = fs.cat_file(path, start=start, end=end)
@@ -203,29 +220,46 @@ class ShardCache:
         the manifest is read once (the reader counts the mismatch) and not kept."""
         path = self.path(url, sha256)
         try:
-            if path.stat().st_size == size:
+            handle = open(path, "rb")
+            if os.fstat(handle.fileno()).st_size == size:
                 os.utime(path)  # least recently read goes first
-                return open(path, "rb")
+                return handle
+            handle.close()
         except FileNotFoundError:
             pass
-        self.dir.mkdir(parents=True, exist_ok=True)
-        part = self.dir / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part"
+        except OSError as err:  # the cache directory unreadable: the network still works
+            return self._stream_instead(url, size, fetch, err)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            part = self.dir / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part"
+            out = open(part, "wb")
+        except OSError as err:
+            return self._stream_instead(url, size, fetch, err)
         digest, stream = hashlib.sha256(), RemoteStream(url, size, fetch)
         try:
-            with open(part, "wb") as out:
+            with out:
                 while chunk := stream.read(CHUNK_BYTES):
                     digest.update(chunk)
-                    out.write(chunk)
-            if digest.hexdigest() != sha256:
-                handle = open(part, "rb")
+                    try:
+                        out.write(chunk)
+                    except OSError as err:  # a full disk: this shard is streamed, not cached
+                        part.unlink(missing_ok=True)
+                        return self._stream_instead(url, size, fetch, err)
+            handle = open(part, "rb")  # opened before the rename: an eviction cannot race it
+            if digest.hexdigest() == sha256:
+                part.replace(path)
+            else:
                 part.unlink()  # read once from the open handle, never served from the cache
                 return handle
-            part.replace(path)
         except BaseException:
             part.unlink(missing_ok=True)
             raise
         self.evict(keep=path)
-        return open(path, "rb")
+        return handle
+
+    def _stream_instead(self, url: str, size: int, fetch: Fetch, err: OSError):
+        log.warning("shard cache %s: %s; reading %s over the network", self.dir, err, url)
+        return RemoteStream(url, size, fetch)
 
     def forget(self, url: str, sha256: str) -> None:
         """Drop a cached copy the reader found changed."""

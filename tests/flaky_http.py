@@ -13,16 +13,27 @@ from pathlib import Path
 
 
 class Faults:
-    def __init__(self, error: float = 0.0, drop: float = 0.0, seed: int = 0, status: int = 503):
-        self.error, self.drop, self.status = error, drop, status
+    """`error`, `drop`: the seeded share of answers that fail; `fail_first`: the first requests
+    of each path (GET or HEAD) that fail, whatever the draw."""
+
+    def __init__(
+        self,
+        error: float = 0.0,
+        drop: float = 0.0,
+        seed: int = 0,
+        status: int = 503,
+        fail_first: int = 0,
+    ):
+        self.error, self.drop, self.status, self.fail_first = error, drop, status, fail_first
         self.rng, self.lock = random.Random(seed), threading.Lock()
-        self.requests: Counter = Counter()  # path -> GET requests
+        self.requests: Counter = Counter()  # path -> GET requests ("HEAD path" -> HEADs)
         self.injected: Counter = Counter()  # "error" / "drop" -> times
 
-    def draw(self, path: str) -> str | None:
+    def draw(self, path: str, method: str = "GET") -> str | None:
         with self.lock:
-            self.requests[path] += 1
-            r = self.rng.random()
+            self.requests[path if method == "GET" else f"{method} {path}"] += 1
+            seen = self.requests[path] + self.requests[f"HEAD {path}"]
+            r = -1.0 if seen <= self.fail_first else self.rng.random()
             kind = "error" if r < self.error else "drop" if r < self.error + self.drop else None
             if kind:
                 self.injected[kind] += 1
@@ -72,6 +83,9 @@ def _handler(root: Path, faults: Faults):
             path = Path(self.translate_path(self.path))
             if not path.is_file():
                 return super().do_HEAD()
+            if faults.draw(self.path, "HEAD") == "error":
+                self.send_error(faults.status, "injected")
+                return
             self.send_response(200)
             self.send_header("Content-Length", str(path.stat().st_size))
             self.send_header("Accept-Ranges", "bytes")

@@ -86,7 +86,8 @@ def _eval_on_meta(monkeypatch, exported, tmp_path, protocol, data, **job):
     monkeypatch.setattr(export, "load_exported", load_and_watch)
     with MetaStandsForGPU() as mode:
         out = str(tmp_path / "eval")
-        result = run([EvalJob(protocol, str(exported), str(data), out, progress=False, **job)])[0]
+        results, _ = run([EvalJob(protocol, str(exported), str(data), out, progress=False, **job)])
+        result = results[0]
     assert placed and next(placed[0].parameters()).device == META
     assert mode.host_reads > 0  # the protocol's embeddings came from the model on meta
     return result

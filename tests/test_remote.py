@@ -5,7 +5,9 @@ manifest fetched once, and the refusals a user meets."""
 import hashlib
 import os
 import time
+from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import pytest
 from torch.utils.data import DataLoader
@@ -94,6 +96,74 @@ def test_a_missing_file_is_not_retried_and_a_failing_server_is_given_up_on(tmp_p
         with pytest.raises(Exception, match="403"):
             remote.fetch_bytes(f"{url}/blob", FAST)
         assert faults.requests["/blob"] == 1  # forbidden stays forbidden
+
+
+def test_a_size_request_that_fails_is_retried_and_a_forbidden_manifest_is_one_error(tmp_path):
+    data = os.urandom(5000)
+    (tmp_path / "blob").write_bytes(data)
+    # fsspec asks HEAD, then GET, and reports both failing as FileNotFoundError: a 503 behind
+    # it is retried like any other transient error
+    with serve(tmp_path, Faults(fail_first=2)) as (url, faults):
+        assert RemoteStream(f"{url}/blob", None, FAST).read() == data
+        assert faults.requests["HEAD /blob"] >= 2 and faults.injected["error"] == 2
+    with serve(tmp_path, Faults(error=1.0, status=403)) as (url, faults):
+        with pytest.raises(RemoteReadError, match=r"/blob: .*403"):
+            remote.read_json(f"{url}/blob", FAST)
+        assert faults.requests["/blob"] == 1
+
+
+def test_a_cache_that_cannot_be_written_streams_instead(packed, tmp_path, monkeypatch, caplog):
+    base, _ = packed
+    shards = open_shards(base / "train")
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    want = Path(shards.urls[0]).read_bytes()
+    with serve(base / "train") as (url, _):
+        shard = f"{url}/{Path(shards.urls[0]).name}"
+        args = (shard, shards.sizes[0], shards.checksums[0])
+        cache = Fetch(retries=3, wait_s=0.001, cache_dir=str(blocked), cache_bytes=1 << 30)
+        assert remote.open_remote(*args, cache).read() == want
+        assert "reading" in caplog.text and "over the network" in caplog.text
+
+        real_open = open
+
+        class FullDisk:
+            def __init__(self, path):
+                self.file = real_open(path, "wb")
+
+            def write(self, data):
+                raise OSError(28, "No space left on device")
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.file.close()
+
+        def filling(path, mode="r", *a, **k):
+            return FullDisk(path) if mode == "wb" else real_open(path, mode, *a, **k)
+
+        monkeypatch.setattr(remote, "open", filling, raising=False)
+        full = replace(cache, cache_dir=str(tmp_path / "full"))
+        assert remote.open_remote(*args, full).read() == want
+        assert not list((tmp_path / "full").iterdir())  # no partial copy left behind
+
+
+def test_a_cached_copy_that_no_longer_parses_is_dropped(packed, tmp_path):
+    from sharding.reader import read_shard
+
+    base, _ = packed
+    shards = open_shards(base / "train")
+    whole = Fetch(retries=3, wait_s=0.001, cache_dir=str(tmp_path / "c"), cache_bytes=1 << 30)
+    with serve(base / "train") as (url, _):
+        shard = f"{url}/{Path(shards.urls[0]).name}"
+        kw = dict(sha256=shards.checksums[0], size=shards.sizes[0], fetch=whole)
+        assert list(read_shard(shard, **kw))
+        (cached,) = (tmp_path / "c").glob("*.tar")
+        cached.write_bytes(os.urandom(shards.sizes[0]))  # same size: looked up as intact
+        errors = []
+        list(read_shard(shard, on_error=lambda u, e: errors.append(e), **kw))
+        assert errors and not cached.exists()  # read once, counted, not served again
 
 
 def test_back_off_doubles_from_the_first_wait(tmp_path, monkeypatch):

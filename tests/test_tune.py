@@ -2,6 +2,10 @@
 trial whose rank is killed being retried from its checkpoint. Real Ray, real deepspeed jobs."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -14,7 +18,7 @@ from mlflow import MlflowClient
 
 from configs.schema import ConfigError, ShardConfig
 from sharding.pack import pack
-from tests.multirank import in_fresh_process
+from tests.conftest import ROOT
 from tests.tiny import write_tiny_config
 from tune.space import load_sweep
 
@@ -27,6 +31,27 @@ def base_config(small_corpus, tmp_path_factory):
     for split in ("train", "val", "test"):
         pack(root / f"{split}.csv", root / "videos", base / "shards" / split, replace(cfg))
     return write_tiny_config(base / "base.yaml", base / "shards", root / "tokenizer")
+
+
+def sweep_through_launcher(config: Path, out: Path, timeout: float = 420) -> dict:
+    """The sweep as a user starts it (`launch/tune.py`), its `sweep.json`. A sweep that does
+    not end in `timeout` seconds is killed and the test fails with the driver's output and each
+    trial's log tail (what a hang looked like), not pytest's timeout."""
+    cmd = [sys.executable, ROOT / "launch/tune.py", "--config", config, "--out", out]
+    driver = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        output, _ = driver.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)
+        output, _ = driver.communicate()
+        logs = [f"--- {p}\n{p.read_text()[-1500:]}" for p in sorted(out.glob("trials/*/*.log"))]
+        pytest.fail(
+            f"sweep still running after {timeout} s:\n{output[-4000:].decode()}\n" + "\n".join(logs)
+        )
+    assert driver.returncode == 0, output[-4000:].decode()
+    return json.loads((out / "sweep.json").read_text())
 
 
 def write_sweep(path: Path, base: Path, **fields) -> Path:
@@ -87,8 +112,6 @@ def test_launcher_refuses_a_bad_sweep_before_ray_starts(base_config, tmp_path):
 
 @pytest.mark.e2e
 def test_sweep_asha_stops_weak_trials_and_records_child_runs(base_config, tmp_path):
-    from tune.sweep import run_sweep
-
     # designed case: trials run one at a time, strong (lr 3e-3) before weak (lr 1e-9); ASHA's
     # first rung then holds trained trials' recall and a weak trial falls below it. meanR3:
     # on a 10-video val gallery R@1 alone ties too often. Trials run long past the first rung, so
@@ -101,17 +124,15 @@ def test_sweep_asha_stops_weak_trials_and_records_child_runs(base_config, tmp_pa
         "eval.report_queries": 0,
         "deepspeed.zero_stage": 0,
     }
-    sweep = load_sweep(
-        write_sweep(
-            tmp_path / "s.yaml",
-            base_config,
-            space=space,
-            overrides=overrides,
-            metric="meanR3",
-            scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
-        )
+    config = write_sweep(
+        tmp_path / "s.yaml",
+        base_config,
+        space=space,
+        overrides=overrides,
+        metric="meanR3",
+        scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
     )
-    summary = in_fresh_process(run_sweep, sweep, tmp_path / "sweep")
+    summary = sweep_through_launcher(config, tmp_path / "sweep")
     trials = summary["trials"]
     assert len(trials) == 4
     stopped = [t for t in trials if t["status"] == "stopped_early"]
@@ -161,23 +182,19 @@ def _kill_a_rank_after_first_checkpoint(sweep_dir: Path, killed: list) -> None:
 
 @pytest.mark.e2e
 def test_a_trial_whose_rank_is_killed_is_retried_from_its_checkpoint(base_config, tmp_path):
-    from tune.sweep import run_sweep
-
-    sweep = load_sweep(
-        write_sweep(
-            tmp_path / "s.yaml",
-            base_config,
-            space={"sampler.kind": {"grid": ["fs"]}},
-            scheduler={"kind": "fifo"},
-            max_failures=2,
-        )
+    config = write_sweep(
+        tmp_path / "s.yaml",
+        base_config,
+        space={"sampler.kind": {"grid": ["fs"]}},
+        scheduler={"kind": "fifo"},
+        max_failures=2,
     )
     killed: list = []
     watcher = threading.Thread(
         target=_kill_a_rank_after_first_checkpoint, args=(tmp_path / "sweep", killed)
     )
     watcher.start()
-    summary = in_fresh_process(run_sweep, sweep, tmp_path / "sweep")
+    summary = sweep_through_launcher(config, tmp_path / "sweep")
     watcher.join()
     (trial,) = summary["trials"]
     assert killed, "the rank was never killed"
@@ -202,19 +219,15 @@ def test_the_cause_of_a_failed_training_is_its_one_line_error_or_traceback_end()
 
 @pytest.mark.e2e
 def test_a_trial_whose_settings_fail_gets_a_failed_child_run_with_its_cause(base_config, tmp_path):
-    from tune.sweep import run_sweep
-
     tokenizer = yaml.safe_load(base_config.read_text())["model"]["tokenizer"]
-    sweep = load_sweep(
-        write_sweep(
-            tmp_path / "s.yaml",
-            base_config,
-            space={"model.tokenizer": {"grid": [tokenizer, "/no/such/tokenizer"]}},
-            scheduler={"kind": "fifo"},
-            max_failures=0,
-        )
+    config = write_sweep(
+        tmp_path / "s.yaml",
+        base_config,
+        space={"model.tokenizer": {"grid": [tokenizer, "/no/such/tokenizer"]}},
+        scheduler={"kind": "fifo"},
+        max_failures=0,
     )
-    summary = in_fresh_process(run_sweep, sweep, tmp_path / "sweep")
+    summary = sweep_through_launcher(config, tmp_path / "sweep")
     by_status = {t["status"]: t for t in summary["trials"]}
     assert set(by_status) == {"completed", "error"}
     failed = by_status["error"]
@@ -236,13 +249,6 @@ def test_a_sweep_whose_driver_is_killed_resumes(base_config, tmp_path):
     """The driver (and the local Ray it started) is killed while the second trial trains;
     `--resume` keeps the finished trial, continues the other from its checkpoint and reuses
     the MLflow parent run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     config = write_sweep(
         tmp_path / "s.yaml",
         base_config,

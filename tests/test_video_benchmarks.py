@@ -356,7 +356,7 @@ def test_launch_eval_protocol_all_writes_one_table_and_mlflow_names(small_corpus
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "all" / "results.md").read_text()
-    rows = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
+    rows = [line.split("|")[1].strip() for line in table.splitlines()[2:] if line.startswith("|")]
     assert rows == ["webvid-covr", "tfcovr", "egocvr"]  # those present, in a fixed order
     assert "mAP@50" in table and "local_R@3" in table
     assert "Not evaluated (no data): dense-webvid-covr" in table  # what was looked for, named
@@ -374,6 +374,24 @@ def test_launch_eval_protocol_all_writes_one_table_and_mlflow_names(small_corpus
         results[1]["metrics"]["mAP@50"]
     )
     assert run.data.params["eval.egocvr.query_text"] == "instruction"
+    assert run.data.tags["covr.subset.tfcovr"] == "false" and "covr.subset" not in run.data.tags
+    assert run.info.status == "FINISHED"
+
+    # one benchmark's data broken: the others are still scored, the broken one named, exit 2
+    (data / "egocvr" / "egocvr_annotations_gallery.csv").unlink()
+    broken = cmd[:9] + [str(tmp_path / "broken")] + cmd[10:]
+    done = subprocess.run(broken, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "FAILED egocvr:" in done.stderr and "egocvr_annotations_gallery.csv" in done.stderr
+    table = (tmp_path / "broken" / "results.md").read_text()
+    rows = [line.split("|")[1].strip() for line in table.splitlines()[2:] if line.startswith("|")]
+    assert rows == ["webvid-covr", "tfcovr"]
+    assert "FAILED egocvr:" in table
+    results = json.loads((tmp_path / "broken" / "results.json").read_text())
+    run = MlflowClient(uri).get_run(results[0]["mlflow_run_id"])
+    assert "egocvr_annotations_gallery.csv" in run.data.tags["covr.failed.egocvr"]
+    refused = subprocess.run([*cmd, "--split", "val"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--split and --image-root name one" in refused.stderr
     empty = subprocess.run(
         cmd[:7] + [str(tmp_path)] + cmd[8:], cwd=ROOT, capture_output=True, text=True
     )
