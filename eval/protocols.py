@@ -110,6 +110,13 @@ class Evaluation:
     def ranking_of(self, i: int, k: int) -> list[str]:
         return self.top_ids[i][:k]
 
+    def shown_target(self, i: int) -> str | None:
+        """Query `i`'s first ground-truth target that is in the gallery (TF-CoVR lists targets
+        the gallery lacks), the one reports and explanations show; None when there is none."""
+        if not hasattr(self, "_in_gallery"):
+            self._in_gallery = set(self.gallery_ids)
+        return next((t for t in self.positives[i] if t in self._in_gallery), None)
+
 
 def _recall_table(top: list[list[str]], scores: np.ndarray, positives: list[str], ks) -> dict:
     width = max(max(ks), max(len(r) for r in top))

@@ -52,8 +52,8 @@ def retrieval_grid(evaluation: Evaluation, queries: list[int], k: int, path: Pat
                 for side in ax.spines.values():
                     side.set_edgecolor("limegreen")
                     side.set_linewidth(4)
-        if gt:
-            target = evaluation.positives[i][0]
+        target = evaluation.shown_target(i)
+        if target is not None:
             row[-1].imshow(evaluation.images.gallery(target))
             row[-1].set_title("ground truth", fontsize=7)
         for ax in row:
@@ -100,8 +100,8 @@ def retrieval_html(evaluation: Evaluation, queries: list[int], k: int, out_dir: 
                 f'<td{style}><img src="{thumb(f"g_{g}", evaluation.images.gallery(g))}"><br>'
                 f"{j + 1}. {html.escape(g)}<br>{evaluation.top_scores[i][j]:.3f}</td>"
             )
-        if gt:
-            target = evaluation.positives[i][0]
+        target = evaluation.shown_target(i)
+        if target is not None:
             cells.append(
                 f'<td class="gt"><img src="{thumb(f"g_{target}", evaluation.images.gallery(target))}">'
                 f"<br>ground truth<br>{html.escape(target)}</td>"

@@ -159,7 +159,7 @@ def explain_queries(
     files = []
     for i in queries:
         frame = evaluation.images.query(i)
-        target = (evaluation.positives[i] or evaluation.top_ids[i])[0]
+        target = evaluation.shown_target(i) or evaluation.top_ids[i][0]
         expl = explain(
             model,
             tok,

@@ -259,6 +259,16 @@ def test_explanations_and_report_are_written_and_differ(cirr_setup, cirr_val, tm
     write_report(hostile, tmp_path / "hostile", n=3, k=4)
     page = (tmp_path / "hostile" / "index.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    # a target the gallery lacks listed first (as TF-CoVR's files do): the one shown is in it
+    present = ev.positives[0][0]
+    listed = [["not-in-gallery", present]] + [["not-in-gallery"]] * (len(ev.positives) - 1)
+    partial = replace(ev, positives=listed)
+    assert partial.shown_target(0) == present and partial.shown_target(1) is None
+    write_report(partial, tmp_path / "partial", k=4, chosen=ev.query_ids[:2])
+    page = (tmp_path / "partial" / "index.html").read_text()
+    assert page.count("ground truth") == 1 and f"ground truth<br>{present}" in page
+    (png,) = explain_queries(model, tok, partial, [1], tmp_path / "px", "max")[:1]
+    assert png.exists()  # explained against its top-1, the only gallery item it can name
 
 
 # --- WebVid-CoVR reports: every row's pictures come from its own record ----------------------
