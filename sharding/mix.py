@@ -26,6 +26,8 @@ class Source:
     urls: list[str]
     counts: list[int]
     weight: float
+    checksums: list[str] | None = None  # the manifest's, per shard (checked, cache keys)
+    sizes: list[int] | None = None  # bytes per shard (remote reads)
 
 
 @dataclass
@@ -34,6 +36,8 @@ class EpochShards:
     counts: list[int]
     source: list[int]  # the source index of each shard
     quotas: list[int]  # records per source this epoch
+    checksums: list[str | None]
+    sizes: list[int | None]
 
 
 def quotas(sources: list[Source], length: int) -> list[int]:
@@ -50,7 +54,7 @@ def quotas(sources: list[Source], length: int) -> list[int]:
 def epoch_shards(sources: list[Source], epoch: int, seed) -> EpochShards:
     length = sum(sum(s.counts) for s in sources)
     want = quotas(sources, length)
-    urls, counts, owner = [], [], []
+    urls, counts, owner, checksums, sizes = [], [], [], [], []
     for index, (source, quota) in enumerate(zip(sources, want)):
         rng = random.Random(f"{seed}-{epoch}-mix-{index}")
         order: list[int] = []
@@ -64,8 +68,10 @@ def epoch_shards(sources: list[Source], epoch: int, seed) -> EpochShards:
                 urls.append(source.urls[shard])
                 counts.append(n)
                 owner.append(index)
+                checksums.append(source.checksums[shard] if source.checksums else None)
+                sizes.append(source.sizes[shard] if source.sizes else None)
             quota -= n
-    return EpochShards(urls, counts, owner, want)
+    return EpochShards(urls, counts, owner, want, checksums, sizes)
 
 
 def check_sources(sources: list[Source]) -> None:

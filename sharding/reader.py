@@ -341,8 +341,8 @@ class ShardReader(IterableDataset):
         if bad:
             open_shard(bad[0], allow_pipe)  # raises the clear error before any worker starts
         self.urls, self.counts = list(urls), list(counts)
-        self.checksums = None if mix is not None else checksums
-        self.sizes = None if mix is not None else sizes
+        self.checksums = plan.checksums if mix is not None else checksums
+        self.sizes = plan.sizes if mix is not None else sizes
         self.fetch = fetch or Fetch()
         self.shard_source = plan.source if mix is not None else []
         self.batch_size, self.collate = batch_size, collate
@@ -375,6 +375,7 @@ class ShardReader(IterableDataset):
         if self.mix is not None:  # the epoch's shards: a function of (seed, epoch)
             plan = epoch_shards(self.mix, epoch, self.seed)
             self.urls, self.counts, self.shard_source = plan.urls, plan.counts, plan.source
+            self.checksums, self.sizes = plan.checksums, plan.sizes
 
     def batches_per_epoch(self) -> int:
         """Batches this rank yields in the epoch (the same on every rank)."""

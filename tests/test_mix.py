@@ -3,6 +3,7 @@ and across a resume on another number of ranks, with nothing repeated or skipped
 
 from collections import Counter
 from functools import partial
+from pathlib import Path
 
 import pytest
 from torch.utils.data import DataLoader
@@ -107,6 +108,29 @@ def test_the_weights_hold_across_a_resume_on_another_number_of_ranks(sources):
     drawn = Counter(s for info in first + rest for s in info.sources)
     for index, quota in enumerate(plan.quotas):
         assert quota - 2 * BATCH < drawn[index] <= quota
+
+
+def test_mixed_sources_check_their_manifest_checksums(sources, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    mix, tok = sources
+    changed = []
+    for source in mix:
+        folder = tmp_path / source.name
+        shutil.copytree(Path(source.urls[0]).parent, folder)
+        manifest = read_manifest(folder)
+        urls, _ = shard_urls(folder, manifest)
+        for url in urls:  # one byte of a stored frame flipped: the tar still reads
+            data = bytearray(Path(url).read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            Path(url).write_bytes(bytes(data))
+        shas = [s["sha256"] for s in manifest["shards"]]
+        sizes = [s["bytes"] for s in manifest["shards"]]
+        changed.append(replace(source, urls=urls, checksums=shas, sizes=sizes))
+    got, reader = _run(changed, tok, 0, 1, 0)
+    assert reader.checksums == [c for c in epoch_shards(changed, 0, 5).checksums]
+    assert got[-1][1].stats["checksum_mismatch"] > 0  # named and counted, as for one source
 
 
 def test_mix_config_is_checked_naming_the_source():

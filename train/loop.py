@@ -165,7 +165,14 @@ def mix_sources(cfg: Config, model) -> list[Source]:
         check_embedded(shards.manifest, shards.dir, model)
         kinds[entry.dir] = (shards.manifest.get("embedded") or {}).get("fingerprint", "frames")
         sources.append(
-            Source(f"{i}-{Path(entry.dir).name}", shards.urls, shards.counts, entry.weight)
+            Source(
+                f"{i}-{Path(entry.dir).name}",
+                shards.urls,
+                shards.counts,
+                entry.weight,
+                shards.checksums,
+                shards.sizes,
+            )
         )
     if len(set(kinds.values())) > 1:
         raise EmbedError(
