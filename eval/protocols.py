@@ -125,7 +125,7 @@ def _recall_table(top: list[list[str]], scores: np.ndarray, positives: list[str]
     return {f"R@{k}": v for k, v in recall_from_topk(ids, positives, ks, scores).items()}
 
 
-def _stack_ragged(scores: list[np.ndarray]) -> np.ndarray:
+def stack_ragged(scores: list[np.ndarray]) -> np.ndarray:
     """Score rows of galleries smaller than K (fewer columns), padded with -inf."""
     width = max(x.shape[1] for x in scores)
     pad = [np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=-np.inf) for x in scores]
@@ -230,7 +230,16 @@ def _search_images(
     return queries, gallery, coverage, (ids, query_emb, gallery_emb, scores, top_ids)
 
 
-def _evaluation(protocol, metrics, queries, found, gallery, coverage) -> Evaluation:
+def picture_images(gallery: dict, queries) -> Images:
+    """Report pictures of image benchmarks: a query's reference and a gallery item, by id."""
+    return Images(
+        query=lambda i: decode_rgb(gallery[queries[i].reference]),
+        gallery=lambda g: decode_rgb(gallery[g]),
+    )
+
+
+def build_evaluation(protocol, metrics, queries, found, images: Images, coverage) -> Evaluation:
+    """`found`: (gallery ids, query and gallery embeddings, top scores, top ids)."""
     ids, query_emb, gallery_emb, scores, top_ids = found
     return Evaluation(
         protocol=protocol,
@@ -244,10 +253,7 @@ def _evaluation(protocol, metrics, queries, found, gallery, coverage) -> Evaluat
         gallery_ids=ids,
         query_emb=query_emb,
         gallery_emb=gallery_emb,
-        images=Images(
-            query=lambda i: decode_rgb(gallery[queries[i].reference]),
-            gallery=lambda g: decode_rgb(gallery[g]),
-        ),
+        images=images,
         coverage=coverage,
     )
 
@@ -312,7 +318,9 @@ def cirr(
         for i, m in enumerate(members)
     ]
     metrics: dict = {}
-    evaluation = _evaluation("cirr", metrics, queries, found, gallery, coverage)
+    evaluation = build_evaluation(
+        "cirr", metrics, queries, found, picture_images(gallery, queries), coverage
+    )
     evaluation.conventions = {
         **_search_conventions(s, model),
         "gallery": f"{CIRR_GALLERIES[s.cirr_gallery]}, reference removed",
@@ -377,7 +385,11 @@ def fashioniq(
         )
         for k, v in _recall_table(found[4], found[3], [q.target for q in queries], ks).items():
             metrics[f"{cat}/{k}"] = v
-        parts.append(_evaluation("fashioniq", {}, queries, found, gallery, coverage))
+        parts.append(
+            build_evaluation(
+                "fashioniq", {}, queries, found, picture_images(gallery, queries), coverage
+            )
+        )
     for k in ks:
         metrics[f"average/R@{k}"] = float(np.mean([metrics[f"{c}/R@{k}"] for c in categories]))
     first = parts[0]
@@ -391,7 +403,7 @@ def fashioniq(
             references=[x for p in parts for x in p.references],
             positives=[x for p in parts for x in p.positives],
             top_ids=[x for p in parts for x in p.top_ids],
-            top_scores=_stack_ragged([p.top_scores for p in parts]),
+            top_scores=stack_ragged([p.top_scores for p in parts]),
             gallery_ids=[x for p in parts for x in p.gallery_ids],
             query_emb=torch.cat([p.query_emb for p in parts]),
             gallery_emb=torch.cat([p.gallery_emb for p in parts]),
@@ -437,7 +449,9 @@ def circo(
     )
     top_ids = found[4]
     metrics: dict = {}
-    evaluation = _evaluation("circo", metrics, queries, found, gallery, coverage)
+    evaluation = build_evaluation(
+        "circo", metrics, queries, found, picture_images(gallery, queries), coverage
+    )
     evaluation.conventions = {
         **_search_conventions(s, model),
         "gallery": "reference removed",

@@ -26,7 +26,15 @@ from data.video_benchmarks import read_egocvr, read_tfcovr
 from eval.coverage import full
 from eval.embed import distributed_embed, eval_mode
 from eval.metrics import map_at_k, pessimistic_order, recall_any_at_k
-from eval.protocols import EvalSettings, Evaluation, Images, check_choice, check_text_len
+from eval.protocols import (
+    EvalSettings,
+    Evaluation,
+    Images,
+    build_evaluation,
+    check_choice,
+    check_text_len,
+    stack_ragged,
+)
 from eval.retrieval import compared_rows
 from eval.similarity import similarity
 from sharding.batch import Task, device_of, to_device
@@ -89,24 +97,14 @@ def _images(clips: dict[str, Path], references: list[str]) -> Images:
 
 def _evaluation(protocol, metrics, queries, ids, found, query, gallery, clips) -> Evaluation:
     top_ids, top_scores = found
-    width = max(len(t) for t in top_scores)
-    padded = np.full((len(top_scores), width), -np.inf, dtype=np.float32)
-    for i, row in enumerate(top_scores):
-        padded[i, : len(row)] = row
-    return Evaluation(
-        protocol=protocol,
-        metrics=metrics,
-        query_ids=[q.query_id for q in queries],
-        edits=[q.caption for q in queries],
-        references=[q.reference for q in queries],
-        positives=[q.targets for q in queries],
-        top_ids=top_ids,
-        top_scores=padded,
-        gallery_ids=ids,
-        query_emb=query,
-        gallery_emb=gallery,
-        images=_images(clips, [q.reference for q in queries]),
-        coverage=full(len(queries), len(set(ids))),
+    scores = stack_ragged([np.asarray(row, dtype=np.float32)[None] for row in top_scores])
+    return build_evaluation(
+        protocol,
+        metrics,
+        queries,
+        (ids, query, gallery, scores, top_ids),
+        _images(clips, [q.reference for q in queries]),
+        full(len(queries), len(set(ids))),
     )
 
 
