@@ -237,13 +237,18 @@ def test_eval_launcher_choices_match_the_library():
     assert tuple(module.INDEX_KINDS) == tuple(INDEX_KINDS)
     assert module.default_split("webvid-covr", "runs/demo/shards/test") == "test"
     assert module.default_split("cirr", "CIRR/test") == "val"
-    from eval.protocols import CIRR_GALLERIES, CIRR_SUBSET_CREDITS, FASHIONIQ_GALLERIES
+    from data.video_benchmarks import EGOCVR_TEXTS
+    from eval.protocols import CIRCO_TEXTS, CIRR_GALLERIES, CIRR_SUBSET_CREDITS, FASHIONIQ_GALLERIES
+    from eval.video_protocols import TFCOVR_GALLERIES
 
     actions = {a.dest: a for a in module.parser()._actions}
     for dest, library in (
         ("cirr_gallery", CIRR_GALLERIES),
         ("cirr_subset_credit", CIRR_SUBSET_CREDITS),
         ("fashioniq_gallery", FASHIONIQ_GALLERIES),
+        ("circo_text", CIRCO_TEXTS),
+        ("tfcovr_gallery", TFCOVR_GALLERIES),
+        ("egocvr_text", EGOCVR_TEXTS),
     ):
         assert tuple(actions[dest].choices) == tuple(library), dest
     args = module.parser().parse_args(
