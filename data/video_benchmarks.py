@@ -118,8 +118,10 @@ def read_egocvr(root: str | Path, video_dir=None, text: str = "instruction") -> 
     `<root>/annotation/egocvr/`); clips `<video_dir>/<clip>.mp4` (default `<root>/clips`).
     `text`: the query text column, `instruction` (the edit) or `modified_captions` (the query
     clip's caption edited by an LLM: the official script's default). Each query's `subset` is
-    its local gallery; `extra["global"]` its global one (clip ids, repeats of a clip in
-    egocvr_data.csv as one item)."""
+    its local gallery and `extra["global"]` its global one (clip ids, each once);
+    `extra["global_rows"]`, `["local_rows"]`: the same as positions in `gallery` (one item per
+    egocvr_data.csv row, as the official script ranks them), `["target_rows"]`: the position
+    of each target clip's last row (the one it credits)."""
     if text not in EGOCVR_TEXTS:
         raise ValueError(f"EgoCVR query text must be one of {EGOCVR_TEXTS}, got {text!r}")
     root = Path(root)
@@ -138,18 +140,21 @@ def read_egocvr(root: str | Path, video_dir=None, text: str = "instruction") -> 
             f"{path} not found: EgoCVR's gallery file (global_idx, local_idx) is downloaded "
             "apart from the repository's annotations (its README)"
         )
-    queries = []
+    queries, listed = [], []  # listed: each query's (global, local) rows of egocvr_data.csv
     for line, row in _rows(path, (*EGOCVR_COLUMNS, text)):
-        galleries = {}
+        galleries, rows = {}, {}
         for column in ("global_idx", "local_idx"):
-            rows = _id_list(row[column], path, line, column)
             try:
-                galleries[column] = list(dict.fromkeys(names[int(i)] for i in rows))
+                rows[column] = sorted({int(i) for i in _id_list(row[column], path, line, column)})
+                if rows[column] and not 0 <= rows[column][0] <= rows[column][-1] < len(names):
+                    raise IndexError
             except (ValueError, IndexError):
                 raise BenchmarkFormatError(
                     f"{path}:{line}: {column} holds a row that egocvr_data.csv "
                     f"({len(names)} rows) does not have"
                 ) from None
+            galleries[column] = list(dict.fromkeys(names[i] for i in rows[column]))
+        listed.append((rows["global_idx"], rows["local_idx"]))
         targets = _id_list(row["target_clip_ids"], path, line, "target_clip_ids")
         queries.append(
             CompositionQuery(
@@ -164,8 +169,17 @@ def read_egocvr(root: str | Path, video_dir=None, text: str = "instruction") -> 
         )
     if not queries:
         raise BenchmarkFormatError(f"{path}: no queries")
-    used = {q.reference for q in queries} | {c for q in queries for c in q.extra["global"]}
-    used |= {c for q in queries for c in q.subset}
-    gallery = list(dict.fromkeys(names))
+    # the gallery: every row some query ranks, in file order, a repeated clip once per row (the
+    # official script ranks rows and credits a target clip's last row: its index_mapping)
+    rows = sorted({r for pair in listed for part in pair for r in part})
+    position = {r: p for p, r in enumerate(rows)}
+    last_row = {n: r for r, n in enumerate(names)}
+    for q, (global_rows, local_rows) in zip(queries, listed):
+        q.extra["global_rows"] = [position[r] for r in global_rows]
+        q.extra["local_rows"] = [position[r] for r in local_rows]
+        q.extra["target_rows"] = [
+            position[last_row[t]] for t in q.targets if last_row.get(t) in position
+        ]
+    used = {q.reference for q in queries} | {names[r] for r in rows}
     video_dir = Path(video_dir) if video_dir else root / "clips"
-    return VideoBenchmark(queries, [g for g in gallery if g in used], _clip_paths(used, video_dir))
+    return VideoBenchmark(queries, [names[r] for r in rows], _clip_paths(used, video_dir))

@@ -127,7 +127,7 @@ def test_tfcovr_files_that_are_not_in_the_format_are_named(tmp_path):
         read_tfcovr(root, "val")
 
 
-def test_read_egocvr_maps_gallery_rows_to_clips_once(tmp_path):
+def test_read_egocvr_keeps_gallery_rows_and_credits_a_clips_last_row(tmp_path):
     bench = read_egocvr(egocvr_root(tmp_path))
     q = bench.queries
     assert q[0].extra["global"] == ["b", "c", "d"] and q[0].subset == ["b", "c"]
@@ -136,7 +136,11 @@ def test_read_egocvr_maps_gallery_rows_to_clips_once(tmp_path):
     assert read_egocvr(tmp_path / "egocvr", text="modified_captions").queries[0].caption == (
         "a person cuts"
     )
-    assert bench.gallery == ["a", "b", "c", "d", "e"]
+    # the gallery ranks rows as the official script does: b, listed twice, twice; a target
+    # clip is credited at its last row (b: row 3)
+    assert bench.gallery == ["a", "b", "c", "b", "d", "e"]
+    assert q[0].extra["global_rows"] == [1, 2, 3, 4] and q[0].extra["local_rows"] == [1, 2]
+    assert q[0].extra["target_rows"] == [3] and q[1].extra["target_rows"] == [4, 5]
 
 
 def test_egocvr_bad_files_are_named(tmp_path):
@@ -251,12 +255,14 @@ def test_egocvr_by_hand(tmp_path, chosen, tiny):
     chosen("ego")
     ev = video_protocols.egocvr(*tiny, egocvr_root(tmp_path))
     m = ev.metrics
-    # global: q0 c b d (b at 2); q1 e first (targets d, e); q2 a, b tie: b first, a at 2
-    assert ev.top_ids[0] == ["c", "b", "d"] and ev.top_ids[2] == ["b", "a"]
+    # global: q0 c, then b's rows 1 and 3 tied (the credited row 3 last), d; q1 e first
+    # (targets d, e); q2 a, b tie: b first, a at 2
+    assert ev.top_ids[0] == ["c", "b", "b", "d"] and ev.top_ids[2] == ["b", "a"]
     assert m["global_R@1"] == pytest.approx(100 / 3) and m["global_R@5"] == pytest.approx(100)
-    # local: q1's gallery has one clip: left out; q0 c b; q2 the tie again
+    # local: q1's gallery has one row: left out; q0's holds b's row 1 only, not the credited
+    # row 3: never a hit (as officially); q2 the tie again
     assert m["local_queries"] == 2 and m["global_queries"] == 3
-    assert m["local_R@1"] == 0.0 and m["local_R@2"] == pytest.approx(100)
+    assert m["local_R@1"] == 0.0 and m["local_R@2"] == pytest.approx(50)
     assert ev.conventions["query_text"] == "instruction"
 
 
