@@ -53,7 +53,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from configs.schema import SamplerConfig
 from sharding import format as fmt
 from sharding.mix import TARGET_ID_STRIDE, Source, check_sources, epoch_shards
-from sharding.remote import Fetch, ShardCache, is_remote, join, open_remote
+from sharding.remote import Fetch, forget_cached, is_remote, join, open_remote
 from sharding.samplers import BatchComposer
 
 log = logging.getLogger(__name__)
@@ -145,13 +145,11 @@ def read_shard(
         files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
         yield from group_by_keys(files)
         if sha256 and stream.rest() != sha256:
-            if fetch is not None and fetch.cache_dir and is_remote(url):
-                ShardCache(fetch.cache_dir, fetch.cache_bytes).forget(url, sha256)
+            forget_cached(url, sha256, fetch)
             if on_mismatch is not None:
                 on_mismatch(url)
     except Exception as err:  # tarfile.ReadError, EOFError, OSError, ...
-        if sha256 and fetch is not None and fetch.cache_dir and is_remote(url):
-            ShardCache(fetch.cache_dir, fetch.cache_bytes).forget(url, sha256)  # a damaged copy
+        forget_cached(url, sha256, fetch)  # a cached copy that no longer parses
         if on_error is None:
             raise
         on_error(url, err)

@@ -288,6 +288,12 @@ class ShardCache:
                 total -= size
 
 
+def forget_cached(url: str, sha256: str | None, fetch: Fetch | None) -> None:
+    """Drop the cached copy of a remote shard that was found changed or damaged (if any)."""
+    if sha256 and fetch is not None and fetch.cache_dir and is_remote(url):
+        ShardCache(fetch.cache_dir, fetch.cache_bytes).forget(url, sha256)
+
+
 def open_remote(url: str, size: int | None, sha256: str | None, fetch: Fetch):
     """A readable stream of the remote shard: from the cache when one is set (and the manifest's
     checksum and size are known, and the shard fits), else read over the network as it goes."""
